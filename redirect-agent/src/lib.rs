@@ -1,0 +1,4 @@
+//! redirect-agent: fills the redirect-ebpf maps from a policy source.
+//!
+//! Layers read from the top down: `cli` → `reconcile` → {`policy`, `source`, `cgroup`, `bpf`}.
+pub mod policy;
