@@ -1,2 +1,17 @@
+//! Kernel programs of redirect. See DESIGN.md §2 for the contract.
 #![no_std]
 #![no_main]
+
+mod connect;
+mod maps;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// GPL-compatible licence: bpf_get_current_ancestor_cgroup_id and friends are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,188 @@
+//! `redirect-agent inspect`: what the kernel holds, read from the pinned maps.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
+
+use redirect_common::{Policy, action, flags};
+use serde_json::json;
+
+use super::{BpffsArg, Output};
+use crate::{
+    bpf::{PinnedMaps, PolicyEntries},
+    cgroup,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub bpffs: BpffsArg,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let maps = PinnedMaps::open(&args.bpffs.bpffs_dir)?;
+    let policies = maps.policies()?;
+    let entries = maps.entries()?;
+    let counters = maps.counters()?;
+    let paths = cgroup_paths(policies.keys().copied().collect());
+    match args.output {
+        Output::Json => {
+            let workloads: Vec<_> = policies
+                .iter()
+                .map(|(cg, p)| {
+                    let e = entries.get(&p.policy_id).cloned().unwrap_or_default();
+                    json!({
+                        "cgroup_id": cg,
+                        "cgroup": paths.get(cg).map(|p| p.display().to_string()),
+                        "policy_id": p.policy_id,
+                        "enabled": p.flags & flags::ENABLED != 0,
+                        "mode": if p.flags & flags::MODE_NODE != 0 { "node" } else { "sidecar" },
+                        "proxy_v4": format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.proxy_port),
+                        "proxy_v6": format!("[{}]:{}", Ipv6Addr::from(p.proxy_addr6), p.proxy_port),
+                        "proxy_uid": (p.flags & flags::HAS_PROXY_UID != 0).then_some(p.proxy_uid),
+                        "proxy_cgroup_id": (p.flags & flags::HAS_PROXY_CGROUP != 0).then_some(p.proxy_cgroup),
+                        "cidrs": cidr_rows(&e).into_iter().map(|(c, a)| json!({"cidr": c, "action": a})).collect::<Vec<_>>(),
+                        "ports": port_rows(&e).into_iter().map(|(c, a)| json!({"ports": c, "action": a})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let counters: serde_json::Map<String, serde_json::Value> = counters
+                .iter()
+                .map(|(d, n)| (d.name().to_string(), json!(n)))
+                .collect();
+            let out = json!({
+                "bpffs_dir": maps.dir().display().to_string(),
+                "workloads": workloads,
+                "counters": counters,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Output::Text => print!("{}", render_text(&maps, &policies, &entries, &counters, &paths)),
+    }
+    Ok(())
+}
+
+fn render_text(
+    maps: &PinnedMaps,
+    policies: &BTreeMap<u64, Policy>,
+    entries: &BTreeMap<u32, PolicyEntries>,
+    counters: &[(redirect_common::Decision, u64)],
+    paths: &BTreeMap<u64, PathBuf>,
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "pinned state in {}", maps.dir().display());
+    let _ = writeln!(s, "\nWORKLOADS ({})", policies.len());
+    let _ = writeln!(
+        s,
+        "{:<12} {:<7} {:<8} {:<8} {:<22} {:<8} {:<8} {}",
+        "CGROUP_ID", "POLICY", "ENABLED", "MODE", "PROXY", "UID", "ENTRIES", "CGROUP"
+    );
+    for (cg, p) in policies {
+        let n = entries.get(&p.policy_id).map_or(0, PolicyEntries::len);
+        let uid = if p.flags & flags::HAS_PROXY_UID != 0 {
+            p.proxy_uid.to_string()
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            s,
+            "{:<12} {:<7} {:<8} {:<8} {:<22} {:<8} {:<8} {}",
+            cg,
+            p.policy_id,
+            p.flags & flags::ENABLED != 0,
+            if p.flags & flags::MODE_NODE != 0 { "node" } else { "sidecar" },
+            format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.proxy_port),
+            uid,
+            n,
+            paths.get(cg).map_or_else(|| "?".into(), |p| p.display().to_string()),
+        );
+    }
+    let _ = writeln!(s, "\nENTRIES");
+    let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", "POLICY", "KIND", "MATCH", "ACTION");
+    for (id, e) in entries {
+        for (c, a) in cidr_rows(e) {
+            let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", id, "cidr", c, a);
+        }
+        for (c, a) in port_rows(e) {
+            let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", id, "port", c, a);
+        }
+    }
+    let _ = writeln!(s, "\nCOUNTERS (connects since the maps were created)");
+    for (d, n) in counters {
+        let _ = writeln!(s, "{:<22} {}", d.name(), n);
+    }
+    s
+}
+
+fn action_name(a: u32) -> &'static str {
+    match a {
+        action::EXCLUDE => "exclude",
+        action::INCLUDE => "include",
+        _ => "unknown",
+    }
+}
+
+fn cidr_rows(e: &PolicyEntries) -> Vec<(String, &'static str)> {
+    let v4 = e
+        .v4
+        .iter()
+        .map(|((bits, a), act)| (format!("{}/{bits}", Ipv4Addr::from(*a)), action_name(*act)));
+    let v6 = e
+        .v6
+        .iter()
+        .map(|((bits, a), act)| (format!("{}/{bits}", Ipv6Addr::from(*a)), action_name(*act)));
+    v4.chain(v6).collect()
+}
+
+/// A port prefix shown as the range it covers.
+fn port_rows(e: &PolicyEntries) -> Vec<(String, &'static str)> {
+    e.ports
+        .iter()
+        .map(|((bits, port), act)| {
+            let span = 1u32 << (16 - bits);
+            let hi = u32::from(*port) + span - 1;
+            let text = if span == 1 {
+                port.to_string()
+            } else {
+                format!("{port}-{hi}")
+            };
+            (text, action_name(*act))
+        })
+        .collect()
+}
+
+/// Best effort: finds the directories of the registered cgroup ids by walking the cgroup2 mount
+/// (a few thousand directories on a busy node).
+fn cgroup_paths(mut wanted: BTreeSet<u64>) -> BTreeMap<u64, PathBuf> {
+    let mut found = BTreeMap::new();
+    let Ok(mount) = cgroup::cgroup2_mount() else {
+        return found;
+    };
+    let mut stack = vec![(mount, 0u32)];
+    while let Some((dir, depth)) = stack.pop() {
+        if wanted.is_empty() {
+            break;
+        }
+        if let Ok(id) = cgroup::cgroup_id(&dir)
+            && wanted.remove(&id)
+        {
+            found.insert(id, dir.clone());
+        }
+        if depth >= redirect_common::MAX_CGROUP_DEPTH {
+            continue;
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            for e in rd.filter_map(Result::ok) {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((e.path(), depth + 1));
+                }
+            }
+        }
+    }
+    found
+}
+

@@ -1,0 +1,90 @@
+//! Command line: `run`, `inspect`, `explain`, `cleanup`.
+mod inspect;
+mod run;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/redirect";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "redirect-agent",
+    version,
+    about = "eBPF transparent redirection of pod traffic to the mesh proxy",
+    long_about = "Decides at connect() time, in the kernel, whether a workload's outbound TCP \
+connection goes to its proxy or straight to its destination, following the mesh's exclusion \
+and inclusion lists. State lives in maps and links pinned under --bpffs-dir, so interception \
+continues while the agent is down; only `cleanup` detaches."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: attach (or adopt) the programs and keep the maps in line with the source.
+    Run(run::RunArgs),
+    /// Print the pinned state: workloads, their CIDR and port entries, and decision counters.
+    /// Reads the pinned maps, so it works with no agent running.
+    Inspect(inspect::InspectArgs),
+    /// Detach every program and unpin every map under --bpffs-dir. The only command that stops
+    /// interception.
+    Cleanup(BpffsArg),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BpffsArg {
+    /// bpffs directory holding the pinned maps and links.
+    #[arg(long, env = "REDIRECT_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, Default, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REDIRECT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            run::run(args)
+        }
+        Command::Inspect(args) => inspect::inspect(args),
+        Command::Cleanup(args) => {
+            let report = crate::bpf::cleanup(&args.bpffs_dir)?;
+            println!(
+                "detached {} link(s), unpinned {} map(s), removed {}",
+                report.links.len(),
+                report.maps.len(),
+                args.bpffs_dir.display()
+            );
+            Ok(())
+        }
+    }
+}

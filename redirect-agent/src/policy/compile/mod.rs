@@ -1,0 +1,100 @@
+//! Effective policy → trie entries. The kernel does one port-trie lookup and one CIDR-trie lookup
+//! per family, so each table must answer "Exclude if in any exclude entry, else Include if in any
+//! include entry, else no match" by longest prefix alone. [`trie::minimal`] builds the smallest
+//! such table.
+
+pub(crate) mod trie;
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::types::{Compiled, EffectivePolicy, PortPrefix, PortRange, Sourced};
+use trie::Prefix;
+
+/// Compiles the outbound lists of `p` (whether or not `p.enabled`: the caller puts the enabled
+/// flag in the policy record).
+pub fn compile(p: &EffectivePolicy) -> Compiled {
+    let v4 = |l: &[Sourced<IpNet>]| -> Vec<Prefix> {
+        l.iter()
+            .filter_map(|s| match s.value {
+                IpNet::V4(n) => Some(Prefix {
+                    bits: u128::from(u32::from(n.network())),
+                    len: n.prefix_len(),
+                }),
+                IpNet::V6(_) => None,
+            })
+            .collect()
+    };
+    let v6 = |l: &[Sourced<IpNet>]| -> Vec<Prefix> {
+        l.iter()
+            .filter_map(|s| match s.value {
+                IpNet::V6(n) => Some(Prefix {
+                    bits: u128::from(n.network()),
+                    len: n.prefix_len(),
+                }),
+                IpNet::V4(_) => None,
+            })
+            .collect()
+    };
+    let ports = |l: &[Sourced<PortRange>]| -> Vec<Prefix> {
+        l.iter().flat_map(|s| range_prefixes(&s.value)).collect()
+    };
+
+    let mut c = Compiled {
+        v4: trie::minimal(32, &v4(&p.exclude_cidrs), &v4(&p.include_cidrs))
+            .into_iter()
+            .map(|(pre, a)| (v4_net(pre), a))
+            .collect(),
+        v6: trie::minimal(128, &v6(&p.exclude_cidrs), &v6(&p.include_cidrs))
+            .into_iter()
+            .map(|(pre, a)| (v6_net(pre), a))
+            .collect(),
+        ports: trie::minimal(16, &ports(&p.exclude_ports), &ports(&p.include_ports))
+            .into_iter()
+            .map(|(pre, a)| {
+                let port = PortPrefix {
+                    port: pre.bits as u16,
+                    len: pre.len,
+                };
+                (port, a)
+            })
+            .collect(),
+    };
+    c.v4.sort_unstable();
+    c.v6.sort_unstable();
+    c.ports.sort_unstable();
+    c
+}
+
+fn v4_net(p: Prefix) -> Ipv4Net {
+    // The trie never builds a prefix longer than its width.
+    Ipv4Net::new(Ipv4Addr::from(p.bits as u32), p.len).expect("v4 prefix length <= 32")
+}
+
+fn v6_net(p: Prefix) -> Ipv6Net {
+    Ipv6Net::new(Ipv6Addr::from(p.bits), p.len).expect("v6 prefix length <= 128")
+}
+
+/// The fewest aligned binary prefixes covering exactly `lo..=hi` (at most 30 for 16 bits).
+pub(crate) fn range_prefixes(r: &PortRange) -> Vec<Prefix> {
+    let (mut lo, hi) = (u32::from(r.lo), u32::from(r.hi));
+    let mut out = Vec::new();
+    while lo <= hi {
+        // The largest block that starts at `lo`, is aligned, and ends by `hi`.
+        let mut k = lo.trailing_zeros().min(16);
+        while lo + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        out.push(Prefix {
+            bits: u128::from(lo),
+            len: (16 - k) as u8,
+        });
+        lo += 1 << k;
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -1,0 +1,211 @@
+//! Istio `traffic.sidecar.istio.io/*` and `sidecar.istio.io/interceptionMode`. Values follow Istio's
+//! injector validation: CIDRs with a prefix length, single ports (no ranges), `*` only where Istio
+//! allows it and only as the whole value. All keys override the less specific layers.
+
+use crate::policy::layer::{Layer, Merge, Setting};
+use crate::policy::types::{Annotations, Mode, Origin, PolicyError};
+use crate::policy::values::{self, CidrSyntax, Ctx};
+
+pub mod keys {
+    pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
+    pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+    pub const INCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeOutboundPorts";
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+    pub const INCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/includeInboundPorts";
+    pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+    pub const EXCLUDE_INTERFACES: &str = "traffic.sidecar.istio.io/excludeInterfaces";
+    pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+    pub const ALL: &[&str] = &[
+        INCLUDE_OUTBOUND_IP_RANGES,
+        EXCLUDE_OUTBOUND_IP_RANGES,
+        INCLUDE_OUTBOUND_PORTS,
+        EXCLUDE_OUTBOUND_PORTS,
+        INCLUDE_INBOUND_PORTS,
+        EXCLUDE_INBOUND_PORTS,
+        EXCLUDE_INTERFACES,
+        INTERCEPTION_MODE,
+    ];
+}
+use keys::*;
+
+/// True when the trimmed value is exactly `*`; an error when `*` is mixed into a list, which
+/// Istio's validation rejects too.
+fn wildcard(ctx: &Ctx, raw: &str) -> Result<bool, PolicyError> {
+    let items = values::csv(raw);
+    if items == ["*"] {
+        return Ok(true);
+    }
+    if items.contains(&"*") {
+        return Err(ctx.error(raw.trim(), "`*` must be the whole value"));
+    }
+    Ok(false)
+}
+
+pub(super) fn parse(
+    origin: &Origin,
+    ann: &Annotations,
+    layer: &mut Layer,
+    warnings: &mut Vec<String>,
+) -> Result<(), PolicyError> {
+    let ov = Merge::Override;
+    if let Some(raw) = ann.get(INCLUDE_OUTBOUND_IP_RANGES) {
+        let ctx = Ctx::new(origin, INCLUDE_OUTBOUND_IP_RANGES);
+        // `*` = everything; an empty value = nothing (outbound capture off unless ports are included).
+        let v = if wildcard(&ctx, raw)? {
+            values::all_cidrs()
+        } else {
+            values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?
+        };
+        layer.include_cidrs.push(Setting::new(ov, ctx.source(), v));
+    }
+    if let Some(raw) = ann.get(EXCLUDE_OUTBOUND_IP_RANGES) {
+        let ctx = Ctx::new(origin, EXCLUDE_OUTBOUND_IP_RANGES);
+        let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
+        layer.exclude_cidrs.push(Setting::new(ov, ctx.source(), v));
+    }
+    let ports = [
+        (INCLUDE_OUTBOUND_PORTS, &mut layer.include_ports),
+        (EXCLUDE_OUTBOUND_PORTS, &mut layer.exclude_ports),
+        (EXCLUDE_INBOUND_PORTS, &mut layer.inbound_exclude_ports),
+    ];
+    for (key, field) in ports {
+        if let Some(raw) = ann.get(key) {
+            let ctx = Ctx::new(origin, key);
+            let v = values::port_list(&ctx, raw, None)?;
+            field.push(Setting::new(ov, ctx.source(), v));
+        }
+    }
+    if let Some(raw) = ann.get(INCLUDE_INBOUND_PORTS) {
+        let ctx = Ctx::new(origin, INCLUDE_INBOUND_PORTS);
+        let mut s = Setting::new(ov, ctx.source(), Vec::new());
+        if wildcard(&ctx, raw)? {
+            s.wildcard = true;
+        } else {
+            s.values = values::port_list(&ctx, raw, None)?;
+        }
+        layer.inbound_include_ports.push(s);
+    }
+    if let Some(raw) = ann.get(EXCLUDE_INTERFACES) {
+        let ctx = Ctx::new(origin, EXCLUDE_INTERFACES);
+        let v = values::interface_list(&ctx, raw)?;
+        layer
+            .exclude_interfaces
+            .push(Setting::new(ov, ctx.source(), v));
+    }
+    if let Some(raw) = ann.get(INTERCEPTION_MODE) {
+        let ctx = Ctx::new(origin, INTERCEPTION_MODE);
+        let raw = raw.trim();
+        // Istio matches the enum names exactly (upper case).
+        let disables = match raw {
+            "NONE" => true,
+            "REDIRECT" | "TPROXY" => false,
+            _ => return Err(ctx.error(raw, "expected REDIRECT, TPROXY or NONE")),
+        };
+        let mode = Mode {
+            raw: raw.to_string(),
+            disables,
+        };
+        layer.mode.push(Setting::new(ov, ctx.source(), vec![mode]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::dialect::test_util::{assert_names, parse};
+    use crate::policy::types::PortRange;
+
+    #[test]
+    fn include_ranges_star_empty_and_list() {
+        let l = parse(&[(INCLUDE_OUTBOUND_IP_RANGES, " * ")]).unwrap();
+        assert_eq!(l.include_cidrs[0].values, values::all_cidrs());
+        let l = parse(&[(INCLUDE_OUTBOUND_IP_RANGES, "")]).unwrap();
+        assert!(l.include_cidrs[0].values.is_empty());
+        let l = parse(&[(INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8, fd00::/8")]).unwrap();
+        assert_eq!(l.include_cidrs[0].values.len(), 2);
+        assert_eq!(l.include_cidrs[0].merge, Merge::Override);
+        let e = parse(&[(INCLUDE_OUTBOUND_IP_RANGES, "*,10.0.0.0/8")]).unwrap_err();
+        assert_names(&e, INCLUDE_OUTBOUND_IP_RANGES, "*,10.0.0.0/8");
+    }
+
+    #[test]
+    fn bad_cidrs_name_key_and_value() {
+        let e = parse(&[(EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,10.0.0.1")]).unwrap_err();
+        assert_names(&e, EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1");
+        let e = parse(&[(EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,")]).unwrap_err();
+        assert_names(&e, EXCLUDE_OUTBOUND_IP_RANGES, "");
+        let e = parse(&[(EXCLUDE_OUTBOUND_IP_RANGES, "*")]).unwrap_err();
+        assert_names(&e, EXCLUDE_OUTBOUND_IP_RANGES, "*");
+    }
+
+    #[test]
+    fn ports() {
+        let l = parse(&[
+            (EXCLUDE_OUTBOUND_PORTS, "3306, 6379"),
+            (INCLUDE_OUTBOUND_PORTS, "7001"),
+            (EXCLUDE_INBOUND_PORTS, "7001,7002,7005"),
+        ])
+        .unwrap();
+        assert_eq!(
+            l.exclude_ports[0].values,
+            vec![PortRange::single(3306), PortRange::single(6379)]
+        );
+        assert_eq!(l.include_ports[0].values, vec![PortRange::single(7001)]);
+        assert_eq!(l.inbound_exclude_ports[0].values.len(), 3);
+        let e = parse(&[(EXCLUDE_OUTBOUND_PORTS, "70000")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "pod demo/app: annotation traffic.sidecar.istio.io/excludeOutboundPorts: bad value \"70000\": port out of range 1-65535"
+        );
+        let e = parse(&[(INCLUDE_OUTBOUND_PORTS, "0")]).unwrap_err();
+        assert_names(&e, INCLUDE_OUTBOUND_PORTS, "0");
+        // Istio has no port ranges.
+        let e = parse(&[(EXCLUDE_INBOUND_PORTS, "80-90")]).unwrap_err();
+        assert_names(&e, EXCLUDE_INBOUND_PORTS, "80-90");
+        let e = parse(&[(INCLUDE_OUTBOUND_PORTS, "http")]).unwrap_err();
+        assert_names(&e, INCLUDE_OUTBOUND_PORTS, "http");
+    }
+
+    #[test]
+    fn inbound_include_star() {
+        let l = parse(&[(INCLUDE_INBOUND_PORTS, "*")]).unwrap();
+        assert!(l.inbound_include_ports[0].wildcard);
+        let l = parse(&[(INCLUDE_INBOUND_PORTS, "")]).unwrap();
+        assert!(
+            !l.inbound_include_ports[0].wildcard && l.inbound_include_ports[0].values.is_empty()
+        );
+        let l = parse(&[(INCLUDE_INBOUND_PORTS, "8080")]).unwrap();
+        assert_eq!(
+            l.inbound_include_ports[0].values,
+            vec![PortRange::single(8080)]
+        );
+    }
+
+    #[test]
+    fn interfaces_and_mode() {
+        let l = parse(&[
+            (EXCLUDE_INTERFACES, "net1,net2"),
+            (INTERCEPTION_MODE, "NONE"),
+        ])
+        .unwrap();
+        assert_eq!(l.exclude_interfaces[0].values, vec!["net1", "net2"]);
+        assert!(l.mode[0].values[0].disables);
+        let l = parse(&[(INTERCEPTION_MODE, "TPROXY")]).unwrap();
+        assert!(!l.mode[0].values[0].disables);
+        let e = parse(&[(INTERCEPTION_MODE, "none")]).unwrap_err();
+        assert_names(&e, INTERCEPTION_MODE, "none");
+        let e = parse(&[(EXCLUDE_INTERFACES, "a b")]).unwrap_err();
+        assert_names(&e, EXCLUDE_INTERFACES, "a b");
+    }
+
+    #[test]
+    fn other_keys_are_ignored() {
+        let l = parse(&[
+            ("traffic.sidecar.istio.io/kubevirtInterfaces", "x y"),
+            ("foo", "bar"),
+        ])
+        .unwrap();
+        assert_eq!(l, Layer::default());
+    }
+}

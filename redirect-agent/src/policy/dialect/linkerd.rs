@@ -1,0 +1,130 @@
+//! Linkerd `config.linkerd.io/*`: port lists with `lo-hi` ranges, CIDR subnets, the proxy uid.
+//! Linkerd reads these from the pod and falls back to the namespace, which is exactly the
+//! override chain, so every key is a [`Merge::Override`].
+
+use crate::policy::layer::{Layer, Merge, Setting};
+use crate::policy::types::{Annotations, Origin, PolicyError};
+use crate::policy::values::{self, CidrSyntax, Ctx};
+
+pub mod keys {
+    pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
+    pub const SKIP_INBOUND_PORTS: &str = "config.linkerd.io/skip-inbound-ports";
+    /// linkerd-proxy-init turns these into `-s <subnet> -j RETURN` in its inbound (PREROUTING)
+    /// chain: they are inbound *source* subnets, not outbound destinations.
+    pub const SKIP_SUBNETS: &str = "config.linkerd.io/skip-subnets";
+    pub const PROXY_UID: &str = "config.linkerd.io/proxy-uid";
+    pub const ALL: &[&str] = &[
+        SKIP_OUTBOUND_PORTS,
+        SKIP_INBOUND_PORTS,
+        SKIP_SUBNETS,
+        PROXY_UID,
+    ];
+}
+use keys::*;
+
+pub(super) fn parse(
+    origin: &Origin,
+    ann: &Annotations,
+    layer: &mut Layer,
+    warnings: &mut Vec<String>,
+) -> Result<(), PolicyError> {
+    let ov = Merge::Override;
+    let ports = [
+        (SKIP_OUTBOUND_PORTS, &mut layer.exclude_ports),
+        (SKIP_INBOUND_PORTS, &mut layer.inbound_exclude_ports),
+    ];
+    for (key, field) in ports {
+        if let Some(raw) = ann.get(key) {
+            let ctx = Ctx::new(origin, key);
+            let v = values::port_list(&ctx, raw, Some('-'))?;
+            field.push(Setting::new(ov, ctx.source(), v));
+        }
+    }
+    if let Some(raw) = ann.get(SKIP_SUBNETS) {
+        let ctx = Ctx::new(origin, SKIP_SUBNETS);
+        let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
+        layer
+            .inbound_exclude_cidrs
+            .push(Setting::new(ov, ctx.source(), v));
+    }
+    if let Some(raw) = ann.get(PROXY_UID) {
+        let ctx = Ctx::new(origin, PROXY_UID);
+        let uid = values::uid(&ctx, raw)?;
+        layer
+            .proxy_uid
+            .push(Setting::new(ov, ctx.source(), vec![uid]));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::dialect::test_util::{assert_names, parse};
+    use crate::policy::types::PortRange;
+
+    #[test]
+    fn ports_with_ranges() {
+        let l = parse(&[
+            (SKIP_OUTBOUND_PORTS, "25,587, 4567-4568"),
+            (SKIP_INBOUND_PORTS, "1-65535"),
+        ])
+        .unwrap();
+        assert_eq!(
+            l.exclude_ports[0].values,
+            vec![
+                PortRange::single(25),
+                PortRange::single(587),
+                PortRange { lo: 4567, hi: 4568 }
+            ]
+        );
+        assert_eq!(
+            l.inbound_exclude_ports[0].values,
+            vec![PortRange { lo: 1, hi: 65535 }]
+        );
+        assert_eq!(l.exclude_ports[0].merge, Merge::Override);
+    }
+
+    #[test]
+    fn bad_ports() {
+        assert_names(
+            &parse(&[(SKIP_OUTBOUND_PORTS, "90-80")]).unwrap_err(),
+            SKIP_OUTBOUND_PORTS,
+            "90-80",
+        );
+        assert_names(
+            &parse(&[(SKIP_OUTBOUND_PORTS, "0-80")]).unwrap_err(),
+            SKIP_OUTBOUND_PORTS,
+            "0-80",
+        );
+        assert_names(
+            &parse(&[(SKIP_INBOUND_PORTS, "80:90")]).unwrap_err(),
+            SKIP_INBOUND_PORTS,
+            "80:90",
+        );
+        assert_names(
+            &parse(&[(SKIP_INBOUND_PORTS, "1-70000")]).unwrap_err(),
+            SKIP_INBOUND_PORTS,
+            "1-70000",
+        );
+    }
+
+    #[test]
+    fn subnets_and_uid() {
+        let l = parse(&[(SKIP_SUBNETS, "10.0.0.0/8,fd00::/8"), (PROXY_UID, "2102")]).unwrap();
+        assert_eq!(l.inbound_exclude_cidrs[0].values.len(), 2);
+        assert!(l.exclude_cidrs.is_empty());
+        assert_eq!(l.proxy_uid[0].values, vec![2102]);
+        assert_names(
+            &parse(&[(SKIP_SUBNETS, "10.0.0.1")]).unwrap_err(),
+            SKIP_SUBNETS,
+            "10.0.0.1",
+        );
+        assert_names(&parse(&[(PROXY_UID, "-1")]).unwrap_err(), PROXY_UID, "-1");
+        assert_names(
+            &parse(&[(PROXY_UID, "root")]).unwrap_err(),
+            PROXY_UID,
+            "root",
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! Annotation dialects. Each module knows one mesh's keys and value syntax and adds what it finds
+//! to a [`Layer`]; none of them knows about precedence.
+
+mod fsm;
+mod istio;
+mod kuma;
+mod linkerd;
+
+/// Every annotation key the policy core reads, by dialect.
+pub mod keys {
+    pub use super::fsm::{FSM_PREFIX, OSM_PREFIX, UNION_KEYS as FSM_KEYS};
+    pub use super::istio::keys as istio;
+    pub use super::kuma::keys as kuma;
+    pub use super::linkerd::keys as linkerd;
+
+    /// True if `key` is an annotation the policy core reads: a watcher can ignore changes to
+    /// any other annotation.
+    pub fn is_policy_key(key: &str) -> bool {
+        let known = [istio::ALL, linkerd::ALL, kuma::ALL];
+        known.iter().any(|l| l.contains(&key))
+            || [FSM_PREFIX, OSM_PREFIX]
+                .iter()
+                .any(|p| key.strip_prefix(p).is_some_and(|k| FSM_KEYS.contains(&k)))
+    }
+}
+
+use super::layer::Layer;
+use super::types::{Annotations, Origin, PolicyError};
+
+/// Reads every dialect's keys from one object's annotations. The first bad value fails the whole
+/// object: a policy is applied whole or not at all.
+pub(crate) fn layer(
+    origin: &Origin,
+    annotations: &Annotations,
+    warnings: &mut Vec<String>,
+) -> Result<Layer, PolicyError> {
+    let mut layer = Layer::default();
+    istio::parse(origin, annotations, &mut layer, warnings)?;
+    fsm::parse(origin, annotations, &mut layer, warnings)?;
+    linkerd::parse(origin, annotations, &mut layer, warnings)?;
+    kuma::parse(origin, annotations, &mut layer, warnings)?;
+    Ok(layer)
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    pub fn ann(pairs: &[(&str, &str)]) -> Annotations {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn pod() -> Origin {
+        Origin::Pod("demo/app".into())
+    }
+
+    /// Parses one object's annotations as a pod.
+    pub fn parse(pairs: &[(&str, &str)]) -> Result<Layer, PolicyError> {
+        layer(&pod(), &ann(pairs), &mut Vec::new())
+    }
+
+    /// Asserts that the error and its Display name the pod, the key and the value.
+    pub fn assert_names(e: &PolicyError, key: &str, value: &str) {
+        assert_eq!(e.object, "pod demo/app");
+        assert_eq!(e.key, key);
+        assert_eq!(e.value, value);
+        let s = e.to_string();
+        assert!(
+            s.contains("pod demo/app") && s.contains(key) && s.contains(&format!("{value:?}")),
+            "{s}"
+        );
+    }
+}

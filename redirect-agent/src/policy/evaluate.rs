@@ -1,0 +1,233 @@
+//! The decision of DESIGN §2, answered twice: by a plain first-match walk over the effective
+//! policy's lists (the reference, and what `explain` shows), and from compiled tables by longest
+//! prefix match (what the kernel does). The property test holds the two equal.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+use super::types::{Action, Compiled, EffectivePolicy, PortRange, Sourced, Step, Verdict};
+
+/// The address the datapath evaluates: a v4-mapped IPv6 address (`::ffff:a.b.c.d`) is its IPv4
+/// address, because the kernel looks those up in the v4 trie.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Step 3: 127.0.0.0/8 and ::1 (after v4-mapped conversion).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    canonical_ip(ip).is_loopback()
+}
+
+/// Reference evaluator of the ordered rules (first match wins), over the effective policy.
+pub fn evaluate(p: &EffectivePolicy, dest: SocketAddr, caller_is_proxy: bool) -> Verdict {
+    let verdict = |redirect, step, source| Verdict {
+        redirect,
+        step,
+        source,
+    };
+    if !p.enabled {
+        return verdict(false, Step::Disabled, p.enabled_source.clone());
+    }
+    if caller_is_proxy {
+        let source = p.proxy_uid.as_ref().map(|u| u.source.clone());
+        return verdict(false, Step::ProxyCaller, source);
+    }
+    let ip = canonical_ip(dest.ip());
+    let port = dest.port();
+    if let Some(r) = first_port(&p.exclude_ports, port) {
+        return verdict(false, Step::ExcludedPort, Some(r.source.clone()));
+    }
+    if ip.is_loopback() {
+        return verdict(false, Step::Loopback, None);
+    }
+    if let Some(r) = first_cidr(&p.exclude_cidrs, ip) {
+        return verdict(false, Step::ExcludedCidr, Some(r.source.clone()));
+    }
+    if let Some(r) = first_port(&p.include_ports, port) {
+        return verdict(true, Step::IncludedPort, Some(r.source.clone()));
+    }
+    if let Some(r) = first_cidr(&p.include_cidrs, ip) {
+        return verdict(true, Step::IncludedCidr, Some(r.source.clone()));
+    }
+    verdict(false, Step::NotIncluded, None)
+}
+
+fn first_port(list: &[Sourced<PortRange>], port: u16) -> Option<&Sourced<PortRange>> {
+    list.iter().find(|r| r.value.contains(port))
+}
+
+fn first_cidr(list: &[Sourced<IpNet>], ip: IpAddr) -> Option<&Sourced<IpNet>> {
+    list.iter().find(|r| r.value.contains(&ip))
+}
+
+/// The same decision answered from compiled tables, the way the kernel does: one port-trie lookup
+/// and one CIDR-trie lookup in the destination's family.
+pub fn evaluate_compiled(
+    c: &Compiled,
+    enabled: bool,
+    dest: SocketAddr,
+    caller_is_proxy: bool,
+) -> (bool, Step) {
+    if !enabled {
+        return (false, Step::Disabled);
+    }
+    if caller_is_proxy {
+        return (false, Step::ProxyCaller);
+    }
+    let ip = canonical_ip(dest.ip());
+    let port_hit = lookup_port(c, dest.port());
+    if port_hit == Some(Action::Exclude) {
+        return (false, Step::ExcludedPort);
+    }
+    if ip.is_loopback() {
+        return (false, Step::Loopback);
+    }
+    let cidr_hit = lookup_ip(c, ip);
+    if cidr_hit == Some(Action::Exclude) {
+        return (false, Step::ExcludedCidr);
+    }
+    if port_hit == Some(Action::Include) {
+        return (true, Step::IncludedPort);
+    }
+    if cidr_hit == Some(Action::Include) {
+        return (true, Step::IncludedCidr);
+    }
+    (false, Step::NotIncluded)
+}
+
+/// Longest-prefix match over the port entries.
+pub fn lookup_port(c: &Compiled, port: u16) -> Option<Action> {
+    c.ports
+        .iter()
+        .filter(|(p, _)| p.contains(port))
+        .max_by_key(|(p, _)| p.len)
+        .map(|(_, a)| *a)
+}
+
+/// Longest-prefix match in the trie of `ip`'s family (`ip` already canonical).
+pub fn lookup_ip(c: &Compiled, ip: IpAddr) -> Option<Action> {
+    match ip {
+        IpAddr::V4(a) => {
+            c.v4.iter()
+                .filter(|(n, _)| n.contains(&a))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, a)| *a)
+        }
+        IpAddr::V6(a) => {
+            c.v6.iter()
+                .filter(|(n, _)| n.contains(&a))
+                .max_by_key(|(n, _)| n.prefix_len())
+                .map(|(_, a)| *a)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::compile;
+    use crate::policy::types::{Origin, Source};
+
+    fn src(key: &str) -> Source {
+        Source::new(Origin::Pod("demo/app".into()), key)
+    }
+
+    fn nets(l: &[&str], key: &str) -> Vec<Sourced<IpNet>> {
+        l.iter()
+            .map(|s| Sourced {
+                value: s.parse().unwrap(),
+                source: src(key),
+            })
+            .collect()
+    }
+
+    fn ports(l: &[(u16, u16)], key: &str) -> Vec<Sourced<PortRange>> {
+        l.iter()
+            .map(|&(lo, hi)| Sourced {
+                value: PortRange { lo, hi },
+                source: src(key),
+            })
+            .collect()
+    }
+
+    fn both(p: &EffectivePolicy, dest: &str, proxy: bool) -> (bool, Step) {
+        let d: SocketAddr = dest.parse().unwrap();
+        let v = evaluate(p, d, proxy);
+        let c = evaluate_compiled(&compile(p), p.enabled, d, proxy);
+        assert_eq!((v.redirect, v.step), c, "{dest}");
+        c
+    }
+
+    #[test]
+    fn decision_order() {
+        let p = EffectivePolicy {
+            enabled: true,
+            exclude_cidrs: nets(&["10.0.0.0/8", "fd00::/8"], "ex"),
+            include_cidrs: nets(&["10.1.0.0/16", "0.0.0.0/0", "::/0"], "in"),
+            exclude_ports: ports(&[(22, 22)], "exp"),
+            include_ports: ports(&[(8000, 8999)], "inp"),
+            ..Default::default()
+        };
+        // Exclude 10/8 still excludes 10.1.2.3 despite include 10.1/16.
+        assert_eq!(both(&p, "10.1.2.3:80", false), (false, Step::ExcludedCidr));
+        assert_eq!(
+            both(&p, "10.1.2.3:8080", false),
+            (false, Step::ExcludedCidr)
+        );
+        assert_eq!(both(&p, "1.2.3.4:22", false), (false, Step::ExcludedPort));
+        assert_eq!(both(&p, "127.0.0.1:8080", false), (false, Step::Loopback));
+        assert_eq!(both(&p, "[::1]:8080", false), (false, Step::Loopback));
+        assert_eq!(
+            both(&p, "[::ffff:127.0.0.5]:80", false),
+            (false, Step::Loopback)
+        );
+        assert_eq!(
+            both(&p, "[::ffff:10.9.9.9]:80", false),
+            (false, Step::ExcludedCidr)
+        );
+        assert_eq!(both(&p, "[fd00::1]:80", false), (false, Step::ExcludedCidr));
+        assert_eq!(both(&p, "1.2.3.4:80", false), (true, Step::IncludedCidr));
+        assert_eq!(
+            both(&p, "[2001:db8::1]:80", false),
+            (true, Step::IncludedCidr)
+        );
+        assert_eq!(both(&p, "1.2.3.4:80", true), (false, Step::ProxyCaller));
+        let v = evaluate(&p, "10.1.2.3:80".parse().unwrap(), false);
+        assert_eq!(v.source, Some(src("ex")));
+    }
+
+    #[test]
+    fn included_port_beats_missing_cidr() {
+        let p = EffectivePolicy {
+            enabled: true,
+            include_cidrs: nets(&["10.0.0.0/8"], "in"),
+            include_ports: ports(&[(6379, 6379)], "inp"),
+            ..Default::default()
+        };
+        assert_eq!(both(&p, "8.8.8.8:6379", false), (true, Step::IncludedPort));
+        assert_eq!(both(&p, "8.8.8.8:80", false), (false, Step::NotIncluded));
+        assert_eq!(
+            both(&p, "[2001:db8::1]:80", false),
+            (false, Step::NotIncluded)
+        );
+        let v = evaluate(&p, "8.8.8.8:6379".parse().unwrap(), false);
+        assert_eq!(v.source, Some(src("inp")));
+    }
+
+    #[test]
+    fn disabled() {
+        let p = EffectivePolicy {
+            enabled: false,
+            enabled_source: Some(src("sidecar.istio.io/interceptionMode")),
+            include_cidrs: nets(&["0.0.0.0/0"], "in"),
+            ..Default::default()
+        };
+        assert_eq!(both(&p, "1.2.3.4:80", false), (false, Step::Disabled));
+        let v = evaluate(&p, "1.2.3.4:80".parse().unwrap(), false);
+        assert_eq!(v.source, p.enabled_source);
+    }
+}

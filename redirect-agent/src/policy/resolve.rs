@@ -1,0 +1,167 @@
+//! Precedence: mesh config, namespace annotations and pod annotations → one [`EffectivePolicy`].
+//!
+//! Field by field, the most specific object with an *override* key for the field wins (pod over
+//! namespace over mesh); if several dialects set the field on that object their values are
+//! unioned. Then every *union* key (FSM/OSM) on the pod or the namespace adds its values. See
+//! docs/policy.md for the table.
+
+use std::collections::BTreeSet;
+
+use super::dialect;
+use super::layer::{Layer, Merge, Setting};
+use super::mesh::{self, KEY_INCLUDE_CIDRS};
+use super::types::{
+    EffectivePolicy, Origin, PolicyError, Resolved, Source, Sourced, WorkloadInputs,
+};
+use super::values;
+
+/// Resolves one workload's policy. All or nothing: the first bad value anywhere is an error, and
+/// nothing is returned for the workload. Never panics.
+pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
+    let mut warnings = Vec::new();
+    let mesh = mesh::layer(inputs.mesh, &mut warnings)?;
+    let ns_origin = Origin::Namespace(inputs.namespace.to_string());
+    let ns = dialect::layer(&ns_origin, inputs.namespace_annotations, &mut warnings)?;
+    let pod_origin = Origin::Pod(format!("{}/{}", inputs.namespace, inputs.name));
+    let pod = dialect::layer(&pod_origin, inputs.pod_annotations, &mut warnings)?;
+    // Most specific first.
+    let layers = [&pod, &ns, &mesh];
+    let policy = combine(&layers)?;
+    Ok(Resolved { policy, warnings })
+}
+
+fn combine(layers: &[&Layer; 3]) -> Result<EffectivePolicy, PolicyError> {
+    let include_cidrs = merge_list(field(layers, |l| &l.include_cidrs));
+    let include_ports = merge_list(field(layers, |l| &l.include_ports));
+    let inbound_include = merge_list(field(layers, |l| &l.inbound_include_ports));
+    let mode = merge_scalar(layers.map(|l| l.mode.as_slice()));
+    let proxy_uid = merge_scalar(layers.map(|l| l.proxy_uid.as_slice()));
+
+    let mut p = EffectivePolicy {
+        enabled: true,
+        exclude_cidrs: merge_list(field(layers, |l| &l.exclude_cidrs)).values,
+        include_cidrs: include_cidrs.values,
+        exclude_ports: merge_list(field(layers, |l| &l.exclude_ports)).values,
+        include_ports: include_ports.values,
+        inbound_exclude_ports: merge_list(field(layers, |l| &l.inbound_exclude_ports)).values,
+        inbound_include_ports: match inbound_include.wildcard || !inbound_include.set {
+            true => None,
+            false => Some(inbound_include.values),
+        },
+        inbound_exclude_cidrs: merge_list(field(layers, |l| &l.inbound_exclude_cidrs)).values,
+        exclude_interfaces: merge_list(field(layers, |l| &l.exclude_interfaces)).values,
+        proxy_uid: proxy_uid?,
+        mode: mode?,
+        enabled_source: None,
+    };
+    // Nothing overrode the inclusion list and no union key added to it: FSM's "empty = all" and
+    // Istio's default `*`. A union key alone (FSM pod inclusion list) restricts, as in FSM.
+    if !include_cidrs.overridden && p.include_cidrs.is_empty() {
+        p.include_cidrs = values::all_cidrs()
+            .into_iter()
+            .map(|value| Sourced {
+                value,
+                source: Source::new(Origin::Default, KEY_INCLUDE_CIDRS),
+            })
+            .collect();
+    }
+    if let Some(m) = p.mode.as_ref().filter(|m| m.value.disables) {
+        p.enabled = false;
+        p.enabled_source = Some(m.source.clone());
+    } else if p.include_cidrs.is_empty() && p.include_ports.is_empty() {
+        // Istio: `includeOutboundIPRanges: ""` and no included ports means no outbound capture.
+        p.enabled = false;
+        p.enabled_source = include_cidrs.decided_by;
+    }
+    Ok(p)
+}
+
+/// One field's settings from each layer, most specific first.
+fn field<'a, T>(
+    layers: &[&'a Layer; 3],
+    f: fn(&Layer) -> &Vec<Setting<T>>,
+) -> [&'a [Setting<T>]; 3] {
+    layers.map(|l| f(l).as_slice())
+}
+
+/// A list field after precedence.
+struct Merged<T> {
+    values: Vec<Sourced<T>>,
+    /// Some layer set the field with an override key.
+    overridden: bool,
+    /// Some key set the field at all.
+    set: bool,
+    wildcard: bool,
+    /// The first override key of the winning layer.
+    decided_by: Option<Source>,
+}
+
+/// The override settings of the most specific layer that has any, unioned, then every union
+/// setting. Duplicate values keep their first source (the one `explain` reports).
+fn merge_list<T: Clone + Ord>(layers: [&[Setting<T>]; 3]) -> Merged<T> {
+    let winner = layers
+        .iter()
+        .find(|l| l.iter().any(|s| s.merge == Merge::Override));
+    let overrides = winner
+        .into_iter()
+        .flat_map(|l| l.iter().filter(|s| s.merge == Merge::Override));
+    let unions = layers
+        .iter()
+        .flat_map(|l| l.iter().filter(|s| s.merge == Merge::Union));
+    let mut out = Merged {
+        values: Vec::new(),
+        overridden: winner.is_some(),
+        set: layers.iter().any(|l| !l.is_empty()),
+        wildcard: false,
+        decided_by: None,
+    };
+    let mut seen = BTreeSet::new();
+    for (i, s) in overrides.chain(unions).enumerate() {
+        if i == 0 && s.merge == Merge::Override {
+            out.decided_by = Some(s.source.clone());
+        }
+        out.wildcard |= s.wildcard;
+        for v in &s.values {
+            if seen.insert(v.clone()) {
+                out.values.push(Sourced {
+                    value: v.clone(),
+                    source: s.source.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A scalar field: the most specific layer that sets it wins. Two keys on the same object that
+/// disagree (Linkerd `proxy-uid` 2102 and Kuma `sidecar-uid` 5678) are an error, because the
+/// datapath has room for one value and picking one silently would be a partial policy.
+fn merge_scalar<T: Clone + PartialEq + std::fmt::Debug>(
+    layers: [&[Setting<T>]; 3],
+) -> Result<Option<Sourced<T>>, PolicyError> {
+    let Some(winner) = layers.iter().find(|l| !l.is_empty()) else {
+        return Ok(None);
+    };
+    let mut settings = winner
+        .iter()
+        .filter_map(|s| s.values.first().map(|v| (s, v)));
+    let Some((first, value)) = settings.next() else {
+        return Ok(None);
+    };
+    if let Some((other, v)) = settings.find(|(_, v)| *v != value) {
+        return Err(PolicyError {
+            object: other.source.origin.object(),
+            key: other.source.key.clone(),
+            value: format!("{v:?}"),
+            reason: format!("conflicts with {} = {value:?}", first.source.key),
+        });
+    }
+    Ok(Some(Sourced {
+        value: value.clone(),
+        source: first.source.clone(),
+    }))
+}
+
+#[cfg(test)]
+#[path = "resolve_tests.rs"]
+mod tests;

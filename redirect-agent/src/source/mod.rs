@@ -1,0 +1,3 @@
+//! Where desired state comes from. Each source produces `reconcile::Snapshot`s.
+pub mod file;
+pub mod watch;

@@ -1,0 +1,224 @@
+//! cgroup/connect4 and cgroup/connect6: decide at connect() time whether a TCP connection goes to
+//! the proxy, in exactly the order of istio-iptables (DESIGN §2).
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use redirect_common::{
+    CidrV4Key, CidrV6Key, Decision, MAX_CGROUP_DEPTH, POLICY_ID_BITS, Policy, PortKey, action,
+    flags,
+};
+
+use crate::maps::{CIDR_V4, CIDR_V6, POLICY, PORTS, count};
+
+/// Returning 1 lets the connect() proceed (with whatever address we wrote).
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some((policy, is_proxy)) = lookup_policy() else {
+        count(Decision::NotInMesh);
+        return ALLOW;
+    };
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
+    let decision = decide_v4(policy, is_proxy, port, ip);
+    count(decision);
+    if decision == Decision::Redirected {
+        unsafe {
+            write_volatile(
+                addr_of_mut!((*sa).user_ip4),
+                u32::from_ne_bytes(policy.proxy_addr4),
+            );
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                policy.proxy_port.to_be() as u32,
+            );
+        }
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
+        return ALLOW;
+    }
+    let Some((policy, is_proxy)) = lookup_policy() else {
+        count(Decision::NotInMesh);
+        return ALLOW;
+    };
+    let ip = read_ip6(sa);
+    let port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
+
+    // ::ffff:a.b.c.d on an AF_INET6 socket is an IPv4 connection: the v4 rules decide, and the
+    // proxy's v4 address (mapped) is the target, exactly as iptables would see it.
+    let mapped = ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff;
+    let decision = if mapped {
+        decide_v4(policy, is_proxy, port, [ip[12], ip[13], ip[14], ip[15]])
+    } else {
+        decide_v6(policy, is_proxy, port, ip)
+    };
+    count(decision);
+    if decision == Decision::Redirected {
+        let mut target = policy.proxy_addr6;
+        if mapped {
+            target = [0; 16];
+            target[10] = 0xff;
+            target[11] = 0xff;
+            target[12..].copy_from_slice(&policy.proxy_addr4);
+        }
+        write_ip6(sa, &target);
+        unsafe {
+            write_volatile(
+                addr_of_mut!((*sa).user_port),
+                policy.proxy_port.to_be() as u32,
+            )
+        };
+    }
+    ALLOW
+}
+
+/// Walks from the root's first level down to the current cgroup and keeps the deepest registered
+/// one, so a container cgroup created after its pod was registered is covered with no agent
+/// action. Also reports whether the caller sits in (or below) the proxy container's cgroup.
+#[inline(always)]
+fn lookup_policy() -> Option<(&'static Policy, bool)> {
+    let mut found: Option<&'static Policy> = None;
+    let mut in_proxy_cgroup = false;
+    for level in 1..=MAX_CGROUP_DEPTH {
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        if let Some(p) = POLICY.get_ptr(id) {
+            // A deeper registration wins; a proxy match above it belonged to another policy.
+            found = Some(unsafe { &*p });
+            in_proxy_cgroup = false;
+        } else if let Some(p) = found
+            && p.flags & flags::HAS_PROXY_CGROUP != 0
+            && p.proxy_cgroup == id
+        {
+            in_proxy_cgroup = true;
+        }
+    }
+    let policy = found?;
+    let is_proxy = in_proxy_cgroup
+        || (policy.flags & flags::HAS_PROXY_UID != 0
+            && unsafe { bpf_get_current_uid_gid() } as u32 == policy.proxy_uid);
+    Some((policy, is_proxy))
+}
+
+// Rule lookups return the action, or NO_RULE. A plain u32 rather than Option<u32>: LLVM leaves
+// the payload of a None undefined, and the verifier rejects the uninitialised register it copies.
+const NO_RULE: u32 = 0;
+
+/// Steps 1-3 of the decision order, shared by both families. `None` means "not decided yet".
+#[inline(always)]
+fn decide_common(policy: &Policy, is_proxy: bool, port_rule: u32) -> Option<Decision> {
+    if policy.flags & flags::ENABLED == 0 {
+        return Some(Decision::Disabled);
+    }
+    if is_proxy {
+        return Some(Decision::BypassProxy);
+    }
+    if port_rule == action::EXCLUDE {
+        return Some(Decision::BypassPort);
+    }
+    None
+}
+
+/// Steps 4-7: excluded CIDR → included port → included CIDR → bypass.
+#[inline(always)]
+fn decide_tail(cidr_rule: u32, port_rule: u32) -> Decision {
+    if cidr_rule == action::EXCLUDE {
+        Decision::BypassCidr
+    } else if port_rule == action::INCLUDE || cidr_rule == action::INCLUDE {
+        Decision::Redirected
+    } else {
+        Decision::BypassNotIncluded
+    }
+}
+
+#[inline(always)]
+fn port_rule(policy_id: [u8; 4], port: [u8; 2]) -> u32 {
+    let key = Key::new(
+        POLICY_ID_BITS + 16,
+        PortKey {
+            policy_id,
+            port,
+            _pad: [0; 2],
+        },
+    );
+    PORTS.get(&key).map_or(NO_RULE, |r| r.action)
+}
+
+#[inline(always)]
+fn decide_v4(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 4]) -> Decision {
+    let id = policy.policy_id.to_be_bytes();
+    let port_rule = port_rule(id, port);
+    if let Some(d) = decide_common(policy, is_proxy, port_rule) {
+        return d;
+    }
+    if ip[0] == 127 {
+        return Decision::BypassLoopback;
+    }
+    let key = Key::new(
+        POLICY_ID_BITS + 32,
+        CidrV4Key {
+            policy_id: id,
+            addr: ip,
+        },
+    );
+    decide_tail(CIDR_V4.get(&key).map_or(NO_RULE, |r| r.action), port_rule)
+}
+
+#[inline(always)]
+fn decide_v6(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 16]) -> Decision {
+    let id = policy.policy_id.to_be_bytes();
+    let port_rule = port_rule(id, port);
+    if let Some(d) = decide_common(policy, is_proxy, port_rule) {
+        return d;
+    }
+    if ip[..15] == [0u8; 15] && ip[15] == 1 {
+        return Decision::BypassLoopback;
+    }
+    let key = Key::new(
+        POLICY_ID_BITS + 128,
+        CidrV6Key {
+            policy_id: id,
+            addr: ip,
+        },
+    );
+    decide_tail(CIDR_V6.get(&key).map_or(NO_RULE, |r| r.action), port_rule)
+}
+
+/// The verifier only accepts 4-byte accesses to `user_ip6`, so read it word by word.
+#[inline(always)]
+fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for i in 0..4 {
+        let w = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) };
+        out[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    out
+}
+
+#[inline(always)]
+fn write_ip6(sa: *mut bpf_sock_addr, ip: &[u8; 16]) {
+    for i in 0..4 {
+        let w = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), w) };
+    }
+}
