@@ -32,11 +32,13 @@
 //! # Ok(()) }
 //! ```
 
+mod agent;
 mod bpffs;
 mod cgroup;
 mod fixture;
 mod netns;
 mod origdst;
+mod probe;
 mod process;
 mod server;
 mod sweep;
@@ -45,11 +47,13 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
+pub use agent::{Agent, inspect};
 pub use bpffs::{BPFFS, ensure_bpffs};
 pub use cgroup::{cgroup_id, cgroup_of, cgroup2_mount, move_pid};
 pub use fixture::Fixture;
 pub use netns::{NETNS_DIR, enter_current_thread, ip, netns_path};
 pub use origdst::{IP6T_SO_ORIGINAL_DST, SO_ORIGINAL_DST, original_dst};
+pub use probe::{Reached, probe, probe_json};
 pub use process::Spawned;
 pub use server::{IdentityServer, serve_identity};
 pub use sweep::{PREFIX, sweep_stale};

@@ -1,1 +1,3 @@
-pub fn demo() -> anyhow::Result<()> { todo!() }
+pub fn demo() -> anyhow::Result<()> {
+    todo!()
+}

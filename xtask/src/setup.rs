@@ -68,7 +68,12 @@ pub fn setup(needs: Needs) -> anyhow::Result<Env> {
     );
     let need_linker = !bpf_linker_ok(&path);
     if need_linker {
-        packages.extend(["llvm-22-dev", "libpolly-22-dev", "libzstd-dev", "zlib1g-dev"]);
+        packages.extend([
+            "llvm-22-dev",
+            "libpolly-22-dev",
+            "libzstd-dev",
+            "zlib1g-dev",
+        ]);
     }
     apt_install(&packages)?;
 
@@ -161,7 +166,10 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         step("apt-get update");
         run(Command::new("apt-get").args(["update", "-q"]))?;
     }
-    step(&format!("installing Debian packages: {}", missing.join(" ")));
+    step(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
@@ -171,7 +179,10 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 fn link_debian_toolchain() -> anyhow::Result<()> {
     let src = Path::new("/usr/lib/rustlib/src/rust/library/core");
     if !src.is_dir() {
-        bail!("{} is missing although rust-web-src is installed", src.display());
+        bail!(
+            "{} is missing although rust-web-src is installed",
+            src.display()
+        );
     }
     let list = Command::new("rustup")
         .args(["toolchain", "list"])
@@ -184,7 +195,9 @@ fn link_debian_toolchain() -> anyhow::Result<()> {
         eprintln!("    rustup toolchain `{DEBIAN_TOOLCHAIN}`: linked");
         return Ok(());
     }
-    step(&format!("linking /usr as rustup toolchain `{DEBIAN_TOOLCHAIN}`"));
+    step(&format!(
+        "linking /usr as rustup toolchain `{DEBIAN_TOOLCHAIN}`"
+    ));
     run(Command::new("rustup").args(["toolchain", "link", DEBIAN_TOOLCHAIN, "/usr"]))
 }
 
@@ -193,14 +206,17 @@ fn mount_bpffs() -> anyhow::Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let mounted = mountinfo.lines().any(|l| {
         let mut f = l.split_whitespace();
-        f.nth(4) == Some("/sys/fs/bpf") && l.split(" - ").nth(1).is_some_and(|t| t.starts_with("bpf "))
+        f.nth(4) == Some("/sys/fs/bpf")
+            && l.split(" - ").nth(1).is_some_and(|t| t.starts_with("bpf "))
     });
     if mounted {
         eprintln!("    bpffs: mounted at /sys/fs/bpf");
         return Ok(());
     }
     if !crate::util::is_root() {
-        eprintln!("    bpffs: not mounted at /sys/fs/bpf (needs root; the tests and the demo mount it)");
+        eprintln!(
+            "    bpffs: not mounted at /sys/fs/bpf (needs root; the tests and the demo mount it)"
+        );
         return Ok(());
     }
     step("mounting bpffs at /sys/fs/bpf");

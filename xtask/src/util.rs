@@ -14,7 +14,9 @@ pub fn step(msg: &str) {
 
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("{what} needs root (it loads eBPF programs and creates cgroups and network namespaces); run it with sudo");
+        bail!(
+            "{what} needs root (it loads eBPF programs and creates cgroups and network namespaces); run it with sudo"
+        );
     }
     Ok(())
 }
@@ -32,9 +34,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -51,7 +51,14 @@ pub fn cargo(env: &Env, args: &[&str]) -> anyhow::Result<()> {
 
 pub fn build(env: &Env, release: bool) -> anyhow::Result<()> {
     step("building redirect-agent (with its eBPF object) and the test helpers");
-    let mut args = vec!["build", "-p", "redirect-agent", "-p", "redirect-tests", "--bins"];
+    let mut args = vec![
+        "build",
+        "-p",
+        "redirect-agent",
+        "-p",
+        "redirect-tests",
+        "--bins",
+    ];
     if release {
         args.push("--release");
     }

@@ -61,7 +61,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Output::Text => print!("{}", render_text(&maps, &policies, &entries, &counters, &paths)),
+        Output::Text => print!(
+            "{}",
+            render_text(&maps, &policies, &entries, &counters, &paths)
+        ),
     }
     Ok(())
 }
@@ -94,15 +97,25 @@ fn render_text(
             cg,
             p.policy_id,
             p.flags & flags::ENABLED != 0,
-            if p.flags & flags::MODE_NODE != 0 { "node" } else { "sidecar" },
+            if p.flags & flags::MODE_NODE != 0 {
+                "node"
+            } else {
+                "sidecar"
+            },
             format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.proxy_port),
             uid,
             n,
-            paths.get(cg).map_or_else(|| "?".into(), |p| p.display().to_string()),
+            paths
+                .get(cg)
+                .map_or_else(|| "?".into(), |p| p.display().to_string()),
         );
     }
     let _ = writeln!(s, "\nENTRIES");
-    let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", "POLICY", "KIND", "MATCH", "ACTION");
+    let _ = writeln!(
+        s,
+        "{:<7} {:<6} {:<44} {}",
+        "POLICY", "KIND", "MATCH", "ACTION"
+    );
     for (id, e) in entries {
         for (c, a) in cidr_rows(e) {
             let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", id, "cidr", c, a);
@@ -127,14 +140,12 @@ fn action_name(a: u32) -> &'static str {
 }
 
 fn cidr_rows(e: &PolicyEntries) -> Vec<(String, &'static str)> {
-    let v4 = e
-        .v4
-        .iter()
-        .map(|((bits, a), act)| (format!("{}/{bits}", Ipv4Addr::from(*a)), action_name(*act)));
-    let v6 = e
-        .v6
-        .iter()
-        .map(|((bits, a), act)| (format!("{}/{bits}", Ipv6Addr::from(*a)), action_name(*act)));
+    let v4 =
+        e.v4.iter()
+            .map(|((bits, a), act)| (format!("{}/{bits}", Ipv4Addr::from(*a)), action_name(*act)));
+    let v6 =
+        e.v6.iter()
+            .map(|((bits, a), act)| (format!("{}/{bits}", Ipv6Addr::from(*a)), action_name(*act)));
     v4.chain(v6).collect()
 }
 
@@ -185,4 +196,3 @@ fn cgroup_paths(mut wanted: BTreeSet<u64>) -> BTreeMap<u64, PathBuf> {
     }
     found
 }
-

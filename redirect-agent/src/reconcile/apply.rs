@@ -98,11 +98,7 @@ impl Applier {
 
     /// Applies a full desired state. Cgroups in `keep` are left exactly as they are (their new
     /// policy was invalid); every other applied cgroup missing from `desired` is removed.
-    pub fn apply(
-        &mut self,
-        desired: &BTreeMap<u64, Desired>,
-        keep: &BTreeSet<u64>,
-    ) -> ApplyReport {
+    pub fn apply(&mut self, desired: &BTreeMap<u64, Desired>, keep: &BTreeSet<u64>) -> ApplyReport {
         let mut report = ApplyReport::default();
         // Adds and updates first, removals last.
         for (&cgroup_id, want) in desired {

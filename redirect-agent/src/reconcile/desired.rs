@@ -167,8 +167,7 @@ pub fn entries(c: &Compiled) -> PolicyEntries {
         );
     }
     for (p, action) in &c.ports {
-        e.ports
-            .insert((u32::from(p.len), p.port), action.value());
+        e.ports.insert((u32::from(p.len), p.port), action.value());
     }
     e
 }
