@@ -1,9 +1,12 @@
 //! redirect-agent: fills the redirect-ebpf maps from a policy source.
 //!
 //! Layers read from the top down: `cli` → `reconcile` → {`policy`, `source`, `cgroup`, `bpf`}.
+pub mod admin;
 pub mod bpf;
+pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reconcile;

@@ -18,7 +18,22 @@ pub mod map_names {
     pub const CIDR_V6: &str = "CIDR_V6";
     pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const ALL: [&str; 5] = [POLICY, CIDR_V4, CIDR_V6, PORTS, COUNTERS];
+    /// Original destinations of redirected client sockets, by socket cookie.
+    pub const ORIG_COOKIE: &str = "ORIG_COOKIE";
+    /// Original destinations of established redirected connections, by {netns, 4-tuple}.
+    pub const ORIG_TUPLE: &str = "ORIG_TUPLE";
+    /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
+    pub const ORIG_STATS: &str = "ORIG_STATS";
+    pub const ALL: [&str; 8] = [
+        POLICY,
+        CIDR_V4,
+        CIDR_V6,
+        PORTS,
+        COUNTERS,
+        ORIG_COOKIE,
+        ORIG_TUPLE,
+        ORIG_STATS,
+    ];
 }
 
 /// `Policy::flags` bits.
@@ -150,6 +165,104 @@ impl Decision {
     }
 }
 
+/// `OrigDst::flags` bits.
+pub mod orig_flags {
+    /// The original destination is IPv4 (`OrigDst::addr` holds it v4-mapped), so the IPv4 option
+    /// (SOL_IP, SO_ORIGINAL_DST) and getpeername4 can express it.
+    pub const V4: u16 = 1 << 0;
+    /// Redirected to a node proxy, which sees the connection from another netns: the 4-tuple record
+    /// is keyed with netns 0 (pod addresses are unique on a node, loopback tuples are not).
+    pub const NODE: u16 = 1 << 1;
+}
+
+/// getsockopt option name of both `SO_ORIGINAL_DST` (level SOL_IP) and `IP6T_SO_ORIGINAL_DST`
+/// (level SOL_IPV6).
+pub const SO_ORIGINAL_DST: i32 = 80;
+
+/// The destination a redirected connection was meant for: the value of `ORIG_COOKIE` and
+/// `ORIG_TUPLE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    /// IPv6 form of the address: an IPv4 destination is stored v4-mapped (::ffff:a.b.c.d).
+    pub addr: [u8; 16],
+    /// Big-endian port.
+    pub port: [u8; 2],
+    /// [`orig_flags`].
+    pub flags: u16,
+}
+
+/// Key of `ORIG_TUPLE`: a connection as the proxy's accepted socket sees it. Addresses are in IPv6
+/// form (IPv4 v4-mapped) so that an IPv4 client and a dual-stack proxy socket agree.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct OrigTupleKey {
+    /// Cookie of the client's network namespace (sidecar mode: every pod has the same
+    /// 127.0.0.1:x → 127.0.0.1:15001 tuples, so the netns tells them apart), or 0 for a node proxy
+    /// that accepts in another netns.
+    pub netns: u64,
+    /// Client address and port (the connection's source).
+    pub src: [u8; 16],
+    /// Proxy address and port (the redirect target).
+    pub dst: [u8; 16],
+    /// Big-endian ports.
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub _pad: [u8; 4],
+}
+
+/// Index into the per-CPU `ORIG_STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OrigEvent {
+    /// A redirect recorded its original destination under the socket cookie.
+    Recorded = 0,
+    /// The cookie record could not be written (the connection still goes to the proxy, which will
+    /// not learn the original destination).
+    RecordFailed = 1,
+    /// The client side was established and the record copied to its 4-tuple.
+    Established = 2,
+    /// The proxy side was established and found its record.
+    Accepted = 3,
+    /// A getsockopt(SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST) was answered.
+    Answered = 4,
+    /// A getpeername was shown the original destination.
+    Peername = 5,
+    /// A redirected client socket closed and its cookie record was deleted.
+    ClientClosed = 6,
+    /// A proxy socket closed and its 4-tuple record was deleted.
+    ProxyClosed = 7,
+}
+
+pub const ORIG_EVENT_COUNT: u32 = 8;
+
+impl OrigEvent {
+    pub const ALL: [OrigEvent; ORIG_EVENT_COUNT as usize] = [
+        OrigEvent::Recorded,
+        OrigEvent::RecordFailed,
+        OrigEvent::Established,
+        OrigEvent::Accepted,
+        OrigEvent::Answered,
+        OrigEvent::Peername,
+        OrigEvent::ClientClosed,
+        OrigEvent::ProxyClosed,
+    ];
+
+    /// Stable name used in `inspect` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            OrigEvent::Recorded => "recorded",
+            OrigEvent::RecordFailed => "record_failed",
+            OrigEvent::Established => "established",
+            OrigEvent::Accepted => "accepted",
+            OrigEvent::Answered => "answered",
+            OrigEvent::Peername => "peername",
+            OrigEvent::ClientClosed => "client_closed",
+            OrigEvent::ProxyClosed => "proxy_closed",
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -158,4 +271,6 @@ mod pod {
     unsafe impl aya::Pod for CidrV4Key {}
     unsafe impl aya::Pod for CidrV6Key {}
     unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for OrigDst {}
+    unsafe impl aya::Pod for OrigTupleKey {}
 }

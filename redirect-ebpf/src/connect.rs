@@ -35,6 +35,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let decision = decide_v4(policy, is_proxy, port, ip);
     count(decision);
     if decision == Decision::Redirected {
+        crate::origdst::record_v4(sa, ip, port, policy);
         unsafe {
             write_volatile(
                 addr_of_mut!((*sa).user_ip4),
@@ -72,6 +73,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     };
     count(decision);
     if decision == Decision::Redirected {
+        crate::origdst::record_v6(sa, ip, port, policy);
         let mut target = policy.proxy_addr6;
         if mapped {
             target = [0; 16];

@@ -4,6 +4,7 @@
 
 mod connect;
 mod maps;
+mod origdst;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -51,6 +51,10 @@ impl Agent {
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
             .env("RUST_BACKTRACE", "0")
+            // Unchanged passes are logged at debug; the harness counts every pass.
+            .env("REDIRECT_LOG", "info,redirect_agent::reconcile=debug")
+            // Tests run agents in parallel: no fixed admin port.
+            .env("REDIRECT_ADMIN_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -80,12 +84,12 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Highest `applied` generation logged so far.
+    /// Highest generation logged as applied (changed or not) so far.
     pub fn generation(&self) -> u64 {
         self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["message"] == "applied")
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("applied")))
             .filter_map(|v| v["generation"].as_u64())
             .max()
             .unwrap_or(0)

@@ -134,6 +134,17 @@ fn assert_proxy(r: Reached, what: &str) {
     assert!(r.is_proxy(), "{what}: expected the proxy, got {r:?}");
 }
 
+/// The proxy got it and read `orig` back with SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
+fn assert_proxied_to(r: Reached, orig: &str, what: &str) {
+    assert_eq!(
+        r,
+        Reached::Proxy {
+            orig: orig.to_string()
+        },
+        "{what}"
+    );
+}
+
 fn assert_direct(r: Reached, what: &str) {
     assert!(
         matches!(r, Reached::Server(_)),
@@ -148,10 +159,16 @@ fn every_decision_step_for_v4_v6_and_v4_mapped() {
     let fx = &w.fx;
     for family in ["v4", "v6", "mapped"] {
         let h = |last| hosts(family, last);
+        // What the proxy reads back: a v4-mapped connect reaches the IPv4 proxy socket as IPv4.
+        let orig = |last, port| match family {
+            "mapped" => format!("198.18.0.{last}:{port}"),
+            _ => format!("{}:{port}", h(last)),
+        };
         let ctx = |step: &str| format!("{family} {step}");
         // 6. included CIDR (`*` by default) → proxy.
-        assert_proxy(
+        assert_proxied_to(
             probe(fx, &w.app, &format!("{}:80", h(10)), &[]).unwrap(),
+            &orig(10, 80),
             &ctx("6 included cidr"),
         );
         // 1. the caller is the proxy: by cgroup, and by uid from the app's cgroup.
@@ -183,13 +200,15 @@ fn every_decision_step_for_v4_v6_and_v4_mapped() {
             &ctx("4 excluded cidr before included port"),
         );
         // 5. included port on a destination outside the included CIDRs.
-        assert_proxy(
+        assert_proxied_to(
             probe(fx, &w.pod2, &format!("{}:8443", h(12)), &[]).unwrap(),
+            &orig(12, 8443),
             &ctx("5 included port"),
         );
         // 6. included CIDR of the restricted pod.
-        assert_proxy(
+        assert_proxied_to(
             probe(fx, &w.pod2, &format!("{}:80", h(10)), &[]).unwrap(),
+            &orig(10, 80),
             &ctx("6 included cidr (restricted)"),
         );
         // 7. neither → bypass.
@@ -441,5 +460,60 @@ fn node_mode_redirects_to_the_configured_address() {
     assert_proxy(
         probe(&w.fx, &w.app, "[::ffff:198.18.0.10]:80", &[]).unwrap(),
         "node mode mapped",
+    );
+}
+
+fn explain(agent: &Agent, workload: &str, dest: &str, kernel: bool) -> serde_json::Value {
+    let mut cmd = Command::new(helper_bin("redirect-agent").unwrap());
+    cmd.args(["explain", "--output", "json", "--workload", workload, "--dest", dest])
+        .arg("--config")
+        .arg(agent.config_path());
+    if kernel {
+        cmd.arg("--bpffs-dir").arg(agent.bpffs());
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "explain {workload} {dest}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn explain_agrees_with_the_kernel_and_with_where_the_bytes_went() {
+    let w = world("explain");
+    let agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
+    let cases = [
+        ("demo/app", &w.app, "198.18.0.10:80", "included_cidr"),
+        ("demo/app", &w.app, "198.18.0.10:5432", "excluded_port"),
+        ("demo/app", &w.app, "198.18.0.11:80", "excluded_cidr"),
+        ("demo/app", &w.app, "127.0.0.1:8080", "loopback"),
+        ("demo/app", &w.app, "[fd00:198:18::11]:80", "excluded_cidr"),
+        ("demo/app", &w.app, "[::ffff:198.18.0.11]:80", "excluded_cidr"),
+        ("demo/restricted", &w.pod2, "198.18.0.12:8443", "included_port"),
+        ("demo/restricted", &w.pod2, "198.18.0.11:8443", "excluded_cidr"),
+        ("demo/restricted", &w.pod2, "198.18.0.12:80", "not_included"),
+        ("demo/restricted", &w.pod2, "[fd00:198:18::10]:80", "included_cidr"),
+    ];
+    for (workload, cgroup, dest, step) in cases {
+        let policy = explain(&agent, workload, dest, false);
+        let kernel = explain(&agent, workload, dest, true);
+        assert_eq!(policy["step"], step, "{workload} {dest}: {policy}");
+        assert_eq!(kernel["step"], step, "{workload} {dest}: {kernel}");
+        assert_eq!(kernel["evaluated"], "kernel");
+        assert_eq!(kernel["agree"], true);
+        let redirected = probe(&w.fx, cgroup, dest, &[]).unwrap().is_proxy();
+        assert_eq!(
+            redirected,
+            kernel["decision"] == "redirect",
+            "{workload} {dest}: explain says {} but the bytes say otherwise",
+            kernel["decision"]
+        );
+    }
+    let excluded = explain(&agent, "demo/app", "198.18.0.11:80", false);
+    assert_eq!(
+        excluded["source"]["key"], "spec.traffic.outboundIPRangeExclusionList",
+        "{excluded}"
     );
 }

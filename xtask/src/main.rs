@@ -1,8 +1,12 @@
 //! `cargo xtask …`: set-up, build, demo and tests for redirect. Every command installs what it
 //! is missing first (see `setup`), so a fresh machine needs nothing else.
+mod bench;
 mod demo;
+mod fuzz;
+mod e2e;
 mod setup;
 mod util;
+mod validate;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +32,35 @@ enum Command {
     Test,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
     Demo,
+    /// Benchmark eBPF redirection against iptables REDIRECT side by side (needs root); writes
+    /// REPORT.md, CSVs and PNGs.
+    Bench {
+        /// Smoke run (under 3 minutes): checks that the bench works, figures not meaningful.
+        #[arg(long)]
+        quick: bool,
+        /// Results directory (default: bench-results/<timestamp>/; a full run without --out also
+        /// refreshes docs/bench/).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Check deploy/ offline: kustomize build (when kubectl has kustomize), kubernetes-validate,
+    /// the MeshConfig CRD against an example instance, and the DaemonSet's least-privilege rules.
+    ValidateDeploy,
+    /// The e2e scenarios (FSM 000, ASM 003, Istio 001, bad annotation, agent rollout) on this
+    /// machine: real netns, cgroups, proxy and agent; a stand-in Kubernetes API (needs root).
+    E2eLocal {
+        /// Run only the scenarios whose name contains this.
+        filter: Option<String>,
+    },
+    /// The same scenarios in a kind cluster built from deploy/ and the Dockerfile (needs Docker
+    /// and kind).
+    E2eKind(e2e::KindArgs),
+    /// (internal) A process of the benchmark: proxy, server or load client.
+    #[command(hide = true)]
+    BenchWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +72,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test => test(),
         Command::Demo => demo::demo(),
+        Command::Bench { quick, out } => bench::bench(quick, out),
+        Command::BenchWorker { args } => bench::worker(args),
+        Command::ValidateDeploy => validate::validate_deploy(),
+        Command::E2eLocal { filter } => e2e::local(filter.as_deref()),
+        Command::E2eKind(args) => e2e::kind(&args),
     }
 }
 
@@ -49,8 +87,12 @@ fn test() -> anyhow::Result<()> {
         ..Default::default()
     })?;
     util::build(&env, false)?;
+    validate::validate_deploy()?;
     util::step("running the test suite (unit, property and real-kernel tests)");
     // One test thread per binary keeps the kernel tests' counters and timings unambiguous; the
     // binaries themselves still run one after another.
-    util::cargo(&env, &["test", "--", "--test-threads=2"])
+    util::cargo(&env, &["test", "--", "--test-threads=2"])?;
+    util::step("e2e-local: the seed scenarios against a mocked Kubernetes API, real kernel");
+    e2e::local(None)?;
+    fuzz::smoke()
 }

@@ -182,7 +182,9 @@ struct Input {
 
 fuzz_target!(|input: Input| {
     let known = known_keys();
-    let Some(mesh) = mesh(&input.mesh) else { return };
+    let Some(mesh) = mesh(&input.mesh) else {
+        return;
+    };
     let ns = annotations(&input.ns, &known);
     let pod = annotations(&input.pod, &known);
     let inputs = WorkloadInputs {

@@ -6,15 +6,16 @@
 //! attaches the new link first and only then releases the old one, so there is no gap.
 use std::{
     fs,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
-        loaded_programs,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SockOps,
+        ProgramInfo,
+        links::{FdLink, LinkError, PinnedLink},
     },
 };
 use redirect_common::map_names;
@@ -25,12 +26,31 @@ use crate::cgroup;
 
 static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
-/// The cgroup/connect programs, by their function names in redirect-ebpf.
-const CONNECT_PROGRAMS: [&str; 2] = ["redirect_connect4", "redirect_connect6"];
+/// How a program attaches to the cgroup.
+#[derive(Clone, Copy, Debug)]
+enum Hook {
+    SockAddr,
+    SockOps,
+    GetSockopt,
+}
+
+/// The programs, by their function names in redirect-ebpf, in attach order: the programs that
+/// keep and answer original destinations go first, so that the first redirected connect already
+/// finds them in place.
+const PROGRAMS: [(&str, Hook); 6] = [
+    ("redirect_sockops", Hook::SockOps),
+    ("redirect_getsockopt", Hook::GetSockopt),
+    ("redirect_getpeername4", Hook::SockAddr),
+    ("redirect_getpeername6", Hook::SockAddr),
+    ("redirect_connect4", Hook::SockAddr),
+    ("redirect_connect6", Hook::SockAddr),
+];
 
 /// Prefix of link pins: `link_<program>_<cgroup id>`. The cgroup id in the name tells a restarted
 /// agent whether a pinned link is attached where it is asked to attach now.
 const LINK_PREFIX: &str = "link_";
+/// Prefix of program pins: `prog_<program>`, the program the link of the same name runs.
+const PROG_PREFIX: &str = "prog_";
 
 #[derive(Clone, Debug)]
 pub struct AttachOptions {
@@ -65,12 +85,28 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     let mut ebpf = loader.load(OBJECT)?;
     info!(dir = %opts.bpffs_dir.display(), reused, "maps pinned");
 
-    let cgroup_id = cgroup::cgroup_id(&opts.cgroup_root)
-        .map_err(|e| BpfError::io("opening cgroup", &opts.cgroup_root, std::io::Error::other(e)))?;
+    let cgroup_id = cgroup::cgroup_id(&opts.cgroup_root).map_err(|e| {
+        BpfError::io(
+            "opening cgroup",
+            &opts.cgroup_root,
+            std::io::Error::other(e),
+        )
+    })?;
     let cgroup = fs::File::open(&opts.cgroup_root)
         .map_err(|e| BpfError::io("opening cgroup", &opts.cgroup_root, e))?;
-    for program in CONNECT_PROGRAMS {
-        attach_connect(&mut ebpf, program, &cgroup, cgroup_id, &opts.bpffs_dir)?;
+    // Every program passes the verifier before any is attached: a rejection leaves nothing
+    // half-attached.
+    for (program, hook) in PROGRAMS {
+        load_program(&mut ebpf, program, hook)?;
+    }
+    for (program, hook) in PROGRAMS {
+        attach_program(
+            &mut ebpf,
+            program,
+            hook,
+            (&cgroup, &opts.cgroup_root, cgroup_id),
+            &opts.bpffs_dir,
+        )?;
     }
     PinnedMaps::open(&opts.bpffs_dir)
 }
@@ -79,37 +115,116 @@ fn program_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError
     move |source| BpfError::Program { program, source }
 }
 
-fn attach_connect(
+fn any<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut Program, BpfError> {
+    ebpf.program_mut(program).ok_or(BpfError::Program {
+        program,
+        source: ProgramError::NotLoaded,
+    })
+}
+
+fn typed<'a, T>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut T, BpfError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    any(ebpf, program)?
+        .try_into()
+        .map_err(program_err(program))
+}
+
+fn load_program(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {
+    let loaded = match hook {
+        Hook::SockAddr => typed::<CgroupSockAddr>(ebpf, program)?.load(),
+        Hook::SockOps => typed::<SockOps>(ebpf, program)?.load(),
+        Hook::GetSockopt => typed::<CgroupSockopt>(ebpf, program)?.load(),
+    };
+    loaded.map_err(program_err(program))
+}
+
+/// True when `link_pin` holds a link running this very program: the link's program is the one
+/// pinned at `prog_pin` and has the same tag as the program just loaded. Reading the pins needs
+/// no CAP_SYS_ADMIN (walking all loaded programs would).
+fn adoptable(link_pin: &Path, prog_pin: &Path, tag: u64) -> bool {
+    let Ok(link) = PinnedLink::from_pin(link_pin) else {
+        return false;
+    };
+    let link: FdLink = link.into();
+    let Ok(link_prog) = link.info().map(|i| i.program_id()) else {
+        return false;
+    };
+    ProgramInfo::from_pin(prog_pin).is_ok_and(|p| p.id() == link_prog && p.tag() == tag)
+}
+
+fn pin_fd_link(
+    program: &'static str,
+    link: Result<FdLink, LinkError>,
+    pin: &Path,
+) -> Result<(), BpfError> {
+    let link = link.map_err(|source| BpfError::Link { program, source })?;
+    pin_replacing(pin, |tmp| {
+        link.pin(tmp)
+            .map(drop)
+            .map_err(|e| BpfError::io("pinning link", tmp, std::io::Error::other(e)))
+    })
+}
+
+fn attach_program(
     ebpf: &mut Ebpf,
     program: &'static str,
-    cgroup: &fs::File,
-    cgroup_id: u64,
+    hook: Hook,
+    (cgroup, cgroup_path, cgroup_id): (&fs::File, &Path, u64),
     dir: &Path,
 ) -> Result<(), BpfError> {
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(program)
-        .ok_or(BpfError::Program {
-            program,
-            source: aya::programs::ProgramError::NotLoaded,
-        })?
-        .try_into()
-        .map_err(program_err(program))?;
-    prog.load().map_err(program_err(program))?;
-    let tag = prog.info().map_err(program_err(program))?.tag();
     let pin = dir.join(format!("{LINK_PREFIX}{program}_{cgroup_id}"));
-
-    if pinned_program_tag(&pin) == Some(tag) {
+    let prog_pin = dir.join(format!("{PROG_PREFIX}{program}"));
+    let tag = any(ebpf, program)
+        .and_then(|p| p.info().map_err(program_err(program)))?
+        .tag();
+    if adoptable(&pin, &prog_pin, tag) {
         info!(program, pin = %pin.display(), "adopted pinned link");
     } else {
-        let id = prog
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_err(program))?;
-        let link: FdLink = prog
-            .take_link(id)
-            .map_err(program_err(program))?
-            .try_into()
-            .map_err(|source| BpfError::Link { program, source })?;
-        pin_replacing(link, &pin)?;
+        match hook {
+            Hook::SockAddr => {
+                let prog: &mut CgroupSockAddr = typed(ebpf, program)?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_err(program))?;
+                let link = prog.take_link(id).map_err(program_err(program))?;
+                pin_fd_link(program, link.try_into(), &pin)?;
+            }
+            Hook::SockOps => {
+                let prog: &mut SockOps = typed(ebpf, program)?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_err(program))?;
+                let link = prog.take_link(id).map_err(program_err(program))?;
+                pin_fd_link(program, link.try_into(), &pin)?;
+            }
+            Hook::GetSockopt => {
+                let prog: &mut CgroupSockopt = typed(ebpf, program)?;
+                // aya 0.14 cannot turn a CgroupSockoptLink into an FdLink (so it could not be
+                // pinned), hence the raw BPF_LINK_CREATE.
+                let prog_fd = prog.fd().map_err(program_err(program))?.as_fd();
+                let link = raw::link_create(prog_fd, cgroup.as_fd(), raw::BPF_CGROUP_GETSOCKOPT)
+                    .map_err(|e| {
+                        BpfError::io(
+                            "attaching getsockopt (BPF_LINK_CREATE) to cgroup",
+                            cgroup_path,
+                            e,
+                        )
+                    })?;
+                pin_replacing(&pin, |tmp| {
+                    raw::obj_pin(link.as_fd(), tmp)
+                        .map_err(|e| BpfError::io("pinning link", tmp, e))
+                })?;
+            }
+        }
+        // The program is pinned next to its link so that the next start can tell, from the pins
+        // alone, whether the link runs the program it is about to load.
+        let prog = any(ebpf, program)?;
+        pin_replacing(&prog_pin, |tmp| {
+            prog.pin(tmp)
+                .map_err(|e| BpfError::io("pinning program", tmp, std::io::Error::other(e)))
+        })?;
         info!(program, pin = %pin.display(), "attached");
     }
     // Links of this program on other cgroups belong to an earlier --cgroup-root: release them
@@ -127,26 +242,98 @@ fn attach_connect(
 }
 
 /// Pins under a temporary name and renames over the old pin: the old link is released only once
-/// the new one is attached (both run for an instant, which is harmless: the second sees a
-/// loopback destination and bypasses).
-fn pin_replacing(link: FdLink, pin: &Path) -> Result<(), BpfError> {
+/// the new one is attached. Both run for an instant, which is harmless: a second connect program
+/// sees a loopback destination and bypasses, and the original-destination programs are
+/// idempotent (same record written twice, a delete of a deleted record, the same answer twice).
+fn pin_replacing(
+    pin: &Path,
+    do_pin: impl FnOnce(&Path) -> Result<(), BpfError>,
+) -> Result<(), BpfError> {
     // bpffs refuses names with a dot, hence no ".new".
     let mut tmp = pin.as_os_str().to_owned();
     tmp.push("_new");
     let tmp = PathBuf::from(tmp);
     let _ = fs::remove_file(&tmp);
-    link.pin(&tmp)
-        .map_err(|e| BpfError::io("pinning link", &tmp, std::io::Error::other(e)))?;
+    do_pin(&tmp)?;
     fs::rename(&tmp, pin).map_err(|e| BpfError::io("renaming link pin", pin, e))
 }
 
-fn pinned_program_tag(pin: &Path) -> Option<u64> {
-    let link: FdLink = PinnedLink::from_pin(pin).ok()?.into();
-    let prog_id = link.info().ok()?.program_id();
-    loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == prog_id)
-        .map(|p| p.tag())
+/// The two bpf(2) commands aya 0.14 does not expose for cgroup sockopt links.
+mod raw {
+    use std::{ffi::CString, io, os::unix::ffi::OsStrExt as _};
+
+    use super::*;
+
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    pub const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+
+    /// The `link_create` member of `union bpf_attr`, zero-padded (the kernel requires unused
+    /// attribute bytes to be zero).
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkCreate {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        _rest: [u64; 6],
+    }
+
+    /// The `obj_pin` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a valid, fully initialised bpf_attr prefix of the given size.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                (attr as *mut T).cast::<libc::c_void>(),
+                std::mem::size_of::<T>(),
+            )
+        };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    pub fn link_create(
+        prog: BorrowedFd<'_>,
+        target: BorrowedFd<'_>,
+        attach_type: u32,
+    ) -> io::Result<OwnedFd> {
+        let mut attr = LinkCreate {
+            prog_fd: prog.as_raw_fd() as u32,
+            target_fd: target.as_raw_fd() as u32,
+            attach_type,
+            ..Default::default()
+        };
+        let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+        // SAFETY: BPF_LINK_CREATE returned a fresh fd that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let mut attr = ObjPin {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+    }
 }
 
 fn link_pins(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
@@ -166,10 +353,11 @@ fn link_pins(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
 #[derive(Debug, Default)]
 pub struct CleanupReport {
     pub links: Vec<PathBuf>,
+    pub programs: Vec<PathBuf>,
     pub maps: Vec<PathBuf>,
 }
 
-/// Detaches every link (by removing its pin, the last reference) and unpins every map, then
+/// Detaches every link (by removing its pin, the last reference), unpins every program and map, then
 /// removes the directory. Links go first so no program runs against half-removed maps.
 pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
     if !dir.exists() {
@@ -184,7 +372,15 @@ pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         fs::remove_file(&path).map_err(|e| BpfError::io("unpinning", &path, e))?;
-        report.maps.push(path);
+        let is_prog = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(PROG_PREFIX));
+        if is_prog {
+            report.programs.push(path);
+        } else {
+            report.maps.push(path);
+        }
     }
     fs::remove_dir(dir).map_err(|e| BpfError::io("removing", dir, e))?;
     Ok(report)

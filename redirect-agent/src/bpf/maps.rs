@@ -6,11 +6,11 @@ use std::{
 };
 
 use aya::maps::{
-    HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key as LpmKey,
+    HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key as LpmKey,
 };
 use redirect_common::{
-    CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, POLICY_ID_BITS, Policy, PortKey, Rule,
-    map_names,
+    CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, ORIG_EVENT_COUNT, OrigDst, OrigEvent,
+    OrigTupleKey, POLICY_ID_BITS, Policy, PortKey, Rule, map_names,
 };
 
 use super::BpfError;
@@ -41,6 +41,23 @@ pub struct PinnedMaps {
     cidr_v6: LpmTrie<MapData, CidrV6Key, Rule>,
     ports: LpmTrie<MapData, PortKey, Rule>,
     counters: PerCpuArray<MapData, u64>,
+    /// The original-destination maps. Optional so that `inspect` still reads a directory pinned
+    /// by an agent that predates them.
+    orig: Option<OrigMaps>,
+}
+
+struct OrigMaps {
+    cookie: HashMap<MapData, u64, OrigDst>,
+    tuple: HashMap<MapData, OrigTupleKey, OrigDst>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// How full a record map is (`inspect`, leak checks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: &'static str,
+    pub entries: usize,
+    pub max_entries: u32,
 }
 
 fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, BpfError> {
@@ -92,7 +109,60 @@ impl PinnedMaps {
             cidr_v6: open(dir, map_names::CIDR_V6)?,
             ports: open(dir, map_names::PORTS)?,
             counters: open(dir, map_names::COUNTERS)?,
+            orig: if dir.join(map_names::ORIG_TUPLE).exists() {
+                Some(OrigMaps {
+                    cookie: open(dir, map_names::ORIG_COOKIE)?,
+                    tuple: open(dir, map_names::ORIG_TUPLE)?,
+                    stats: open(dir, map_names::ORIG_STATS)?,
+                })
+            } else {
+                None
+            },
         })
+    }
+
+    /// Entries and capacity of ORIG_COOKIE and ORIG_TUPLE; empty if they are not pinned. Counting
+    /// walks the keys, which is fine for `inspect` (at most a few hundred thousand syscalls).
+    pub fn orig_fill(&self) -> Result<Vec<MapFill>, BpfError> {
+        let Some(o) = &self.orig else {
+            return Ok(Vec::new());
+        };
+        let max = |name: &'static str| {
+            MapInfo::from_pin(self.dir.join(name))
+                .map(|i| i.max_entries())
+                .map_err(|e| BpfError::map(name, e))
+        };
+        // A key that disappears during the walk (a connection closing) ends in an error for
+        // that step only; it is simply not counted.
+        Ok(vec![
+            MapFill {
+                name: map_names::ORIG_COOKIE,
+                entries: o.cookie.keys().filter(Result::is_ok).count(),
+                max_entries: max(map_names::ORIG_COOKIE)?,
+            },
+            MapFill {
+                name: map_names::ORIG_TUPLE,
+                entries: o.tuple.keys().filter(Result::is_ok).count(),
+                max_entries: max(map_names::ORIG_TUPLE)?,
+            },
+        ])
+    }
+
+    /// Original-destination event counters summed over CPUs, in `OrigEvent::ALL` order; empty if
+    /// the map is not pinned.
+    pub fn orig_stats(&self) -> Result<Vec<(OrigEvent, u64)>, BpfError> {
+        let Some(o) = &self.orig else {
+            return Ok(Vec::new());
+        };
+        (0..ORIG_EVENT_COUNT)
+            .map(|i| {
+                let per_cpu = o
+                    .stats
+                    .get(&i, 0)
+                    .map_err(|e| BpfError::map(map_names::ORIG_STATS, e))?;
+                Ok((OrigEvent::ALL[i as usize], per_cpu.iter().sum()))
+            })
+            .collect()
     }
 
     pub fn dir(&self) -> &Path {
@@ -118,14 +188,20 @@ impl PinnedMaps {
             let d = k.data();
             let id = u32::from_be_bytes(d.policy_id);
             let bits = k.prefix_len() - POLICY_ID_BITS;
-            out.entry(id).or_default().v4.insert((bits, d.addr), v.action);
+            out.entry(id)
+                .or_default()
+                .v4
+                .insert((bits, d.addr), v.action);
         }
         for item in self.cidr_v6.iter() {
             let (k, v) = item.map_err(|e| BpfError::map(map_names::CIDR_V6, e))?;
             let d = k.data();
             let id = u32::from_be_bytes(d.policy_id);
             let bits = k.prefix_len() - POLICY_ID_BITS;
-            out.entry(id).or_default().v6.insert((bits, d.addr), v.action);
+            out.entry(id)
+                .or_default()
+                .v6
+                .insert((bits, d.addr), v.action);
         }
         for item in self.ports.iter() {
             let (k, v) = item.map_err(|e| BpfError::map(map_names::PORTS, e))?;
@@ -133,7 +209,10 @@ impl PinnedMaps {
             let id = u32::from_be_bytes(d.policy_id);
             let bits = k.prefix_len() - POLICY_ID_BITS;
             let port = u16::from_be_bytes(d.port);
-            out.entry(id).or_default().ports.insert((bits, port), v.action);
+            out.entry(id)
+                .or_default()
+                .ports
+                .insert((bits, port), v.action);
         }
         Ok(out)
     }
@@ -204,15 +283,24 @@ impl PinnedMaps {
     /// Longest-prefix lookups exactly as the kernel program does them (the kernel answers), for
     /// `explain --bpffs-dir`.
     pub fn lookup_port(&self, id: u32, port: u16) -> Option<u32> {
-        self.ports.get(&port_key(id, 16, port), 0).ok().map(|r| r.action)
+        self.ports
+            .get(&port_key(id, 16, port), 0)
+            .ok()
+            .map(|r| r.action)
     }
 
     pub fn lookup_v4(&self, id: u32, addr: [u8; 4]) -> Option<u32> {
-        self.cidr_v4.get(&v4_key(id, 32, addr), 0).ok().map(|r| r.action)
+        self.cidr_v4
+            .get(&v4_key(id, 32, addr), 0)
+            .ok()
+            .map(|r| r.action)
     }
 
     pub fn lookup_v6(&self, id: u32, addr: [u8; 16]) -> Option<u32> {
-        self.cidr_v6.get(&v6_key(id, 128, addr), 0).ok().map(|r| r.action)
+        self.cidr_v6
+            .get(&v6_key(id, 128, addr), 0)
+            .ok()
+            .map(|r| r.action)
     }
 
     /// Decision counters summed over CPUs, in `Decision::ALL` order.

@@ -6,12 +6,12 @@ use std::{
     path::PathBuf,
 };
 
-use redirect_common::{Policy, action, flags};
+use redirect_common::{OrigEvent, Policy, action, flags};
 use serde_json::json;
 
 use super::{BpffsArg, Output};
 use crate::{
-    bpf::{PinnedMaps, PolicyEntries},
+    bpf::{PinnedMaps, PolicyEntries, maps::MapFill},
     cgroup,
 };
 
@@ -28,6 +28,10 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let policies = maps.policies()?;
     let entries = maps.entries()?;
     let counters = maps.counters()?;
+    let orig = OrigView {
+        fill: maps.orig_fill()?,
+        stats: maps.orig_stats()?,
+    };
     let paths = cgroup_paths(policies.keys().copied().collect());
     match args.output {
         Output::Json => {
@@ -58,15 +62,72 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "bpffs_dir": maps.dir().display().to_string(),
                 "workloads": workloads,
                 "counters": counters,
+                "original_destinations": orig.json(),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
-        Output::Text => print!(
-            "{}",
-            render_text(&maps, &policies, &entries, &counters, &paths)
-        ),
+        Output::Text => {
+            print!(
+                "{}",
+                render_text(&maps, &policies, &entries, &counters, &paths)
+            );
+            print!("{}", orig.text());
+        }
     }
     Ok(())
+}
+
+/// The original-destination records: how full their maps are (they must drain back as
+/// connections close) and what the programs did.
+struct OrigView {
+    fill: Vec<MapFill>,
+    stats: Vec<(OrigEvent, u64)>,
+}
+
+impl OrigView {
+    fn json(&self) -> serde_json::Value {
+        let maps: serde_json::Map<String, serde_json::Value> = self
+            .fill
+            .iter()
+            .map(|f| {
+                (
+                    f.name.to_string(),
+                    json!({"entries": f.entries, "max_entries": f.max_entries}),
+                )
+            })
+            .collect();
+        let counters: serde_json::Map<String, serde_json::Value> = self
+            .stats
+            .iter()
+            .map(|(e, n)| (e.name().to_string(), json!(n)))
+            .collect();
+        json!({"maps": maps, "counters": counters})
+    }
+
+    fn text(&self) -> String {
+        let mut s = String::new();
+        if self.fill.is_empty() {
+            return s;
+        }
+        let _ = writeln!(s, "\nORIGINAL DESTINATION RECORDS");
+        let _ = writeln!(
+            s,
+            "{:<12} {:>10} {:>12} {:>7}",
+            "MAP", "ENTRIES", "MAX", "FILL"
+        );
+        for f in &self.fill {
+            let pct = 100.0 * f.entries as f64 / f64::from(f.max_entries.max(1));
+            let _ = writeln!(
+                s,
+                "{:<12} {:>10} {:>12} {:>6.1}%",
+                f.name, f.entries, f.max_entries, pct
+            );
+        }
+        for (e, n) in &self.stats {
+            let _ = writeln!(s, "{:<22} {}", e.name(), n);
+        }
+        s
+    }
 }
 
 fn render_text(
@@ -81,8 +142,8 @@ fn render_text(
     let _ = writeln!(s, "\nWORKLOADS ({})", policies.len());
     let _ = writeln!(
         s,
-        "{:<12} {:<7} {:<8} {:<8} {:<22} {:<8} {:<8} {}",
-        "CGROUP_ID", "POLICY", "ENABLED", "MODE", "PROXY", "UID", "ENTRIES", "CGROUP"
+        "{:<12} {:<7} {:<8} {:<8} {:<22} {:<8} {:<8} CGROUP",
+        "CGROUP_ID", "POLICY", "ENABLED", "MODE", "PROXY", "UID", "ENTRIES"
     );
     for (cg, p) in policies {
         let n = entries.get(&p.policy_id).map_or(0, PolicyEntries::len);
@@ -111,11 +172,7 @@ fn render_text(
         );
     }
     let _ = writeln!(s, "\nENTRIES");
-    let _ = writeln!(
-        s,
-        "{:<7} {:<6} {:<44} {}",
-        "POLICY", "KIND", "MATCH", "ACTION"
-    );
+    let _ = writeln!(s, "{:<7} {:<6} {:<44} ACTION", "POLICY", "KIND", "MATCH");
     for (id, e) in entries {
         for (c, a) in cidr_rows(e) {
             let _ = writeln!(s, "{:<7} {:<6} {:<44} {}", id, "cidr", c, a);

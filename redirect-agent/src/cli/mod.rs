@@ -1,4 +1,5 @@
 //! Command line: `run`, `inspect`, `explain`, `cleanup`.
+mod explain;
 mod inspect;
 mod run;
 
@@ -30,9 +31,15 @@ pub enum Command {
     /// Print the pinned state: workloads, their CIDR and port entries, and decision counters.
     /// Reads the pinned maps, so it works with no agent running.
     Inspect(inspect::InspectArgs),
+    /// Which rule decides a workload's connect to a destination, and why. Evaluates the policy
+    /// alone, or with --bpffs-dir the kernel's pinned maps (and checks that the two agree).
+    Explain(explain::ExplainArgs),
     /// Detach every program and unpin every map under --bpffs-dir. The only command that stops
     /// interception.
     Cleanup(BpffsArg),
+    /// Print the MeshConfig CustomResourceDefinition (config.flomesh.io/v1alpha3) that the
+    /// kubernetes source reads (deploy/crds/meshconfig.yaml is this output).
+    Crd,
 }
 
 #[derive(Debug, clap::Args)]
@@ -76,11 +83,17 @@ pub fn main() -> anyhow::Result<()> {
             run::run(args)
         }
         Command::Inspect(args) => inspect::inspect(args),
+        Command::Explain(args) => explain::explain(args),
+        Command::Crd => {
+            print!("{}", crate::source::kube::crd::crd_yaml());
+            Ok(())
+        }
         Command::Cleanup(args) => {
             let report = crate::bpf::cleanup(&args.bpffs_dir)?;
             println!(
-                "detached {} link(s), unpinned {} map(s), removed {}",
+                "detached {} link(s), unpinned {} program(s) and {} map(s), removed {}",
                 report.links.len(),
+                report.programs.len(),
                 report.maps.len(),
                 args.bpffs_dir.display()
             );

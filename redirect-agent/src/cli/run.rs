@@ -1,41 +1,158 @@
-//! `redirect-agent run`: the daemon.
+//! `redirect-agent run`: the daemon. Attaches (or adopts) the datapath, starts the reconcile
+//! owner and the admin endpoint, then follows the source: `kubernetes` inside a cluster, `file`
+//! elsewhere.
 use std::{
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
+    time::Instant,
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use clap::ValueEnum;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use super::{BpffsArg, LogFormat};
 use crate::{
+    admin,
     bpf::{self, AttachOptions},
     cgroup,
-    reconcile::{self, Applier, Snapshot},
-    source,
+    metrics::Metrics,
+    proxy::{ProxyConfig, ProxyMode},
+    reconcile::{Applier, Owner},
+    source::{
+        self,
+        kube::{DEFAULT_MESH_CONFIG_NAME, DEFAULT_MESH_CONFIG_NAMESPACE, KubeOptions, pods},
+    },
 };
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SourceKind {
+    /// Pods on this node, namespaces and the FSM MeshConfig, from the API server.
+    Kubernetes,
+    /// The standalone YAML of --config.
+    File,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProxyModeArg {
+    Sidecar,
+    Node,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Standalone YAML config (mesh, proxy, namespaces, workloads); re-applied within a second
-    /// of any change.
+    /// Where the desired state comes from. Default: kubernetes inside a cluster (when
+    /// KUBERNETES_SERVICE_HOST is set), file otherwise.
+    #[arg(long, value_enum, env = "REDIRECT_SOURCE")]
+    pub source: Option<SourceKind>,
+    /// Standalone YAML config (mesh, proxy, namespaces, workloads) for the file source;
+    /// re-applied within a second of any change.
     #[arg(long, env = "REDIRECT_CONFIG")]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub bpffs: BpffsArg,
-    /// cgroup v2 directory the programs attach to. Default: the root of the cgroup2 mount, read
-    /// from /proc/self/mountinfo.
+    /// cgroup v2 directory the programs attach to, and where the kubepods tree is looked for.
+    /// Default: the root of the cgroup2 mount, read from /proc/self/mountinfo.
     #[arg(long, env = "REDIRECT_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// This node's name (kubernetes source): only its pods are watched.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Name of the FSM MeshConfig whose spec.traffic is the mesh-wide policy.
+    #[arg(long, env = "REDIRECT_MESH_CONFIG_NAME", default_value = DEFAULT_MESH_CONFIG_NAME)]
+    pub mesh_config_name: String,
+    /// Namespace of the FSM MeshConfig.
+    #[arg(long, env = "REDIRECT_MESH_CONFIG_NAMESPACE", default_value = DEFAULT_MESH_CONFIG_NAMESPACE)]
+    pub mesh_config_namespace: String,
+    /// Container names (containers or init containers) that mark a pod as meshed.
+    #[arg(
+        long,
+        env = "REDIRECT_SIDECAR_CONTAINERS",
+        value_delimiter = ',',
+        default_values_t = pods::DEFAULT_SIDECARS.map(String::from)
+    )]
+    pub sidecar_containers: Vec<String>,
+    /// Kubernetes source: where redirected connects go (sidecar: loopback; node: --proxy-address).
+    #[arg(long, value_enum, default_value_t = ProxyModeArg::Sidecar)]
+    pub proxy_mode: ProxyModeArg,
+    /// Kubernetes source: the proxy's outbound port.
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
+    /// Kubernetes source: proxy uid for pods whose sidecar sets no runAsUser.
+    #[arg(long)]
+    pub proxy_uid: Option<u32>,
+    /// Kubernetes source, node mode: the node proxy's IPv4 address.
+    #[arg(long)]
+    pub proxy_address: Option<Ipv4Addr>,
+    /// Kubernetes source, node mode: the node proxy's IPv6 address.
+    #[arg(long)]
+    pub proxy_address6: Option<Ipv6Addr>,
+    /// Serves /metrics, /livez and /readyz.
+    #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = "0.0.0.0:9102")]
+    pub admin_addr: SocketAddr,
+}
+
+impl RunArgs {
+    pub fn source(&self) -> SourceKind {
+        self.source.unwrap_or_else(|| {
+            if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+                SourceKind::Kubernetes
+            } else {
+                SourceKind::File
+            }
+        })
+    }
+
+    fn proxy(&self) -> anyhow::Result<ProxyConfig> {
+        let mode = match self.proxy_mode {
+            ProxyModeArg::Sidecar => ProxyMode::Sidecar,
+            ProxyModeArg::Node => ProxyMode::Node,
+        };
+        if mode == ProxyMode::Node && self.proxy_address.is_none() {
+            bail!("--proxy-mode node needs --proxy-address (the node proxy's IPv4 address)");
+        }
+        if self.proxy_port == 0 {
+            bail!("--proxy-port: bad value 0");
+        }
+        Ok(ProxyConfig {
+            mode,
+            outbound_port: self.proxy_port,
+            uid: self.proxy_uid,
+            address: self.proxy_address,
+            address6: self.proxy_address6,
+        })
+    }
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = args.source();
+    // Check the arguments before touching the kernel.
+    let kube_opts = match source {
+        SourceKind::File => {
+            if args.config.is_none() {
+                bail!("the file source needs --config FILE (or choose --source kubernetes)");
+            }
+            None
+        }
+        SourceKind::Kubernetes => {
+            let node = args.node_name.clone().filter(|n| !n.is_empty()).context(
+                "the kubernetes source needs --node-name (env NODE_NAME, from the downward API)",
+            )?;
+            Some(KubeOptions {
+                mesh_config_name: args.mesh_config_name.clone(),
+                mesh_config_namespace: args.mesh_config_namespace.clone(),
+                sidecar_containers: args.sidecar_containers.clone(),
+                proxy: args.proxy()?,
+                ..KubeOptions::new(node, PathBuf::new())
+            })
+        }
+    };
+    // Before touching the kernel: a missing capability is named, not left to a bare EPERM.
+    crate::caps::require_for_run()?;
     let mount = cgroup::cgroup2_mount()?;
     let cgroup_root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let maps = bpf::load_and_attach(&AttachOptions {
@@ -47,83 +164,81 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(
         cgroup_root = %cgroup_root.display(),
         adopted = applier.applied_count(),
+        source = ?source,
         "datapath ready"
     );
+    let metrics = Arc::new(Metrics::new(Some(&args.bpffs.bpffs_dir)));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let pending = Arc::new(AtomicBool::new(false));
-        let owner = std::thread::Builder::new()
-            .name("reconcile".into())
-            .spawn({
-                let pending = pending.clone();
-                move || own_maps(applier, rx, pending)
-            })?;
-        let follower = tokio::spawn(source::watch::follow_file(
-            args.config.clone(),
-            mount,
-            tx,
-            pending,
-        ));
-        shutdown_signal().await;
+        let (owner, thread) = Owner::spawn(applier, metrics.clone())?;
+        // Interception matters more than observability: a taken port is logged, not fatal.
+        let admin = match admin::serve(args.admin_addr, metrics.clone(), owner.health()).await {
+            Ok((_, task)) => Some(task),
+            Err(e) => {
+                error!("{e}; running without /metrics, /livez and /readyz");
+                None
+            }
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        match kube_opts {
+            None => {
+                let config = args.config.clone().expect("checked above");
+                let (tx, mut rx) = mpsc::unbounded_channel();
+                let waiting = owner.health().waiting_flag();
+                tasks.spawn(async move {
+                    source::watch::follow_file(config, mount, tx, waiting).await;
+                    Ok(())
+                });
+                let owner = owner.clone();
+                tasks.spawn(async move {
+                    while let Some(snapshot) = rx.recv().await {
+                        owner.submit(snapshot, Instant::now());
+                    }
+                    Ok(())
+                });
+            }
+            Some(opts) => {
+                let client = kube::Client::try_default().await.context(
+                    "connecting to the Kubernetes API (in-cluster config or kubeconfig)",
+                )?;
+                let opts = KubeOptions {
+                    cgroup_root: cgroup_root.clone(),
+                    ..opts
+                };
+                let (owner, metrics) = (owner.clone(), metrics.clone());
+                tasks.spawn(async move {
+                    source::kube::run(client, opts, owner, metrics)
+                        .await
+                        .map_err(anyhow::Error::from)
+                });
+            }
+        }
+        let outcome = tokio::select! {
+            _ = shutdown_signal() => Ok(()),
+            Some(done) = tasks.join_next() => match done {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(anyhow::Error::from(e)),
+            },
+        };
         // Leaving the links and maps pinned is the point: interception continues while the
         // agent is away, and the next start adopts them.
         info!("shutting down; pinned programs stay attached");
-        follower.abort();
-        let _ = follower.await;
-        let _ = owner.join();
-        Ok(())
+        tasks.shutdown().await;
+        if let Some(admin) = admin {
+            admin.abort();
+        }
+        drop(owner);
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        if let Err(e) = &outcome {
+            error!("{e:#}");
+        }
+        outcome
     })
-}
-
-/// The one owner of the maps: applies snapshots in order, coalescing a backlog into the newest.
-fn own_maps(
-    mut applier: Applier,
-    mut rx: mpsc::UnboundedReceiver<Snapshot>,
-    pending: Arc<AtomicBool>,
-) {
-    let mut generation = 0u64;
-    while let Some(mut snapshot) = rx.blocking_recv() {
-        while let Ok(newer) = rx.try_recv() {
-            snapshot = newer;
-        }
-        generation += 1;
-        let started = std::time::Instant::now();
-        let outcome = reconcile::reconcile(&mut applier, &snapshot);
-        for w in &outcome.warnings {
-            warn!("{w}");
-        }
-        for issue in &outcome.issues {
-            error!(
-                workload = %format!("{}/{}", issue.namespace, issue.name),
-                fallback = ?issue.fallback,
-                "policy rejected: {}",
-                issue.error
-            );
-        }
-        for e in &outcome.report.errors {
-            error!(workload = %e.workload, cgroup_id = e.cgroup_id, "applying policy failed, keeping the last good one: {}", e.error);
-        }
-        if !outcome.pending.is_empty() {
-            info!(workloads = ?outcome.pending, "waiting for cgroups to appear");
-        }
-        pending.store(!outcome.pending.is_empty(), Ordering::Relaxed);
-        let r = &outcome.report;
-        info!(
-            generation,
-            added = r.added,
-            updated = r.updated,
-            removed = r.removed,
-            unchanged = r.unchanged,
-            errors = r.errors.len() + outcome.issues.len(),
-            elapsed_us = started.elapsed().as_micros() as u64,
-            "applied"
-        );
-    }
 }
 
 async fn shutdown_signal() {

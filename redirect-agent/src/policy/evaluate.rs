@@ -72,6 +72,24 @@ pub fn evaluate_compiled(
     dest: SocketAddr,
     caller_is_proxy: bool,
 ) -> (bool, Step) {
+    evaluate_lookups(
+        enabled,
+        dest,
+        caller_is_proxy,
+        |port| lookup_port(c, port),
+        |ip| lookup_ip(c, ip),
+    )
+}
+
+/// The kernel's decision order over two longest-prefix lookups, whoever answers them: the
+/// compiled tables here, or the pinned kernel maps (`explain --bpffs-dir`).
+pub fn evaluate_lookups(
+    enabled: bool,
+    dest: SocketAddr,
+    caller_is_proxy: bool,
+    port_lookup: impl FnOnce(u16) -> Option<Action>,
+    ip_lookup: impl FnOnce(IpAddr) -> Option<Action>,
+) -> (bool, Step) {
     if !enabled {
         return (false, Step::Disabled);
     }
@@ -79,14 +97,14 @@ pub fn evaluate_compiled(
         return (false, Step::ProxyCaller);
     }
     let ip = canonical_ip(dest.ip());
-    let port_hit = lookup_port(c, dest.port());
+    let port_hit = port_lookup(dest.port());
     if port_hit == Some(Action::Exclude) {
         return (false, Step::ExcludedPort);
     }
     if ip.is_loopback() {
         return (false, Step::Loopback);
     }
-    let cidr_hit = lookup_ip(c, ip);
+    let cidr_hit = ip_lookup(ip);
     if cidr_hit == Some(Action::Exclude) {
         return (false, Step::ExcludedCidr);
     }
@@ -198,6 +216,33 @@ mod tests {
         assert_eq!(both(&p, "1.2.3.4:80", true), (false, Step::ProxyCaller));
         let v = evaluate(&p, "10.1.2.3:80".parse().unwrap(), false);
         assert_eq!(v.source, Some(src("ex")));
+        assert_eq!(
+            v.to_string(),
+            "bypass at step 4 (excluded_cidr): pod demo/app annotation ex"
+        );
+        let v = evaluate(&p, "127.0.0.1:80".parse().unwrap(), false);
+        assert_eq!(v.to_string(), "bypass at step 3 (loopback)");
+    }
+
+    #[test]
+    fn source_display() {
+        let s = |o, k| Source::new(o, k).to_string();
+        assert_eq!(
+            s(Origin::Mesh, "spec.traffic.x"),
+            "mesh config field spec.traffic.x"
+        );
+        assert_eq!(
+            s(Origin::Namespace("demo".into()), "k"),
+            "namespace demo annotation k"
+        );
+        assert_eq!(
+            s(Origin::Default, "spec.traffic.y"),
+            "default for spec.traffic.y"
+        );
+        assert_eq!(
+            serde_json::to_string(&Step::IncludedCidr).unwrap(),
+            "\"included_cidr\""
+        );
     }
 
     #[test]

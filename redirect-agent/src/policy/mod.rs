@@ -22,7 +22,8 @@ mod proptests;
 pub use compile::compile;
 pub use dialect::keys;
 pub use evaluate::{
-    canonical_ip, evaluate, evaluate_compiled, is_loopback, lookup_ip, lookup_port,
+    canonical_ip, evaluate, evaluate_compiled, evaluate_lookups, is_loopback, lookup_ip,
+    lookup_port,
 };
 pub use mesh::{MeshTraffic, keys as mesh_keys};
 pub use resolve::resolve;

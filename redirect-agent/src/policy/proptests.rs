@@ -204,6 +204,15 @@ proptest! {
         prop_assert!(c.ports.len() <= naive_bound(&px, &pi, 16));
     }
 
+}
+
+proptest! {
+    // A cheap structural property: a few hundred cases are plenty.
+    #![proptest_config(ProptestConfig {
+        cases: 500,
+        ..ProptestConfig::default()
+    })]
+
     /// Compiling is a function of the sets, not of the order or multiplicity of the lists.
     #[test]
     fn compile_ignores_order_and_duplicates(p in policy()) {

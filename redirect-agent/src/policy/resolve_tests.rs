@@ -141,10 +141,6 @@ fn fsm_inclusion_list_restricts_when_mesh_includes_all() {
     let pod = [("flomesh.io/outbound-ip-range-inclusion-list", "10.0.0.0/8")];
     let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
     assert_eq!(cidrs(&p.include_cidrs), vec!["10.0.0.0/8"]);
-    // An empty FSM inclusion list keeps "all".
-    let pod = [("flomesh.io/outbound-ip-range-inclusion-list", "")];
-    let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
-    assert_eq!(cidrs(&p.include_cidrs), vec!["0.0.0.0/0", "::/0"]);
     // Istio `*` on the namespace plus an FSM pod list: `*` still covers everything.
     let ns = [(istio::INCLUDE_OUTBOUND_IP_RANGES, "*")];
     let pod = [("flomesh.io/outbound-ip-range-inclusion-list", "10.0.0.0/8")];

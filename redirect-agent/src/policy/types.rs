@@ -275,3 +275,17 @@ pub struct Verdict {
     /// The rule that decided (None for loopback and not-included, which no rule decides).
     pub source: Option<Source>,
 }
+
+/// One line for `explain`, e.g.
+/// `bypass at step 4 (excluded_cidr): pod demo/app annotation traffic.sidecar.istio.io/excludeOutboundIPRanges`.
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = if self.redirect { "redirect" } else { "bypass" };
+        let (n, name) = (self.step.number(), self.step.name());
+        write!(f, "{what} at step {n} ({name})")?;
+        match &self.source {
+            Some(s) => write!(f, ": {s}"),
+            None => Ok(()),
+        }
+    }
+}

@@ -91,7 +91,11 @@ pub(crate) fn port_range(
     let Some((lo, hi)) = sep.and_then(|c| item.split_once(c)) else {
         return port(ctx, item).map(PortRange::single);
     };
-    let bad = |e: PolicyError| ctx.error(item, e.reason);
+    // Report the whole item: "-5" is a range with an empty low end, not an empty item.
+    let bad = |e: PolicyError| match e.value.is_empty() {
+        true => ctx.error(item, "range end missing"),
+        false => ctx.error(item, format!("range end {:?}: {}", e.value, e.reason)),
+    };
     let lo = port(ctx, lo.trim()).map_err(bad)?;
     let hi = port(ctx, hi.trim()).map_err(bad)?;
     if lo > hi {

@@ -43,6 +43,15 @@ pub struct ApplyReport {
     pub errors: Vec<ApplyError>,
 }
 
+/// Entry counts per map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fill {
+    pub policies: usize,
+    pub v4: usize,
+    pub v6: usize,
+    pub ports: usize,
+}
+
 /// Sole writer of the pinned maps.
 pub struct Applier {
     maps: PinnedMaps,
@@ -94,6 +103,20 @@ impl Applier {
 
     pub fn applied_count(&self) -> usize {
         self.applied.len()
+    }
+
+    /// Entries written per map (what the metrics report as fill levels).
+    pub fn fill(&self) -> Fill {
+        let mut f = Fill {
+            policies: self.applied.len(),
+            ..Fill::default()
+        };
+        for a in self.applied.values() {
+            f.v4 += a.entries.v4.len();
+            f.v6 += a.entries.v6.len();
+            f.ports += a.entries.ports.len();
+        }
+        f
     }
 
     /// Applies a full desired state. Cgroups in `keep` are left exactly as they are (their new

@@ -17,6 +17,10 @@ pub struct WorkloadIssue {
     pub name: String,
     /// Names the object, key and bad value.
     pub error: String,
+    /// The annotation key or MeshConfig field at fault, and its bad value (empty when the issue
+    /// is not a bad value, e.g. a cgroup claimed twice).
+    pub key: String,
+    pub value: String,
     /// What the workload runs with instead.
     pub fallback: Fallback,
 }
@@ -57,6 +61,8 @@ pub fn build(snapshot: &Snapshot, is_applied: impl Fn(u64) -> bool) -> Built {
                     w.cgroup.display(),
                     other.workload
                 ),
+                key: String::new(),
+                value: String::new(),
                 fallback: Fallback::Nothing,
             });
             continue;
@@ -83,6 +89,8 @@ pub fn build(snapshot: &Snapshot, is_applied: impl Fn(u64) -> bool) -> Built {
                     namespace: w.namespace.clone(),
                     name: w.name.clone(),
                     error: e.to_string(),
+                    key: e.key.clone(),
+                    value: e.value.clone(),
                     fallback: match (&fallback, out.keep.contains(&cgroup_id)) {
                         (_, true) => Fallback::LastGood,
                         (Some(_), _) => Fallback::MeshDefault,
@@ -99,7 +107,7 @@ pub fn build(snapshot: &Snapshot, is_applied: impl Fn(u64) -> bool) -> Built {
             cgroup_id,
             Desired {
                 workload: w.id(),
-                record: record(&snapshot.proxy, &policy, proxy_cgroup),
+                record: record(&snapshot.proxy, &policy, proxy_cgroup, w.proxy_uid),
                 entries: entries(&policy::compile(&policy)),
             },
         );
@@ -123,9 +131,19 @@ fn resolve(
 }
 
 /// The kernel record: who the proxy is and where redirected connects go.
-pub fn record(proxy: &ProxyConfig, policy: &EffectivePolicy, proxy_cgroup: Option<u64>) -> Policy {
+pub fn record(
+    proxy: &ProxyConfig,
+    policy: &EffectivePolicy,
+    proxy_cgroup: Option<u64>,
+    workload_uid: Option<u32>,
+) -> Policy {
     let (v4, v6) = proxy.targets();
-    let uid = policy.proxy_uid.as_ref().map(|s| s.value).or(proxy.uid);
+    let uid = policy
+        .proxy_uid
+        .as_ref()
+        .map(|s| s.value)
+        .or(workload_uid)
+        .or(proxy.uid);
     let mut f = 0;
     if policy.enabled {
         f |= flags::ENABLED;

@@ -2,14 +2,16 @@
 //! [`Snapshot`]; this module alone turns it into kernel state.
 pub mod apply;
 mod desired;
+pub mod owner;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
 };
 
-pub use apply::{Applier, ApplyError, ApplyReport, Desired};
-pub use desired::{WorkloadIssue, build};
+pub use apply::{Applier, ApplyError, ApplyReport, Desired, Fill};
+pub use desired::{Fallback, WorkloadIssue, build};
+pub use owner::{Health, Owner, PassReport};
 
 use crate::{
     policy::{Annotations, MeshTraffic},
@@ -33,6 +35,9 @@ pub struct WorkloadSpec {
     /// Absolute path of the workload's cgroup directory.
     pub cgroup: PathBuf,
     pub proxy_cgroup: Option<PathBuf>,
+    /// This workload's proxy uid (Kubernetes: the sidecar container's runAsUser). An annotation
+    /// (Linkerd `proxy-uid`, Kuma `sidecar-uid`) overrides it; it overrides `proxy.uid`.
+    pub proxy_uid: Option<u32>,
     pub annotations: Annotations,
 }
 

@@ -123,6 +123,13 @@ impl FileConfig {
             .find(|w| w.namespace == namespace && w.name == name)
     }
 
+    pub fn namespace_annotations(&self, namespace: &str) -> Annotations {
+        self.namespaces
+            .get(namespace)
+            .map(|n| n.annotations.clone())
+            .unwrap_or_default()
+    }
+
     /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
         Snapshot {
@@ -144,6 +151,7 @@ impl FileConfig {
                         .proxy_cgroup
                         .as_deref()
                         .map(|p| cgroup::resolve_path(cgroup_mount, p)),
+                    proxy_uid: None,
                     annotations: w.annotations.clone(),
                 })
                 .collect(),

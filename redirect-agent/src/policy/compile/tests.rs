@@ -164,3 +164,21 @@ fn minimal_on_all_two_bit_functions() {
         assert_eq!(table.len(), size, "{f:?}: {table:?}");
     }
 }
+
+/// Thousands of adjacent host routes collapse to one prefix (and compile without blowing up).
+#[test]
+fn many_adjacent_hosts_merge() {
+    let hosts: Vec<String> = (0..4096u32)
+        .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+        .collect();
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let c = compile(&policy(&hosts, &["0.0.0.0/0"]));
+    assert_eq!(v4(&c), vec!["0.0.0.0/0 Include", "10.0.0.0/20 Exclude"]);
+    let v6: Vec<String> = (0..2048u128)
+        .map(|i| format!("{}/128", std::net::Ipv6Addr::from((0xfd00u128 << 112) + i)))
+        .collect();
+    let v6: Vec<&str> = v6.iter().map(String::as_str).collect();
+    let c = compile(&policy(&[], &v6));
+    assert_eq!(c.v6.len(), 1);
+    assert_eq!(c.v6[0].0.to_string(), "fd00::/117");
+}

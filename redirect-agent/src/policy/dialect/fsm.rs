@@ -1,6 +1,7 @@
 //! FSM `flomesh.io/*` and OSM `openservicemesh.io/*` (FSM is the OSM fork; the keys match). Both
 //! document that a pod's lists are unioned with the MeshConfig lists, so every key here is a
-//! [`Merge::Union`]. Values follow Go's `net.ParseCIDR` and single ports.
+//! [`Merge::Union`]. Values follow FSM's injector: items trimmed, Go's `net.ParseCIDR`, single
+//! ports, and an empty value is an error (FSM splits it into one empty item and fails on it).
 
 use crate::policy::layer::{Layer, Merge, Setting};
 use crate::policy::types::{Annotations, Origin, PolicyError};
@@ -27,6 +28,10 @@ pub(super) fn parse(
     layer: &mut Layer,
     warnings: &mut Vec<String>,
 ) -> Result<(), PolicyError> {
+    let nonempty = |ctx: &Ctx, raw: &str| match raw.trim().is_empty() {
+        true => Err(ctx.error(raw.trim(), "empty value (FSM/OSM need at least one item)")),
+        false => Ok(()),
+    };
     for prefix in [FSM_PREFIX, OSM_PREFIX] {
         let key = |name: &str| format!("{prefix}{name}");
         let cidr_fields = [
@@ -36,6 +41,7 @@ pub(super) fn parse(
         for (key, field) in cidr_fields {
             if let Some(raw) = ann.get(&key) {
                 let ctx = Ctx::new(origin, &key);
+                nonempty(&ctx, raw)?;
                 let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
                 field.push(Setting::new(Merge::Union, ctx.source(), v));
             }
@@ -47,6 +53,7 @@ pub(super) fn parse(
         for (key, field) in port_fields {
             if let Some(raw) = ann.get(&key) {
                 let ctx = Ctx::new(origin, &key);
+                nonempty(&ctx, raw)?;
                 let v = values::port_list(&ctx, raw, None)?;
                 field.push(Setting::new(Merge::Union, ctx.source(), v));
             }
@@ -107,8 +114,10 @@ mod tests {
     }
 
     #[test]
-    fn empty_value_is_an_empty_union() {
-        let l = parse(&[("flomesh.io/outbound-port-exclusion-list", " ")]).unwrap();
-        assert!(l.exclude_ports[0].values.is_empty());
+    fn empty_value_is_an_error() {
+        let k = "flomesh.io/outbound-port-exclusion-list";
+        assert_names(&parse(&[(k, " ")]).unwrap_err(), k, "");
+        let k = "openservicemesh.io/outbound-ip-range-inclusion-list";
+        assert_names(&parse(&[(k, "")]).unwrap_err(), k, "");
     }
 }

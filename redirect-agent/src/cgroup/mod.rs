@@ -1,4 +1,8 @@
-//! cgroup v2 helpers: where the hierarchy is mounted and how a directory maps to a cgroup id.
+//! cgroup v2 helpers: where the hierarchy is mounted and how a directory maps to a cgroup id,
+//! plus pod cgroup discovery ([`discover`]: pod UID → directory) and its inotify watch ([`watch`]).
+pub mod discover;
+pub mod watch;
+
 use std::{
     fs,
     os::unix::fs::MetadataExt as _,
@@ -96,7 +100,8 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_with_optional_fields_and_escapes() {
-        let text = "29 23 0:26 / /sys/fs/my\\040cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
+        let text =
+            "29 23 0:26 / /sys/fs/my\\040cgroup rw shared:4 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(
             parse_cgroup2_mount(text),
             Some(PathBuf::from("/sys/fs/my cgroup"))
@@ -105,6 +110,9 @@ mod tests {
 
     #[test]
     fn no_cgroup2_is_none() {
-        assert_eq!(parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount("1 0 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

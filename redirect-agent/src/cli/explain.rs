@@ -1,0 +1,219 @@
+//! `redirect-agent explain`: which rule decides a workload's connect to a destination, and why.
+//!
+//! Without `--bpffs-dir` it evaluates the policy alone (no kernel needed). With it, the decision
+//! comes from the pinned maps (the kernel answers the trie lookups), and it is checked against
+//! the policy: a disagreement means the kernel holds something else than the config says (an
+//! agent that is not running, or a rejected change), and is reported with a non-zero exit.
+use std::{net::SocketAddr, path::PathBuf};
+
+use anyhow::{Context as _, bail};
+use redirect_common::{Policy, flags};
+use serde_json::json;
+
+use super::Output;
+use crate::{
+    bpf::PinnedMaps,
+    cgroup,
+    policy::{self, Action, Step, Verdict, WorkloadInputs},
+    source::file::FileConfig,
+};
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Standalone config holding the mesh settings and the workload.
+    #[arg(long, env = "REDIRECT_CONFIG", required_unless_present = "pod")]
+    pub config: Option<PathBuf>,
+    /// NAMESPACE/NAME of the workload.
+    #[arg(long, required_unless_present = "pod")]
+    pub workload: Option<String>,
+    /// Destination IP:PORT ([v6]:port for IPv6).
+    #[arg(long)]
+    pub dest: SocketAddr,
+    /// Evaluate as a connect made by the proxy itself (its uid or cgroup).
+    #[arg(long)]
+    pub as_proxy: bool,
+    /// Evaluate against the maps pinned here (the kernel's view) instead of the policy alone.
+    #[arg(long)]
+    pub bpffs_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    /// Kubernetes: NAMESPACE/NAME of a pod on this node, instead of --config/--workload. The pod,
+    /// its namespace and the MeshConfig come from the API (in-cluster config or kubeconfig);
+    /// the decision comes from the pinned maps (--bpffs-dir, default /sys/fs/bpf/redirect).
+    #[arg(long, conflicts_with = "workload")]
+    pub pod: Option<String>,
+    /// With --pod: where the pod's cgroup is searched for (default: the cgroup2 mount).
+    #[arg(long, requires = "pod")]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
+    let (config, source_name) = match &args.pod {
+        Some(pod) => {
+            let c = crate::source::kube::explain::pod_config_from_env(
+                pod,
+                args.cgroup_root.as_deref(),
+            )?;
+            args.workload = Some(pod.clone());
+            args.bpffs_dir = args
+                .bpffs_dir
+                .take()
+                .or_else(|| Some(super::DEFAULT_BPFFS_DIR.into()));
+            (c, "the Kubernetes API".to_string())
+        }
+        None => {
+            let path = args.config.clone().context("--config is required")?;
+            (FileConfig::load(&path)?, path.display().to_string())
+        }
+    };
+    let workload = args.workload.clone().context("--workload is required")?;
+    let (namespace, name) = workload
+        .split_once('/')
+        .with_context(|| format!("--workload {workload:?}: expected NAMESPACE/NAME"))?;
+    let Some(w) = config.workload(namespace, name) else {
+        bail!("workload {namespace}/{name} is not in {source_name}");
+    };
+    let ns_annotations = config.namespace_annotations(namespace);
+    let resolved = policy::resolve(&WorkloadInputs {
+        mesh: &config.mesh,
+        namespace,
+        namespace_annotations: &ns_annotations,
+        name,
+        pod_annotations: &w.annotations,
+    })?;
+    let verdict = policy::evaluate(&resolved.policy, args.dest, args.as_proxy);
+
+    let kernel = match &args.bpffs_dir {
+        None => None,
+        Some(dir) => {
+            let maps = PinnedMaps::open(dir)?;
+            let mount = cgroup::cgroup2_mount()?;
+            let path = cgroup::resolve_path(&mount, &w.cgroup);
+            let cgroup_id = cgroup::cgroup_id(&path)?;
+            let Some(record) = maps.policy(cgroup_id) else {
+                bail!(
+                    "workload {}: cgroup {} (id {cgroup_id}) is not registered in {}; its connects are not intercepted",
+                    workload,
+                    path.display(),
+                    dir.display()
+                );
+            };
+            Some((
+                record,
+                kernel_decision(&maps, &record, args.dest, args.as_proxy),
+            ))
+        }
+    };
+
+    let target = match args.dest {
+        SocketAddr::V4(_) => format!(
+            "{}:{}",
+            std::net::Ipv4Addr::LOCALHOST,
+            config.proxy.outbound_port
+        ),
+        SocketAddr::V6(_) => format!("[::1]:{}", config.proxy.outbound_port),
+    };
+    let mismatch = kernel.as_ref().is_some_and(|(_, (redirect, step))| {
+        *redirect != verdict.redirect || *step != verdict.step
+    });
+    let (redirect, step) = kernel
+        .as_ref()
+        .map_or((verdict.redirect, verdict.step), |(_, k)| *k);
+    match args.output {
+        Output::Json => {
+            let out = json!({
+                "workload": args.workload,
+                "dest": args.dest.to_string(),
+                "decision": if redirect { "redirect" } else { "bypass" },
+                "step": step.name(),
+                "step_number": step.number(),
+                "source": verdict.source.as_ref().map(|s| json!({"object": s.origin.object(), "key": s.key, "text": s.to_string()})),
+                "evaluated": if kernel.is_some() { "kernel" } else { "policy" },
+                "policy_id": kernel.as_ref().map(|(r, _)| r.policy_id),
+                "policy_decision": {"decision": if verdict.redirect { "redirect" } else { "bypass" }, "step": verdict.step.name()},
+                "agree": !mismatch,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Output::Text => print_text(
+            &args,
+            &verdict,
+            redirect,
+            step,
+            &target,
+            kernel.as_ref().map(|(r, _)| r),
+        ),
+    }
+    if mismatch {
+        bail!(
+            "the pinned maps decide {} at step {}, but the config decides {} at step {}: the kernel does not hold this config (is the agent running on it?)",
+            if redirect { "redirect" } else { "bypass" },
+            step.name(),
+            if verdict.redirect {
+                "redirect"
+            } else {
+                "bypass"
+            },
+            verdict.step.name()
+        );
+    }
+    Ok(())
+}
+
+fn print_text(
+    args: &ExplainArgs,
+    verdict: &Verdict,
+    redirect: bool,
+    step: Step,
+    target: &str,
+    record: Option<&Policy>,
+) {
+    println!("workload  {}", args.workload.as_deref().unwrap_or(""));
+    println!("dest      {}", args.dest);
+    if redirect {
+        println!("decision  redirect -> {target}");
+    } else {
+        println!("decision  bypass (goes to {} directly)", args.dest);
+    }
+    println!("step      {} {}", step.number(), step.name());
+    match &verdict.source {
+        Some(s) => println!("because   {s}"),
+        None if step == Step::Loopback => {
+            println!("because   loopback destinations are never redirected")
+        }
+        None if step == Step::NotIncluded => println!("because   no included port or CIDR matches"),
+        None => println!("because   built-in default"),
+    }
+    match record {
+        Some(r) => println!(
+            "evaluated by the kernel's maps in {} (policy id {})",
+            args.bpffs_dir
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new("?"))
+                .display(),
+            r.policy_id
+        ),
+        None => println!("evaluated from the policy alone (add --bpffs-dir to ask the kernel)"),
+    }
+}
+
+/// The kernel's decision order over the kernel's own longest-prefix lookups.
+fn kernel_decision(
+    maps: &PinnedMaps,
+    record: &Policy,
+    dest: SocketAddr,
+    as_proxy: bool,
+) -> (bool, Step) {
+    let id = record.policy_id;
+    let action = |a: Option<u32>| a.and_then(Action::from_value);
+    policy::evaluate_lookups(
+        record.flags & flags::ENABLED != 0,
+        dest,
+        as_proxy,
+        |port| action(maps.lookup_port(id, port)),
+        |ip| match ip {
+            std::net::IpAddr::V4(a) => action(maps.lookup_v4(id, a.octets())),
+            std::net::IpAddr::V6(a) => action(maps.lookup_v6(id, a.octets())),
+        },
+    )
+}

@@ -1,0 +1,228 @@
+//! Which pods are in the mesh, and what the agent needs to know about each (docs/kubernetes.md
+//! has the rule in prose). Pure functions over `k8s_openapi` types.
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use crate::policy::Annotations;
+
+/// Sidecar container names recognised by default: Istio, FSM, Linkerd, Kuma.
+pub const DEFAULT_SIDECARS: [&str; 4] = ["istio-proxy", "sidecar", "linkerd-proxy", "kuma-sidecar"];
+
+/// Injection keys (annotation or label) and the values that mean "in" and "out" for each mesh.
+const INJECTION: [(&str, &[&str], &[&str]); 5] = [
+    ("sidecar.istio.io/inject", &["true"], &["false"]),
+    (
+        "flomesh.io/sidecar-injection",
+        &["enabled", "true"],
+        &["disabled", "false"],
+    ),
+    (
+        "openservicemesh.io/sidecar-injection",
+        &["enabled", "true"],
+        &["disabled", "false"],
+    ),
+    ("linkerd.io/inject", &["enabled", "ingress"], &["disabled"]),
+    (
+        "kuma.io/sidecar-injection",
+        &["enabled", "true"],
+        &["disabled", "false"],
+    ),
+];
+
+/// Why a pod is in the mesh (for logs and `explain`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshedBy {
+    /// A container or native-sidecar init container with this name.
+    Sidecar(String),
+    /// An injection annotation or label: key=value.
+    Injection(String),
+}
+
+/// A pod in the mesh, reduced to what the reconcile needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeshedPod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub annotations: Annotations,
+    /// The sidecar's runAsUser (container, else pod security context): its connects bypass.
+    pub proxy_uid: Option<u32>,
+    pub by: MeshedBy,
+}
+
+/// The rule, first match wins:
+/// 1. hostNetwork pods are never touched (their connects are the node's);
+/// 2. finished pods (Succeeded, Failed) have no processes left;
+/// 3. an injection key set to its "out" value (e.g. `sidecar.istio.io/inject: "false"`) keeps the
+///    pod out;
+/// 4. a container, or an init container (native sidecars), named like a known sidecar brings it in;
+/// 5. an injection key set to its "in" value brings it in;
+/// 6. otherwise the pod is not in the mesh.
+pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
+    let meta = &pod.metadata;
+    let uid = meta.uid.clone()?;
+    let namespace = meta.namespace.clone()?;
+    let name = meta.name.clone()?;
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return None;
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let injection = injection(pod);
+    if let Some((_, false)) = injection {
+        return None;
+    }
+    let sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| sidecars.contains(&c.name));
+    let (by, proxy_uid) = match (sidecar, injection) {
+        (Some(c), _) => (MeshedBy::Sidecar(c.name.clone()), run_as_user(pod, c)),
+        (None, Some((kv, true))) => (MeshedBy::Injection(kv), None),
+        _ => return None,
+    };
+    Some(MeshedPod {
+        uid,
+        namespace,
+        name,
+        annotations: meta.annotations.clone().unwrap_or_default(),
+        proxy_uid,
+        by,
+    })
+}
+
+/// The first injection key found (annotations before labels): ("key=value", in?). Values that
+/// are neither in nor out are ignored.
+fn injection(pod: &Pod) -> Option<(String, bool)> {
+    let maps = [&pod.metadata.annotations, &pod.metadata.labels];
+    for (key, on, off) in INJECTION {
+        for map in maps.iter().copied().flatten() {
+            let Some(value) = map.get(key) else { continue };
+            let v = value.trim().to_ascii_lowercase();
+            if on.contains(&v.as_str()) {
+                return Some((format!("{key}={value}"), true));
+            }
+            if off.contains(&v.as_str()) {
+                return Some((format!("{key}={value}"), false));
+            }
+        }
+    }
+    None
+}
+
+fn run_as_user(pod: &Pod, c: &Container) -> Option<u32> {
+    let container = c.security_context.as_ref().and_then(|s| s.run_as_user);
+    let pod_level = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.as_ref())
+        .and_then(|s| s.run_as_user);
+    container.or(pod_level).and_then(|u| u32::try_from(u).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sidecars() -> Vec<String> {
+        DEFAULT_SIDECARS.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// An Istio-injected pod as the API server returns it (abridged).
+    fn istio_pod() -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "app-7d9c", "namespace": "demo", "uid": "0f9d5b8e-6c1a-4d2b-9e3f-7a8b9c0d1e2f",
+                "resourceVersion": "5001",
+                "annotations": {"traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
+                                "sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+                "labels": {"app": "app", "security.istio.io/tlsMode": "istio"}
+            },
+            "spec": {
+                "nodeName": "node-1",
+                "containers": [
+                    {"name": "app", "image": "app:1"},
+                    {"name": "istio-proxy", "image": "proxyv2:1.22",
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}
+                ],
+                "initContainers": [{"name": "istio-init", "image": "proxyv2:1.22"}]
+            },
+            "status": {"phase": "Running", "podIP": "10.244.1.7"}
+        })
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn sidecar_container_brings_a_pod_in_with_its_uid() {
+        let m = meshed(&pod(istio_pod()), &sidecars()).unwrap();
+        assert_eq!(m.by, MeshedBy::Sidecar("istio-proxy".into()));
+        assert_eq!(m.proxy_uid, Some(1337));
+        assert_eq!(m.namespace, "demo");
+        assert_eq!(
+            m.annotations["traffic.sidecar.istio.io/excludeOutboundPorts"],
+            "5432"
+        );
+    }
+
+    #[test]
+    fn native_sidecar_in_init_containers_counts() {
+        let mut v = istio_pod();
+        let proxy = v["spec"]["containers"][1].take();
+        v["spec"]["containers"] = serde_json::json!([{"name": "app"}]);
+        let mut proxy = proxy;
+        proxy["name"] = "linkerd-proxy".into();
+        proxy["restartPolicy"] = "Always".into();
+        proxy["securityContext"] = serde_json::json!({});
+        v["spec"]["initContainers"] = serde_json::json!([proxy]);
+        v["spec"]["securityContext"] = serde_json::json!({"runAsUser": 2102});
+        let m = meshed(&pod(v), &sidecars()).unwrap();
+        assert_eq!(m.by, MeshedBy::Sidecar("linkerd-proxy".into()));
+        assert_eq!(
+            m.proxy_uid,
+            Some(2102),
+            "pod-level runAsUser is the fallback"
+        );
+    }
+
+    #[test]
+    fn host_network_and_finished_pods_are_never_touched() {
+        let mut v = istio_pod();
+        v["spec"]["hostNetwork"] = true.into();
+        assert_eq!(meshed(&pod(v), &sidecars()), None);
+        let mut v = istio_pod();
+        v["status"]["phase"] = "Succeeded".into();
+        assert_eq!(meshed(&pod(v), &sidecars()), None);
+    }
+
+    #[test]
+    fn injection_keys_opt_in_and_out() {
+        let mut v = istio_pod();
+        v["spec"]["containers"] = serde_json::json!([{"name": "app"}]);
+        assert_eq!(meshed(&pod(v.clone()), &sidecars()), None);
+        v["metadata"]["labels"]["sidecar.istio.io/inject"] = "true".into();
+        let m = meshed(&pod(v.clone()), &sidecars()).unwrap();
+        assert_eq!(
+            m.by,
+            MeshedBy::Injection("sidecar.istio.io/inject=true".into())
+        );
+        assert_eq!(m.proxy_uid, None);
+        // An explicit "out" wins even over a container that happens to be called "sidecar".
+        let mut v = istio_pod();
+        v["spec"]["containers"][1]["name"] = "sidecar".into();
+        v["metadata"]["annotations"]["flomesh.io/sidecar-injection"] = "disabled".into();
+        assert_eq!(meshed(&pod(v), &sidecars()), None);
+    }
+
+    #[test]
+    fn the_sidecar_list_is_configurable() {
+        let only = vec!["envoy".to_string()];
+        assert_eq!(meshed(&pod(istio_pod()), &only), None);
+    }
+}

@@ -1,0 +1,380 @@
+//! The agent's capability list (deploy/base/daemonset.yaml adds exactly these), proven in the
+//! real kernel with the standalone file source:
+//! - with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON and nothing else (bounding, permitted and
+//!   effective sets, via `setpriv`) the agent loads, attaches and reconciles: a connect is
+//!   redirected, a live exclusion is honoured;
+//! - without any one of them it exits with an error that names the missing capability, and
+//!   leaves nothing attached;
+//! - `cleanup` (the uninstall step) needs no capability at all.
+//!
+//! Run with `--nocapture` to see what the agent prints in each case.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use redirect_tests::{Fixture, Reached, Spawned, cgroup2_mount, helper_bin, probe, serve_identity};
+use serde_json::Value;
+
+mod common;
+
+/// setpriv names and kernel names of the capabilities the agent needs.
+const NEEDED: [(&str, &str, u32); 3] = [
+    ("bpf", "CAP_BPF", 39),
+    ("net_admin", "CAP_NET_ADMIN", 12),
+    ("perfmon", "CAP_PERFMON", 38),
+];
+
+/// The agent, started under `setpriv` with exactly `caps` (setpriv names). As uid 0, exec gives
+/// a process its bounding set as permitted and effective set, so `--bounding-set` decides them
+/// all; inheritable and ambient sets are cleared so nothing comes back in.
+struct CappedAgent {
+    child: Option<Child>,
+    log: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+}
+
+/// Where the agent finds the host's cgroup2 tree and bpffs.
+#[derive(Clone, Copy, PartialEq)]
+enum Layout {
+    /// At their usual paths.
+    Direct,
+    /// As the DaemonSet mounts them (deploy/base/daemonset.yaml): the cgroup2 tree bind-mounted
+    /// read-only and bpffs bind-mounted, both below a `host/` directory, in a private mount
+    /// namespace of the agent's own.
+    HostMounts,
+}
+
+impl CappedAgent {
+    fn start(fx: &Fixture, caps: &[&str], config: &str, layout: Layout) -> CappedAgent {
+        let dir = std::env::temp_dir().join(format!("{}-agent", fx.name()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut agent = CappedAgent {
+            child: None,
+            log: dir.join("agent.log"),
+            config: dir.join("config.yaml"),
+            dir,
+        };
+        fs::write(&agent.config, config).unwrap();
+        let bounding = std::iter::once("-all".to_string())
+            .chain(caps.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mount = cgroup2_mount().unwrap();
+        let (mut cmd, bpffs_dir, cgroup_root) = match layout {
+            Layout::Direct => (
+                Command::new("setpriv"),
+                fx.pin_dir().to_path_buf(),
+                fx.cgroup_root().to_path_buf(),
+            ),
+            Layout::HostMounts => {
+                let host = agent.dir.join("host");
+                let (cg, bpf) = (host.join("sys/fs/cgroup"), host.join("sys/fs/bpf"));
+                fs::create_dir_all(&cg).unwrap();
+                fs::create_dir_all(&bpf).unwrap();
+                // The mounts are made as full root; then setpriv drops to `caps` and execs.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(r#"mount --bind -o ro "$1" "$2" && mount --bind "$3" "$4" && shift 4 && exec setpriv "$@""#)
+                    .arg("sh")
+                    .arg(&mount)
+                    .arg(&cg)
+                    .arg(fx.pin_dir().parent().unwrap())
+                    .arg(&bpf);
+                let pins = bpf.join(fx.pin_dir().file_name().unwrap());
+                let root = cg.join(fx.cgroup_root().strip_prefix(&mount).unwrap());
+                (c, pins, root)
+            }
+        };
+        let log = fs::File::create(&agent.log).unwrap();
+        let child = cmd
+            .args([
+                "--bounding-set",
+                &bounding,
+                "--inh-caps",
+                "-all",
+                "--ambient-caps",
+                "-all",
+                "--",
+            ])
+            .arg(helper_bin("redirect-agent").unwrap())
+            .args(["run", "--source", "file", "--log-format", "json"])
+            .arg("--config")
+            .arg(&agent.config)
+            .arg("--bpffs-dir")
+            .arg(bpffs_dir)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("setpriv and unshare (util-linux) run");
+        agent.child = Some(child);
+        agent
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn generation(&self) -> u64 {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "applied")
+            .filter_map(|v| v["generation"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn wait_generation(&mut self, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.generation() < n {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "agent exited ({status}) before generation {n}:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not apply generation {n}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn reconfigure(&mut self, config: &str) {
+        let next = self.generation() + 1;
+        let tmp = self.dir.join("config.yaml.tmp");
+        fs::write(&tmp, config).unwrap();
+        fs::rename(&tmp, &self.config).unwrap();
+        self.wait_generation(next);
+    }
+
+    /// Waits for the agent to exit on its own and returns (success, everything it printed).
+    fn wait_exit(&mut self) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return (status.success(), self.log());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "agent kept running although a capability is missing:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for CappedAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// CapEff and CapBnd of a running process.
+fn cap_sets(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"));
+        u64::from_str_radix(v.trim(), 16).unwrap()
+    };
+    (field("CapEff:"), field("CapBnd:"))
+}
+
+fn config(pod: &Path, proxy: &Path, exclude: &[&str]) -> String {
+    format!(
+        "mesh:\n  outboundIPRangeExclusionList: {exclude:?}\n\
+         proxy: {{mode: sidecar, outboundPort: 15001, uid: 1337}}\n\
+         workloads:\n  - name: app\n    namespace: caps\n    cgroup: {}\n    proxyCgroup: {}\n",
+        pod.display(),
+        proxy.display()
+    )
+}
+
+fn link_pins(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("link_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn exactly_bpf_net_admin_perfmon_load_attach_and_reconcile() {
+    let fx = Fixture::new("caps_exact").unwrap();
+    fx.add_addr("198.18.0.10/32").unwrap();
+    fx.add_addr("198.18.0.11/32").unwrap();
+    let _api = serve_identity(&fx, "198.18.0.10:80".parse().unwrap(), "api").unwrap();
+    let _db = serve_identity(&fx, "198.18.0.11:80".parse().unwrap(), "db").unwrap();
+    let pod = fx.cgroup("pod").unwrap();
+    let app = fx.cgroup("pod/app").unwrap();
+    let proxy_cg = fx.cgroup("pod/proxy").unwrap();
+    let _proxy: Spawned = common::start_proxy(&fx, &proxy_cg, &["--listen", "127.0.0.1:15001"]);
+
+    let caps: Vec<&str> = NEEDED.iter().map(|(c, _, _)| *c).collect();
+    let mut agent = CappedAgent::start(&fx, &caps, &config(&pod, &proxy_cg, &[]), Layout::Direct);
+    agent.wait_generation(1);
+
+    // The process really holds these three and nothing else, in every set that matters.
+    let want: u64 = NEEDED.iter().map(|(_, _, bit)| 1u64 << bit).sum();
+    let (eff, bnd) = cap_sets(agent.pid());
+    assert_eq!(eff, want, "CapEff {eff:016x}, expected exactly {want:016x}");
+    assert_eq!(bnd, want, "CapBnd {bnd:016x}, expected exactly {want:016x}");
+
+    // Loaded and attached: all six programs have pinned links on the fixture's cgroup.
+    assert_eq!(
+        link_pins(fx.pin_dir()).len(),
+        6,
+        "{:?}",
+        link_pins(fx.pin_dir())
+    );
+    // Reconciled: the workload is redirected.
+    for (dest, ip) in [
+        ("198.18.0.10:80", "198.18.0.10"),
+        ("198.18.0.11:80", "198.18.0.11"),
+    ] {
+        let reached = probe(&fx, &app, dest, &[]).unwrap();
+        assert_eq!(
+            reached,
+            Reached::Proxy {
+                orig: format!("{ip}:80")
+            },
+            "{dest}"
+        );
+    }
+    // And a live change is applied with the same three capabilities.
+    agent.reconfigure(&config(&pod, &proxy_cg, &["198.18.0.11/32"]));
+    assert_eq!(
+        probe(&fx, &app, "198.18.0.11:80", &[]).unwrap(),
+        Reached::Server("db".into())
+    );
+    assert!(probe(&fx, &app, "198.18.0.10:80", &[]).unwrap().is_proxy());
+    eprintln!(
+        "with exactly {:?}: loaded, attached and reconciled (CapEff={eff:016x})",
+        NEEDED.map(|(_, n, _)| n)
+    );
+
+    // The uninstall step (deploy/uninstall) runs cleanup with no capability at all: removing
+    // the pins is what detaches, and that is plain file removal for their owner.
+    drop(agent);
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-all",
+            "--inh-caps",
+            "-all",
+            "--ambient-caps",
+            "-all",
+            "--",
+        ])
+        .arg(helper_bin("redirect-agent").unwrap())
+        .args(["cleanup", "--bpffs-dir"])
+        .arg(fx.pin_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup without capabilities: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(link_pins(fx.pin_dir()).is_empty());
+    assert_eq!(
+        probe(&fx, &app, "198.18.0.10:80", &[]).unwrap(),
+        Reached::Server("api".into()),
+        "detached after cleanup"
+    );
+}
+
+#[test]
+fn each_missing_capability_is_named_and_nothing_is_attached() {
+    for (dropped, name, _) in NEEDED {
+        let fx = Fixture::new(&format!("caps_no_{dropped}")).unwrap();
+        let pod = fx.cgroup("pod").unwrap();
+        let proxy_cg = fx.cgroup("pod/proxy").unwrap();
+        let caps: Vec<&str> = NEEDED
+            .iter()
+            .map(|(c, _, _)| *c)
+            .filter(|c| *c != dropped)
+            .collect();
+        let mut agent =
+            CappedAgent::start(&fx, &caps, &config(&pod, &proxy_cg, &[]), Layout::Direct);
+        let (ok, out) = agent.wait_exit();
+        eprintln!("--- without {name}, the agent printed:\n{}", out.trim_end());
+        assert!(!ok, "the agent must fail without {name}:\n{out}");
+        assert!(
+            out.contains(&format!("missing capability {name}")),
+            "the error must name {name}:\n{out}"
+        );
+        for (_, other, _) in NEEDED.iter().filter(|(c, _, _)| *c != dropped) {
+            assert!(
+                !out.contains(&format!("- {other}:")),
+                "{other} is present and must not be reported missing:\n{out}"
+            );
+        }
+        // It stopped before touching the kernel: no half-attached datapath.
+        assert!(
+            link_pins(fx.pin_dir()).is_empty(),
+            "links left attached after failing without {name}: {:?}",
+            link_pins(fx.pin_dir())
+        );
+    }
+}
+
+/// The DaemonSet's mounts work with the same three capabilities: programs attach through a
+/// read-only bind mount of the cgroup2 tree, and the pins go to bpffs mounted below /host.
+#[test]
+fn daemonset_mount_layout_read_only_cgroup2_and_bpffs_below_host() {
+    let fx = Fixture::new("caps_host_mounts").unwrap();
+    fx.add_addr("198.18.0.10/32").unwrap();
+    let _api = serve_identity(&fx, "198.18.0.10:80".parse().unwrap(), "api").unwrap();
+    let pod = fx.cgroup("pod").unwrap();
+    let app = fx.cgroup("pod/app").unwrap();
+    let proxy_cg = fx.cgroup("pod/proxy").unwrap();
+    let _proxy: Spawned = common::start_proxy(&fx, &proxy_cg, &["--listen", "127.0.0.1:15001"]);
+    let caps: Vec<&str> = NEEDED.iter().map(|(c, _, _)| *c).collect();
+    let mut agent = CappedAgent::start(
+        &fx,
+        &caps,
+        &config(&pod, &proxy_cg, &[]),
+        Layout::HostMounts,
+    );
+    agent.wait_generation(1);
+    // The pins are in the real bpffs (seen here through /sys/fs/bpf), the links on the real
+    // cgroup, and the workload is redirected.
+    assert_eq!(link_pins(fx.pin_dir()).len(), 6, "{}", agent.log());
+    assert_eq!(
+        probe(&fx, &app, "198.18.0.10:80", &[]).unwrap(),
+        Reached::Proxy {
+            orig: "198.18.0.10:80".into()
+        }
+    );
+}

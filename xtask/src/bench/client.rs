@@ -1,0 +1,156 @@
+//! The load client: blocking sockets, one OS thread per client thread, each opening, using and
+//! closing connections back to back. It runs as its own process in the workload's cgroup, so
+//! the datapath under test sees its connects exactly as it would see an application's.
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{Arc, Barrier},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::{Value, json};
+
+use super::server::{REQUEST_LEN, RESPONSE_LEN};
+use super::stats::percentile;
+
+/// One request/response on a fresh connection. Returns (connect time, whole exchange).
+fn exchange(dst: SocketAddr, req: &[u8], reply: &mut Vec<u8>) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+    let t1 = Instant::now();
+    s.write_all(req).context("send request")?;
+    reply.clear();
+    s.read_to_end(reply).context("read reply")?;
+    if reply.len() != RESPONSE_LEN {
+        bail!(
+            "reply of {} bytes instead of {RESPONSE_LEN} (the proxy closed without forwarding?)",
+            reply.len()
+        );
+    }
+    drop(s);
+    Ok((t1 - t0, t0.elapsed()))
+}
+
+fn request() -> Vec<u8> {
+    let mut req = vec![b'x'; REQUEST_LEN];
+    req[0] = b'R';
+    req
+}
+
+#[derive(Default)]
+struct ThreadResult {
+    conns: u64,
+    errors: u64,
+    first_error: Option<String>,
+    connect_ns: Vec<u64>,
+    txn_ns: Vec<u64>,
+}
+
+/// Connections per second over `duration`, after `warmup`, with `threads` client threads.
+pub fn load(dst: SocketAddr, threads: usize, warmup: Duration, duration: Duration) -> Value {
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let req = request();
+                let mut reply = Vec::with_capacity(RESPONSE_LEN);
+                let mut r = ThreadResult::default();
+                barrier.wait();
+                let start = Instant::now();
+                let (begin, end) = (start + warmup, start + warmup + duration);
+                loop {
+                    let now = Instant::now();
+                    if now >= end {
+                        break;
+                    }
+                    let counted = now >= begin;
+                    match exchange(dst, &req, &mut reply) {
+                        Ok((c, t)) if counted => {
+                            r.conns += 1;
+                            r.connect_ns.push(c.as_nanos() as u64);
+                            r.txn_ns.push(t.as_nanos() as u64);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            r.errors += 1;
+                            r.first_error.get_or_insert_with(|| format!("{e:#}"));
+                            // A refused or reset connect must not turn into a busy loop.
+                            thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+                r
+            })
+        })
+        .collect();
+    let mut all = ThreadResult::default();
+    for h in handles {
+        let r = h.join().expect("client thread panicked");
+        all.conns += r.conns;
+        all.errors += r.errors;
+        all.first_error = all.first_error.or(r.first_error);
+        all.connect_ns.extend(r.connect_ns);
+        all.txn_ns.extend(r.txn_ns);
+    }
+    all.connect_ns.sort_unstable();
+    all.txn_ns.sort_unstable();
+    let us = |v: &[u64], p: f64| percentile(v, p) / 1000.0;
+    json!({
+        "threads": threads,
+        "seconds": duration.as_secs_f64(),
+        "conns": all.conns,
+        "conns_per_s": all.conns as f64 / duration.as_secs_f64(),
+        "errors": all.errors,
+        "first_error": all.first_error,
+        "connect_p50_us": us(&all.connect_ns, 0.50),
+        "connect_p99_us": us(&all.connect_ns, 0.99),
+        "txn_p50_us": us(&all.txn_ns, 0.50),
+        "txn_p99_us": us(&all.txn_ns, 0.99),
+    })
+}
+
+/// One exchange, reporting which address the server saw: the client's own local address means
+/// the connection went straight to it, anything else means a proxy sat in between.
+pub fn check(dst: SocketAddr) -> Value {
+    let run = || -> Result<Value> {
+        let mut s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+        let local = s.local_addr()?;
+        let peer = s.peer_addr()?;
+        s.write_all(&request())?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply)?;
+        let text = String::from_utf8_lossy(&reply).trim().to_string();
+        Ok(json!({"ok": true, "local": local.to_string(), "peer": peer.to_string(),
+                  "server_saw": text.strip_prefix("peer=").unwrap_or(&text)}))
+    };
+    run().unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
+}
+
+/// One long upload of `bytes` through whatever sits between the client and the server.
+pub fn bulk(dst: SocketAddr, bytes: u64) -> Value {
+    let run = || -> Result<Value> {
+        let chunk = vec![b'b'; 1 << 18];
+        let t0 = Instant::now();
+        let mut s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+        s.write_all(b"B")?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            s.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        s.shutdown(Shutdown::Write)?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).context("read the server's byte count")?;
+        let secs = t0.elapsed().as_secs_f64();
+        let got = u64::from_le_bytes(count);
+        if got != bytes {
+            bail!("the server counted {got} bytes of {bytes}");
+        }
+        Ok(json!({"ok": true, "bytes": bytes, "seconds": secs, "bytes_per_s": bytes as f64 / secs}))
+    };
+    run().unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
+}

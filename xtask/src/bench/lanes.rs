@@ -1,0 +1,300 @@
+//! One lane per mode: its own fixture (netns + cgroup subtree) holding the same destination
+//! server and, except for `none`, the same proxy. Lanes are built once and measured in turn,
+//! so that switching modes between samples costs nothing and no mode's kernel state (conntrack,
+//! attached programs) leaks into another's.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use redirect_tests::{Fixture, Spawned};
+use serde_json::Value;
+
+use super::{
+    Bins, PROXY_UID,
+    agent::BenchAgent,
+    iptables,
+    results::{ConnSample, Mode},
+};
+
+pub const SERVER: &str = "198.18.0.10:80";
+pub const PROXY: &str = "127.0.0.1:15001";
+
+pub struct Lane {
+    pub mode: Mode,
+    // Field order is drop order: processes and the agent go before their fixture.
+    agent: Option<BenchAgent>,
+    /// The config the agent has applied (an identical rewrite would apply nothing).
+    applied_config: String,
+    proxy: Option<Spawned>,
+    _server: Spawned,
+    pod: PathBuf,
+    proxy_cg: PathBuf,
+    app: PathBuf,
+    tools: PathBuf,
+    dst: SocketAddr,
+    worker: PathBuf,
+    pub fx: Fixture,
+}
+
+fn wait_listening(p: &Spawned, what: &str) -> Result<()> {
+    p.wait_for_prefix("listening ", Duration::from_secs(10))
+        .with_context(|| format!("{what} did not start"))?;
+    Ok(())
+}
+
+impl Lane {
+    pub fn new(mode: Mode, bins: &Bins) -> Result<Lane> {
+        let fx = Fixture::new(&format!("bench-{}", mode.name()))?;
+        fx.add_addr("198.18.0.10/32")?;
+        let server_cg = fx.cgroup("server")?;
+        let pod = fx.cgroup("pod")?;
+        let app = fx.cgroup("pod/app")?;
+        let proxy_cg = fx.cgroup("pod/proxy")?;
+        let tools = fx.cgroup("tools")?;
+        let worker = bins.worker.clone();
+        let server = fx.spawn_logged(
+            &server_cg,
+            Command::new(&worker).args(["bench-worker", "server", "--listen", SERVER]),
+        )?;
+        wait_listening(&server, "the bench server")?;
+        let proxy = if mode == Mode::None {
+            None
+        } else {
+            let mut cmd = Command::new(&worker);
+            cmd.args(["bench-worker", "proxy", "--listen", PROXY, "--uid"])
+                .arg(PROXY_UID.to_string());
+            if mode == Mode::DirectToProxy {
+                cmd.args(["--fallback", SERVER]);
+            }
+            let p = fx.spawn_logged(&proxy_cg, &mut cmd)?;
+            wait_listening(&p, "the bench proxy")?;
+            Some(p)
+        };
+        let dst = if mode == Mode::DirectToProxy {
+            PROXY
+        } else {
+            SERVER
+        };
+        let mut lane = Lane {
+            mode,
+            agent: None,
+            applied_config: String::new(),
+            proxy,
+            _server: server,
+            pod,
+            proxy_cg,
+            app,
+            tools,
+            dst: dst.parse()?,
+            worker,
+            fx,
+        };
+        if mode == Mode::Ebpf {
+            lane.applied_config = lane.agent_config(&[]);
+            lane.agent = Some(BenchAgent::start(
+                &lane.fx,
+                &bins.agent,
+                &lane.applied_config,
+                Duration::from_secs(60),
+            )?);
+        }
+        Ok(lane)
+    }
+
+    /// The agent's standalone config: the same policy as the iptables lane (proxy uid 1337,
+    /// everything included, `exclusions` excluded), for the one pod whose cgroup holds the client.
+    pub fn agent_config(&self, exclusions: &[String]) -> String {
+        agent_config(&self.pod, &self.proxy_cg, exclusions)
+    }
+
+    /// Loads `exclusions` into this lane's interception (iptables: one iptables-restore;
+    /// ebpf: a config edit the running agent applies). Returns what it cost:
+    /// (wall time, the agent's own reconcile time).
+    pub fn configure(
+        &mut self,
+        exclusions: &[String],
+        limit: Duration,
+    ) -> Result<Option<(Duration, Option<u64>)>> {
+        match self.mode {
+            Mode::Iptables => {
+                let rules = iptables::ruleset(exclusions);
+                let took = iptables::restore(&self.fx, &self.tools, &rules, limit)?;
+                Ok(Some((took, None)))
+            }
+            Mode::Ebpf => {
+                let config = self.agent_config(exclusions);
+                if config == self.applied_config {
+                    return Ok(None);
+                }
+                let agent = self.agent.as_mut().context("the ebpf lane has an agent")?;
+                let (applied, latency) = agent.reconfigure(&config, limit)?;
+                self.applied_config = config;
+                Ok(Some((latency, Some(applied.elapsed_us))))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn client(&self, args: &[&str]) -> Result<Value> {
+        let out = self.fx.run_in(
+            &self.app,
+            Command::new(&self.worker)
+                .args(["bench-worker", "client", "--dst"])
+                .arg(self.dst.to_string())
+                .args(args),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "{} client failed ({}): {}",
+                self.mode.name(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{} client printed {:?}",
+                self.mode.name(),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// One exchange, checking that it took this mode's path: straight to the server for
+    /// `none`, through the proxy for the others, and for iptables and ebpf with the proxy
+    /// having read the original destination (SO_ORIGINAL_DST), not guessed it.
+    pub fn verify(&self) -> Result<()> {
+        let before = self.proxy_stat("orig");
+        let v = self.client(&["--check"])?;
+        let mode = self.mode.name();
+        if v["ok"] != true {
+            bail!(
+                "{mode}: the check connection to {} failed: {}{}",
+                self.dst,
+                v["error"],
+                self.proxy_hint()
+            );
+        }
+        let direct = v["server_saw"] == v["local"];
+        match self.mode {
+            Mode::None if !direct => bail!("{mode}: the server saw another peer than the client: {v}"),
+            Mode::None => return Ok(()),
+            _ if direct => bail!("{mode}: the connection bypassed the proxy: {v}"),
+            _ => {}
+        }
+        if matches!(self.mode, Mode::Iptables | Mode::Ebpf) {
+            // The proxy reports its counters every 250 ms.
+            for _ in 0..40 {
+                if self.proxy_stat("orig") > before {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            bail!(
+                "{mode}: the proxy forwarded the check connection without reading its original destination{}",
+                self.proxy_hint()
+            );
+        }
+        Ok(())
+    }
+
+    fn proxy_hint(&self) -> String {
+        self.proxy.as_ref().map_or_else(String::new, |p| {
+            format!("\nproxy stderr: {}", p.stderr().trim())
+        })
+    }
+
+    /// A counter from the proxy's latest `stats …` line.
+    fn proxy_stat(&self, name: &str) -> u64 {
+        let Some(p) = &self.proxy else { return 0 };
+        p.lines()
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("stats "))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Connections per second with `threads` client threads.
+    pub fn sample(
+        &self,
+        n: usize,
+        run: usize,
+        threads: usize,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Result<ConnSample> {
+        let v = self.client(&[
+            "--threads",
+            &threads.to_string(),
+            "--warmup-ms",
+            &warmup.as_millis().to_string(),
+            "--duration-ms",
+            &duration.as_millis().to_string(),
+        ])?;
+        let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let s = ConnSample {
+            n,
+            run,
+            mode: self.mode,
+            threads,
+            conns_per_s: f("conns_per_s"),
+            connect_p50_us: f("connect_p50_us"),
+            connect_p99_us: f("connect_p99_us"),
+            txn_p50_us: f("txn_p50_us"),
+            txn_p99_us: f("txn_p99_us"),
+            errors: v["errors"].as_u64().unwrap_or(0),
+        };
+        if s.errors > 0 {
+            eprintln!(
+                "    warning: {} N={n} run {run}: {} failed connections (first: {}){}",
+                self.mode.name(),
+                s.errors,
+                v["first_error"],
+                self.proxy_hint()
+            );
+        }
+        if v["conns"].as_u64().unwrap_or(0) == 0 {
+            bail!(
+                "{} N={n}: no connection completed: {}",
+                self.mode.name(),
+                v["first_error"]
+            );
+        }
+        Ok(s)
+    }
+
+    /// Bytes per second of one upload of `bytes`.
+    pub fn bulk(&self, bytes: u64) -> Result<f64> {
+        let v = self.client(&["--bulk-bytes", &bytes.to_string()])?;
+        if v["ok"] != true {
+            bail!("{} bulk transfer failed: {}", self.mode.name(), v["error"]);
+        }
+        v["bytes_per_s"]
+            .as_f64()
+            .context("bulk result without bytes_per_s")
+    }
+}
+
+pub fn agent_config(pod: &Path, proxy_cg: &Path, exclusions: &[String]) -> String {
+    let list = exclusions
+        .iter()
+        .map(|c| format!("\"{c}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "mesh:\n  outboundIPRangeExclusionList: [{list}]\n\
+         proxy: {{mode: sidecar, outboundPort: 15001, uid: {PROXY_UID}}}\n\
+         workloads:\n  - name: app\n    namespace: bench\n    cgroup: {}\n    proxyCgroup: {}\n",
+        pod.display(),
+        proxy_cg.display()
+    )
+}

@@ -1,0 +1,380 @@
+//! `cargo xtask bench`: eBPF redirection against iptables REDIRECT, side by side, on the same
+//! proxy, server, client and workload, inside network namespaces the bench creates
+//! (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
+mod agent;
+mod client;
+mod iptables;
+mod lanes;
+mod plot;
+mod profile;
+mod proxy;
+mod report;
+mod results;
+mod scale;
+mod server;
+mod stats;
+mod worker;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{setup, util};
+use lanes::Lane;
+use results::{BulkSample, LoadSample, Machine, Mode, Params, ProgCost, Results};
+
+pub use worker::main as worker;
+
+/// The proxy's uid, exempted by uid in both the iptables rules and the agent's policy.
+pub const PROXY_UID: u32 = 1337;
+
+pub const METHOD: &str = "\
+## Method
+
+Everything runs inside network namespaces and cgroups the bench creates (one per mode, so no \
+mode's kernel state leaks into another's); destinations are 198.18.0.10:80 on the namespace's `lo`.
+
+- **Proxy**: one program for every mode (`xtask bench-worker proxy`, tokio/epoll, 2 worker \
+  threads): accepts on 127.0.0.1:15001, reads the original destination with \
+  `getsockopt(SO_ORIGINAL_DST)` exactly as Envoy does under iptables, connects there and splices \
+  both directions (splice(2) through pooled pipes). It runs as uid 1337 in the pod's proxy cgroup.
+- **Server**: answers a 64-byte request with 64 bytes and closes first (HTTP/1.0 style); for the \
+  long transfer it counts an upload until EOF.
+- **Client**: blocking sockets, one OS thread per client thread; each connection is opened, used \
+  (one request/response) and closed. It runs as its own process in the pod's app cgroup.
+- **Modes**: `none` (client → server, no proxy: reference); `direct-to-proxy` (client → \
+  127.0.0.1:15001, no interception: the physical limit; the proxy forwards to the server because \
+  there is no original destination to read); `iptables` (nat OUTPUT, istio-iptables' layout: \
+  `-p tcp -j ISTIO_OUTPUT`, uid and gid 1337 RETURN, 127.0.0.1 RETURN, one `-d CIDR -j RETURN` per \
+  exclusion, then REDIRECT --to-ports 15001; Istio's `-o lo` rules are left out because every \
+  destination here is on `lo`); `ebpf` (`redirect-agent run` in standalone mode with the same \
+  policy: mesh exclusion list, proxy uid 1337 and proxy cgroup).
+- **Exclusions**: N disjoint CIDRs in 10.0.0.0/8 (/25 to /32), none covering the destination, so \
+  iptables walks the whole list on every new connection.
+- **Noise**: every run measures all modes back to back in rotating order (A B C D, B C D A, …); \
+  tables show medians over runs, and ratios are taken within each run before the median.
+- The bench's own processes are release builds; the machine is whatever ran it (see above).
+";
+
+pub const REPRODUCE: &str = "\
+## Reproduce
+
+As root on a Debian machine with rustup, from a clone of the repository:
+
+```sh
+cargo xtask bench            # full run (about 15 min on 2 cores); also refreshes docs/bench/
+cargo xtask bench --quick    # smoke run (< 3 min), figures not meaningful
+cargo xtask bench --out DIR  # results into DIR instead of bench-results/<timestamp>/
+```
+
+It installs what is missing (iptables, bpftool, the eBPF toolchain), builds the agent and the \
+bench processes in release mode, and removes every namespace, cgroup and pin it created, also on \
+Ctrl-C. Raw samples: `conn.csv` (one row per mode × N × run × client threads), `bulk.csv`, \
+`loads.csv`, `scale.csv`, `progs.csv`.
+";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+pub fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// The release binaries the bench runs.
+pub struct Bins {
+    pub agent: PathBuf,
+    pub worker: PathBuf,
+}
+
+pub fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
+    util::require_root("cargo xtask bench")?;
+    let env = setup::setup(setup::Needs {
+        test_tools: true,
+        ..Default::default()
+    })?;
+    util::step("building the agent and the bench processes (release)");
+    util::cargo(
+        &env,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "redirect-agent",
+            "-p",
+            "redirect-tests",
+            "-p",
+            "xtask",
+            "--bins",
+        ],
+    )?;
+    let bins = Bins {
+        agent: util::target_bin("redirect-agent", true),
+        worker: util::target_bin("xtask", true),
+    };
+    // Ctrl-C reaches the whole process group: the bench processes die, this one notices the
+    // flag (or a failed sample), unwinds, and the fixtures' Drop removes everything.
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
+    let started = Instant::now();
+    let params = Params::new(quick);
+    let dir = out.unwrap_or_else(|| {
+        util::workspace_root()
+            .join("bench-results")
+            .join(utc_stamp(false))
+    });
+    let results = measure(&bins, params);
+    let results = match results {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("bench stopped: {e:#}\n(everything it created has been removed)");
+            return Err(e);
+        }
+    };
+    let md = report::write(&results, &dir)?;
+    println!("{md}");
+    util::step(&format!(
+        "results in {} ({:.0} s)",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    if !quick && !dir.starts_with(util::workspace_root().join("docs")) {
+        let docs = util::workspace_root().join("docs/bench");
+        publish(&dir, &docs)?;
+        util::step(&format!("copied to {}", docs.display()));
+    }
+    Ok(())
+}
+
+/// Copies a full run's report, CSVs and PNGs to the committed docs/bench/.
+fn publish(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let path = entry?.path();
+        if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("md" | "csv" | "png")
+        ) {
+            fs::copy(&path, to.join(path.file_name().expect("a file")))
+                .with_context(|| format!("copy {} to {}", path.display(), to.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn measure(bins: &Bins, params: Params) -> Result<Results> {
+    let mut r = Results {
+        machine: machine(),
+        params,
+        conn: vec![],
+        bulk: vec![],
+        loads: vec![],
+        iptables_stop: None,
+        prog_costs: vec![],
+        scale: None,
+    };
+    let p = r.params.clone();
+    util::step("starting one namespace per mode: server, proxy, iptables rules, agent");
+    let mut lanes = Mode::ALL
+        .iter()
+        .map(|&m| Lane::new(m, bins))
+        .collect::<Result<Vec<_>>>()?;
+    configure(&mut lanes, &mut r, 0)?;
+
+    util::step(&format!(
+        "long transfer: {} MiB upload per mode, {} run(s)",
+        p.bulk_bytes >> 20,
+        p.bulk_runs
+    ));
+    for run in 0..p.bulk_runs {
+        for lane in rotated(&lanes, run) {
+            check_interrupt()?;
+            let bps = lane.bulk(p.bulk_bytes)?;
+            eprintln!("    run {run}: {:<16} {:>8.0} MiB/s", lane.mode.name(), bps / (1 << 20) as f64);
+            r.bulk.push(BulkSample { run, mode: lane.mode, bytes_per_s: bps });
+        }
+    }
+
+    for &n in &p.sizes {
+        if n > 0 {
+            configure(&mut lanes, &mut r, n)?;
+        }
+        util::step(&format!(
+            "N = {n}: {} run(s) × {:?} client threads × {} s per mode",
+            p.runs,
+            p.threads,
+            p.duration.as_secs_f64()
+        ));
+        let active: Vec<&Lane> = lanes
+            .iter()
+            .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
+            .collect();
+        for run in 0..p.runs {
+            let mut line = format!("    run {run}:");
+            let k = active.len();
+            for i in 0..k {
+                let lane = active[(i + run) % k];
+                for &t in &p.threads {
+                    check_interrupt()?;
+                    let s = lane.sample(n, run, t, p.warmup, p.duration)?;
+                    line.push_str(&format!(" {}/{t}t {:.0}", lane.mode.name(), s.conns_per_s));
+                    r.conn.push(s);
+                }
+            }
+            eprintln!("{line}");
+        }
+    }
+
+    profile_pass(&mut lanes, &mut r)?;
+    drop(lanes);
+
+    util::step(&format!(
+        "agent at scale: {} workloads × {} CIDRs, {} edits",
+        p.scale_workloads, p.scale_cidrs, p.scale_edits
+    ));
+    r.scale = Some(scale::run(bins, p.scale_workloads, p.scale_cidrs, p.scale_edits)?);
+    Ok(r)
+}
+
+/// Lanes in this run's rotated order (A B C D, B C D A, …).
+fn rotated(lanes: &[Lane], run: usize) -> impl Iterator<Item = &Lane> {
+    let k = lanes.len();
+    (0..k).map(move |i| &lanes[(i + run) % k])
+}
+
+/// Loads N exclusions into the iptables and ebpf lanes, then checks every lane's path.
+fn configure(lanes: &mut [Lane], r: &mut Results, n: usize) -> Result<()> {
+    let list = iptables::exclusions(n);
+    for lane in lanes.iter_mut() {
+        check_interrupt()?;
+        if lane.mode == Mode::Iptables && r.iptables_stop.is_some() {
+            continue;
+        }
+        let limit = if lane.mode == Mode::Iptables {
+            r.params.iptables_limit
+        } else {
+            Duration::from_secs(120)
+        };
+        match lane.configure(&list, limit) {
+            Ok(Some((wall, reconcile_us))) => {
+                eprintln!(
+                    "    {:<9} N = {n}: loaded in {:.1} ms{}",
+                    lane.mode.name(),
+                    wall.as_secs_f64() * 1e3,
+                    reconcile_us.map_or(String::new(), |us| format!(
+                        " (agent reconcile {:.1} ms)",
+                        us as f64 / 1e3
+                    ))
+                );
+                r.loads.push(LoadSample { n, mode: lane.mode, wall, reconcile_us });
+            }
+            Ok(None) => {}
+            Err(e) if lane.mode == Mode::Iptables => {
+                eprintln!("    iptables stops at N = {n}: {e:#}");
+                r.iptables_stop = Some((n, format!("{e:#}")));
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        lane.verify()?;
+    }
+    Ok(())
+}
+
+/// Per-program eBPF cost at the largest and the smallest N, with kernel BPF stats on only for
+/// this pass (the accounting itself costs time, so the main samples run without it).
+fn profile_pass(lanes: &mut [Lane], r: &mut Results) -> Result<()> {
+    let Some(lane) = lanes.iter_mut().find(|l| l.mode == Mode::Ebpf) else {
+        return Ok(());
+    };
+    let (Some(&first), Some(&last)) = (r.params.sizes.first(), r.params.sizes.last()) else {
+        return Ok(());
+    };
+    util::step("eBPF per-program cost (kernel BPF stats)");
+    let stats = profile::enable_stats()?;
+    for n in [last, first] {
+        check_interrupt()?;
+        if n != last {
+            lane.configure(&iptables::exclusions(n), Duration::from_secs(120))?;
+        }
+        let before = profile::snapshot(lane.fx.pin_dir())?;
+        lane.sample(n, 0, 1, r.params.warmup, r.params.duration)?;
+        let after = profile::snapshot(lane.fx.pin_dir())?;
+        for (program, (cnt, ns)) in after {
+            let (c0, n0) = before.get(&program).copied().unwrap_or((0, 0));
+            let run_cnt = cnt.saturating_sub(c0);
+            let avg_ns = if run_cnt > 0 {
+                (ns.saturating_sub(n0)) as f64 / run_cnt as f64
+            } else {
+                f64::NAN
+            };
+            eprintln!("    N = {n}: {program:<16} {run_cnt:>9} runs {avg_ns:>7.0} ns/run");
+            r.prog_costs.push(ProgCost { n, program, run_cnt, avg_ns });
+        }
+    }
+    drop(stats);
+    Ok(())
+}
+
+fn machine() -> Machine {
+    let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .current_dir(util::workspace_root())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let dirty = !git(&["status", "--porcelain"]).is_empty();
+    Machine {
+        cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model: read("/proc/cpuinfo")
+            .lines()
+            .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_string()))
+            .unwrap_or_else(|| "unknown CPU".into()),
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        iptables: iptables::version(),
+        commit: format!(
+            "{}{}",
+            git(&["rev-parse", "--short", "HEAD"]),
+            if dirty { " + uncommitted changes" } else { "" }
+        ),
+        started: utc_stamp(true),
+        load_before: read("/proc/loadavg")
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Now in UTC: "2025-11-23 03:55:00 UTC" (`pretty`) or "20251123T035500Z" (a directory name).
+fn utc_stamp(pretty: bool) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (hh, mm, ss) = (rem / 3600, rem / 60 % 60, rem % 60);
+    if pretty {
+        format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02} UTC")
+    } else {
+        format!("{y:04}{m:02}{d:02}T{hh:02}{mm:02}{ss:02}Z")
+    }
+}

@@ -1,0 +1,447 @@
+//! Turns [`Results`] into the report: Markdown tables (medians over runs, ratios taken within
+//! each run), raw CSV, and the figures (see `plot`).
+use std::{fmt::Write as _, fs, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use super::{
+    plot,
+    results::{ConnSample, Mode, Results},
+    stats::median,
+};
+
+const TABLE_MODES: [Mode; 4] = [Mode::None, Mode::DirectToProxy, Mode::Iptables, Mode::Ebpf];
+
+pub fn samples(r: &Results, n: usize, threads: usize, mode: Mode) -> Vec<&ConnSample> {
+    r.conn
+        .iter()
+        .filter(|s| s.n == n && s.threads == threads && s.mode == mode)
+        .collect()
+}
+
+/// Median over runs of `f`.
+pub fn med(r: &Results, n: usize, threads: usize, mode: Mode, f: fn(&ConnSample) -> f64) -> f64 {
+    median(samples(r, n, threads, mode).into_iter().map(f))
+}
+
+/// Median over runs of num/den conn/s, each ratio taken within one run.
+pub fn ratio(r: &Results, n: usize, threads: usize, num: Mode, den: Mode) -> f64 {
+    let dens = samples(r, n, threads, den);
+    median(samples(r, n, threads, num).into_iter().filter_map(|a| {
+        let b = dens.iter().find(|b| b.run == a.run)?;
+        Some(a.conns_per_s / b.conns_per_s)
+    }))
+}
+
+fn num(x: f64, digits: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.digits$}")
+    } else {
+        "–".to_string()
+    }
+}
+
+fn thousands(x: f64) -> String {
+    if !x.is_finite() {
+        return "–".to_string();
+    }
+    let s = format!("{:.0}", x);
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push('\u{202f}');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+pub fn sizes(r: &Results) -> Vec<usize> {
+    let mut v: Vec<usize> = r.conn.iter().map(|s| s.n).collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+fn targets(r: &Results, md: &mut String) {
+    let ns = sizes(r);
+    let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
+    for &t in &r.params.threads {
+        let worst = ns
+            .iter()
+            .map(|&n| (n, ratio(r, n, t, Mode::Ebpf, Mode::DirectToProxy)))
+            .filter(|(_, x)| x.is_finite())
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((n, x)) = worst {
+            let _ = writeln!(
+                md,
+                "| ebpf ≥ 0.97 × direct-to-proxy conn/s at every N ({t} client thread{}) | lowest {x:.3} (N = {n}) | {} |",
+                if t == 1 { "" } else { "s" },
+                verdict(x >= 0.97)
+            );
+        }
+    }
+    for (n, want) in [(10, 1.2), (10_000, 10.0)] {
+        for &t in &r.params.threads {
+            let x = ratio(r, n, t, Mode::Ebpf, Mode::Iptables);
+            if x.is_finite() {
+                let _ = writeln!(
+                    md,
+                    "| ebpf ≥ {want} × iptables at N = {n} ({t} thr.) | {x:.2} × | {} |",
+                    verdict(x >= want)
+                );
+            }
+        }
+    }
+    if let (Some(&lo), Some(&hi)) = (ns.first(), ns.last())
+        && hi > lo
+    {
+        for &t in &r.params.threads {
+            let f = |s: &ConnSample| s.conns_per_s;
+            let raw = med(r, hi, t, Mode::Ebpf, f) / med(r, lo, t, Mode::Ebpf, f);
+            // direct-to-proxy does not depend on N: dividing by it cancels the machine's drift
+            // between the two sizes' measurements.
+            let norm = ratio(r, hi, t, Mode::Ebpf, Mode::DirectToProxy)
+                / ratio(r, lo, t, Mode::Ebpf, Mode::DirectToProxy);
+            let _ = writeln!(
+                md,
+                "| ebpf conn/s at N = {hi} within 10 % of N = {lo} ({t} thr.) | {raw:.3} raw, {norm:.3} relative to direct-to-proxy | {} |",
+                verdict(raw >= 0.9 && norm >= 0.9)
+            );
+        }
+    }
+    if let Some(s) = &r.scale {
+        let ms = s.initial_us as f64 / 1e3;
+        let _ = writeln!(
+            md,
+            "| reconcile of {} workloads × {} CIDRs < 1 s | {ms:.0} ms | {} |",
+            s.workloads,
+            s.cidrs_per_workload,
+            verdict(ms < 1000.0)
+        );
+        let peak = s.hwm_kib.max(s.hwm_after_kib) as f64 / 1024.0;
+        let _ = writeln!(
+            md,
+            "| agent RSS < 50 MiB | {:.1} MiB after the first apply, peak (VmHWM) {peak:.1} MiB | {} |",
+            s.rss_kib as f64 / 1024.0,
+            verdict(peak < 50.0)
+        );
+    }
+    md.push('\n');
+}
+
+fn conn_table(r: &Results, threads: usize, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## New connections per second, {threads} client thread{}\n\nMedian over {} runs; ratios are medians of the ratios taken within each run.\n",
+        if threads == 1 { "" } else { "s" },
+        r.params.runs
+    );
+    let _ = writeln!(
+        md,
+        "| N | none | direct-to-proxy | iptables | ebpf | ebpf / direct-to-proxy | ebpf / iptables |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in sizes(r) {
+        let mut row = format!("| {n} ");
+        for m in TABLE_MODES {
+            let _ = write!(row, "| {} ", thousands(med(r, n, threads, m, |s| s.conns_per_s)));
+        }
+        let _ = writeln!(
+            md,
+            "{row}| {} | {} |",
+            num(ratio(r, n, threads, Mode::Ebpf, Mode::DirectToProxy), 3),
+            num(ratio(r, n, threads, Mode::Ebpf, Mode::Iptables), 2)
+        );
+    }
+    md.push('\n');
+}
+
+fn latency_table(r: &Results, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Connect latency, 1 client thread (µs, p50 / p99)\n\n`connect()` until it returns; in brackets the whole exchange (connect, request, response, close).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| N | none | direct-to-proxy | iptables | ebpf |\n|---:|---:|---:|---:|---:|"
+    );
+    for n in sizes(r) {
+        let mut row = format!("| {n} ");
+        for m in TABLE_MODES {
+            let p50 = med(r, n, 1, m, |s| s.connect_p50_us);
+            let p99 = med(r, n, 1, m, |s| s.connect_p99_us);
+            let t50 = med(r, n, 1, m, |s| s.txn_p50_us);
+            let t99 = med(r, n, 1, m, |s| s.txn_p99_us);
+            let _ = write!(
+                row,
+                "| {} / {} ({} / {}) ",
+                num(p50, 1),
+                num(p99, 1),
+                num(t50, 0),
+                num(t99, 0)
+            );
+        }
+        let _ = writeln!(md, "{row}|");
+    }
+    md.push('\n');
+}
+
+fn bulk_table(r: &Results, md: &mut String) {
+    if r.bulk.is_empty() {
+        return;
+    }
+    let gib = r.params.bulk_bytes as f64 / (1u64 << 30) as f64;
+    let _ = writeln!(
+        md,
+        "## Throughput of one long transfer ({gib:.2} GiB upload, N = 0)\n\n| mode | MiB/s (median of {}) | / direct-to-proxy |\n|---|---:|---:|",
+        r.params.bulk_runs
+    );
+    let m = |mode: Mode| median(r.bulk.iter().filter(|b| b.mode == mode).map(|b| b.bytes_per_s));
+    let direct = m(Mode::DirectToProxy);
+    for mode in TABLE_MODES {
+        let x = m(mode);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            mode.name(),
+            thousands(x / (1 << 20) as f64),
+            num(x / direct, 3)
+        );
+    }
+    md.push('\n');
+}
+
+fn load_table(r: &Results, md: &mut String) {
+    let _ = writeln!(
+        md,
+        "## Loading the exclusion list\n\niptables: wall time of one `iptables-restore` of the whole nat table. ebpf: from the config file being replaced to the agent logging the generation applied (includes the agent's 200 ms file poll), and the agent's own reconcile time.\n\n| N | iptables-restore (ms) | ebpf change-to-applied (ms) | ebpf reconcile (ms) |\n|---:|---:|---:|---:|"
+    );
+    for n in sizes(r) {
+        let ipt = r
+            .loads
+            .iter()
+            .find(|l| l.n == n && l.mode == Mode::Iptables);
+        let ebpf = r.loads.iter().find(|l| l.n == n && l.mode == Mode::Ebpf);
+        let _ = writeln!(
+            md,
+            "| {n} | {} | {} | {} |",
+            ipt.map_or("–".into(), |l| num(l.wall.as_secs_f64() * 1e3, 1)),
+            ebpf.map_or("–".into(), |l| num(l.wall.as_secs_f64() * 1e3, 1)),
+            ebpf.and_then(|l| l.reconcile_us)
+                .map_or("–".into(), |us| num(us as f64 / 1e3, 1)),
+        );
+    }
+    if let Some((n, why)) = &r.iptables_stop {
+        let _ = writeln!(
+            md,
+            "\niptables stops at N = {n}: {why}. Larger N are measured for ebpf only."
+        );
+    }
+    md.push('\n');
+}
+
+fn scale_section(r: &Results, md: &mut String) {
+    let Some(s) = &r.scale else { return };
+    let mut lat: Vec<u64> = s.edits.iter().map(|e| e.0.as_micros() as u64).collect();
+    lat.sort_unstable();
+    let mut rec: Vec<u64> = s.edits.iter().map(|e| e.1).collect();
+    rec.sort_unstable();
+    let p = |v: &[u64], q: f64| num(super::stats::percentile(v, q) / 1e3, 1);
+    let _ = writeln!(
+        md,
+        "## The agent at scale: {} workloads × {} CIDRs ({} LPM entries)\n",
+        s.workloads,
+        s.cidrs_per_workload,
+        s.workloads * s.cidrs_per_workload
+    );
+    let _ = writeln!(md, "| what | value |\n|---|---:|");
+    let _ = writeln!(
+        md,
+        "| first reconcile (empty maps → all workloads) | {} ms |",
+        num(s.initial_us as f64 / 1e3, 1)
+    );
+    let _ = writeln!(
+        md,
+        "| RSS after it / peak (VmRSS / VmHWM) | {:.1} / {:.1} MiB |",
+        s.rss_kib as f64 / 1024.0,
+        s.hwm_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "| one workload's CIDR edited: change-to-applied p50 / p99 ({} edits) | {} / {} ms |",
+        s.edits.len(),
+        p(&lat, 0.5),
+        p(&lat, 0.99)
+    );
+    let _ = writeln!(
+        md,
+        "| … of which the agent's reconcile p50 / p99 | {} / {} ms |",
+        p(&rec, 0.5),
+        p(&rec, 0.99)
+    );
+    if let Some((l, us)) = s.mesh_edit {
+        let _ = writeln!(
+            md,
+            "| mesh-wide edit (every workload changes): change-to-applied / reconcile | {} / {} ms |",
+            num(l.as_secs_f64() * 1e3, 1),
+            num(us as f64 / 1e3, 1)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| RSS / peak at the end | {:.1} / {:.1} MiB |\n",
+        s.rss_after_kib as f64 / 1024.0,
+        s.hwm_after_kib as f64 / 1024.0
+    );
+}
+
+fn prog_section(r: &Results, md: &mut String) {
+    if r.prog_costs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Where the eBPF time goes\n\nAverage run time per invocation of each attached program during one 1-thread sample (kernel BPF stats, `run_time_ns / run_cnt`; measured in a separate pass because the accounting itself costs time).\n\n| N | program | invocations | ns / invocation |\n|---:|---|---:|---:|"
+    );
+    for c in &r.prog_costs {
+        let _ = writeln!(
+            md,
+            "| {} | `{}` | {} | {} |",
+            c.n,
+            c.program,
+            c.run_cnt,
+            num(c.avg_ns, 0)
+        );
+    }
+    md.push('\n');
+}
+
+pub fn markdown(r: &Results) -> String {
+    let m = &r.machine;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# redirect: eBPF vs iptables redirection benchmark\n\n{}`cargo xtask bench{}` at {} (commit {}).\n",
+        if r.params.quick {
+            "**Quick run (checks that the bench works; the figures are not meaningful).** "
+        } else {
+            ""
+        },
+        if r.params.quick { " --quick" } else { "" },
+        m.started,
+        m.commit
+    );
+    let _ = writeln!(
+        md,
+        "| machine | |\n|---|---|\n| CPU | {} × {} |\n| kernel | {} |\n| iptables | {} |\n| load average at start | {} |\n",
+        m.cpus, m.cpu_model, m.kernel, m.iptables, m.load_before
+    );
+    md.push_str(super::METHOD);
+    md.push('\n');
+    targets(r, &mut md);
+    for &t in &r.params.threads {
+        conn_table(r, t, &mut md);
+    }
+    md.push_str("![connections per second against N](conn_per_s.png)\n\n");
+    latency_table(r, &mut md);
+    md.push_str("![connect latency against N](latency.png)\n\n");
+    bulk_table(r, &mut md);
+    load_table(r, &mut md);
+    scale_section(r, &mut md);
+    prog_section(r, &mut md);
+    md.push_str(super::REPRODUCE);
+    md
+}
+
+fn csv(r: &Results, dir: &Path) -> Result<()> {
+    let mut conn = String::from(
+        "n,run,mode,threads,conns_per_s,connect_p50_us,connect_p99_us,txn_p50_us,txn_p99_us,errors\n",
+    );
+    for s in &r.conn {
+        let _ = writeln!(
+            conn,
+            "{},{},{},{},{:.1},{:.2},{:.2},{:.2},{:.2},{}",
+            s.n,
+            s.run,
+            s.mode.name(),
+            s.threads,
+            s.conns_per_s,
+            s.connect_p50_us,
+            s.connect_p99_us,
+            s.txn_p50_us,
+            s.txn_p99_us,
+            s.errors
+        );
+    }
+    fs::write(dir.join("conn.csv"), conn)?;
+    let mut bulk = String::from("run,mode,bytes,bytes_per_s\n");
+    for b in &r.bulk {
+        let _ = writeln!(
+            bulk,
+            "{},{},{},{:.0}",
+            b.run,
+            b.mode.name(),
+            r.params.bulk_bytes,
+            b.bytes_per_s
+        );
+    }
+    fs::write(dir.join("bulk.csv"), bulk)?;
+    let mut loads = String::from("n,mode,wall_ms,reconcile_us\n");
+    for l in &r.loads {
+        let _ = writeln!(
+            loads,
+            "{},{},{:.3},{}",
+            l.n,
+            l.mode.name(),
+            l.wall.as_secs_f64() * 1e3,
+            l.reconcile_us.map_or(String::new(), |u| u.to_string())
+        );
+    }
+    fs::write(dir.join("loads.csv"), loads)?;
+    if let Some(s) = &r.scale {
+        let mut out = String::from("workloads,cidrs,kind,latency_ms,reconcile_us\n");
+        let mut row = |kind: &str, lat: f64, us: u64| {
+            let _ = writeln!(
+                out,
+                "{},{},{kind},{lat:.3},{us}",
+                s.workloads, s.cidrs_per_workload
+            );
+        };
+        row("initial", f64::NAN, s.initial_us);
+        for (l, us) in &s.edits {
+            row("edit-one", l.as_secs_f64() * 1e3, *us);
+        }
+        if let Some((l, us)) = s.mesh_edit {
+            row("edit-mesh", l.as_secs_f64() * 1e3, us);
+        }
+        let _ = writeln!(
+            out,
+            "# rss_kib={} hwm_kib={} rss_after_kib={} hwm_after_kib={}",
+            s.rss_kib, s.hwm_kib, s.rss_after_kib, s.hwm_after_kib
+        );
+        fs::write(dir.join("scale.csv"), out)?;
+    }
+    if !r.prog_costs.is_empty() {
+        let mut out = String::from("n,program,run_cnt,avg_ns\n");
+        for c in &r.prog_costs {
+            let _ = writeln!(out, "{},{},{},{:.1}", c.n, c.program, c.run_cnt, c.avg_ns);
+        }
+        fs::write(dir.join("progs.csv"), out)?;
+    }
+    Ok(())
+}
+
+/// Writes REPORT.md, the CSVs and the PNGs into `dir`.
+pub fn write(r: &Results, dir: &Path) -> Result<String> {
+    fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    csv(r, dir)?;
+    plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
+    plot::latency(r, &dir.join("latency.png"))?;
+    let md = markdown(r);
+    fs::write(dir.join("REPORT.md"), &md)?;
+    Ok(md)
+}

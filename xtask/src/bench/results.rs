@@ -1,0 +1,161 @@
+//! What a benchmark run measured: raw samples, kept as they came, and the machine they came from.
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Mode {
+    /// The client connects straight to the destination: no proxy at all (reference).
+    None,
+    /// The client connects straight to the proxy: no interception (the physical limit).
+    DirectToProxy,
+    /// iptables REDIRECT in the nat OUTPUT chain, istio-iptables' layout.
+    Iptables,
+    /// redirect-agent's cgroup programs.
+    Ebpf,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 4] = [Mode::DirectToProxy, Mode::Iptables, Mode::Ebpf, Mode::None];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::DirectToProxy => "direct-to-proxy",
+            Mode::Iptables => "iptables",
+            Mode::Ebpf => "ebpf",
+        }
+    }
+}
+
+/// One client run of `seconds` against one lane.
+#[derive(Clone, Debug)]
+pub struct ConnSample {
+    pub n: usize,
+    pub run: usize,
+    pub mode: Mode,
+    pub threads: usize,
+    pub conns_per_s: f64,
+    pub connect_p50_us: f64,
+    pub connect_p99_us: f64,
+    pub txn_p50_us: f64,
+    pub txn_p99_us: f64,
+    pub errors: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct BulkSample {
+    pub run: usize,
+    pub mode: Mode,
+    pub bytes_per_s: f64,
+}
+
+/// Loading N exclusions into a mode: iptables-restore's wall time, or the agent's
+/// change-to-applied latency and its own reconcile time.
+#[derive(Clone, Debug)]
+pub struct LoadSample {
+    pub n: usize,
+    pub mode: Mode,
+    pub wall: Duration,
+    pub reconcile_us: Option<u64>,
+}
+
+/// Average cost of each eBPF program per invocation, from kernel.bpf_stats_enabled.
+#[derive(Clone, Debug)]
+pub struct ProgCost {
+    pub n: usize,
+    pub program: String,
+    pub run_cnt: u64,
+    pub avg_ns: f64,
+}
+
+/// The agent at scale: many workloads with many CIDRs each.
+#[derive(Clone, Debug, Default)]
+pub struct Scale {
+    pub workloads: usize,
+    pub cidrs_per_workload: usize,
+    /// Reconcile time of the first generation (empty maps → everything).
+    pub initial_us: u64,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    /// Change-to-applied latency and reconcile time of single-workload edits.
+    pub edits: Vec<(Duration, u64)>,
+    /// The same for one mesh-wide edit that changes every workload's policy.
+    pub mesh_edit: Option<(Duration, u64)>,
+    pub rss_after_kib: u64,
+    pub hwm_after_kib: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub iptables: String,
+    pub commit: String,
+    pub started: String,
+    pub load_before: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub quick: bool,
+    pub sizes: Vec<usize>,
+    pub runs: usize,
+    pub threads: Vec<usize>,
+    pub warmup: Duration,
+    pub duration: Duration,
+    pub bulk_bytes: u64,
+    pub bulk_runs: usize,
+    pub iptables_limit: Duration,
+    pub scale_workloads: usize,
+    pub scale_cidrs: usize,
+    pub scale_edits: usize,
+}
+
+impl Params {
+    pub fn new(quick: bool) -> Params {
+        if quick {
+            Params {
+                quick,
+                sizes: vec![0, 1_000],
+                runs: 1,
+                threads: vec![1, 2],
+                warmup: Duration::from_millis(100),
+                duration: Duration::from_millis(500),
+                bulk_bytes: 64 << 20,
+                bulk_runs: 1,
+                iptables_limit: Duration::from_secs(30),
+                scale_workloads: 1_000,
+                scale_cidrs: 100,
+                scale_edits: 5,
+            }
+        } else {
+            Params {
+                quick,
+                sizes: vec![0, 10, 100, 1_000, 10_000, 100_000],
+                runs: 5,
+                threads: vec![1, 2],
+                warmup: Duration::from_millis(300),
+                duration: Duration::from_secs(2),
+                bulk_bytes: 4 << 30,
+                bulk_runs: 3,
+                iptables_limit: Duration::from_secs(120),
+                scale_workloads: 1_000,
+                scale_cidrs: 100,
+                scale_edits: 30,
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Results {
+    pub params: Params,
+    pub machine: Machine,
+    pub conn: Vec<ConnSample>,
+    pub bulk: Vec<BulkSample>,
+    pub loads: Vec<LoadSample>,
+    /// The first N iptables could not be loaded for, and why.
+    pub iptables_stop: Option<(usize, String)>,
+    pub prog_costs: Vec<ProgCost>,
+    pub scale: Option<Scale>,
+}
