@@ -89,7 +89,11 @@ impl Agent {
         self.log()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["message"].as_str().is_some_and(|m| m.starts_with("applied")))
+            .filter(|v| {
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("applied"))
+            })
             .filter_map(|v| v["generation"].as_u64())
             .max()
             .unwrap_or(0)

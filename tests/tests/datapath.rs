@@ -465,9 +465,17 @@ fn node_mode_redirects_to_the_configured_address() {
 
 fn explain(agent: &Agent, workload: &str, dest: &str, kernel: bool) -> serde_json::Value {
     let mut cmd = Command::new(helper_bin("redirect-agent").unwrap());
-    cmd.args(["explain", "--output", "json", "--workload", workload, "--dest", dest])
-        .arg("--config")
-        .arg(agent.config_path());
+    cmd.args([
+        "explain",
+        "--output",
+        "json",
+        "--workload",
+        workload,
+        "--dest",
+        dest,
+    ])
+    .arg("--config")
+    .arg(agent.config_path());
     if kernel {
         cmd.arg("--bpffs-dir").arg(agent.bpffs());
     }
@@ -490,11 +498,31 @@ fn explain_agrees_with_the_kernel_and_with_where_the_bytes_went() {
         ("demo/app", &w.app, "198.18.0.11:80", "excluded_cidr"),
         ("demo/app", &w.app, "127.0.0.1:8080", "loopback"),
         ("demo/app", &w.app, "[fd00:198:18::11]:80", "excluded_cidr"),
-        ("demo/app", &w.app, "[::ffff:198.18.0.11]:80", "excluded_cidr"),
-        ("demo/restricted", &w.pod2, "198.18.0.12:8443", "included_port"),
-        ("demo/restricted", &w.pod2, "198.18.0.11:8443", "excluded_cidr"),
+        (
+            "demo/app",
+            &w.app,
+            "[::ffff:198.18.0.11]:80",
+            "excluded_cidr",
+        ),
+        (
+            "demo/restricted",
+            &w.pod2,
+            "198.18.0.12:8443",
+            "included_port",
+        ),
+        (
+            "demo/restricted",
+            &w.pod2,
+            "198.18.0.11:8443",
+            "excluded_cidr",
+        ),
         ("demo/restricted", &w.pod2, "198.18.0.12:80", "not_included"),
-        ("demo/restricted", &w.pod2, "[fd00:198:18::10]:80", "included_cidr"),
+        (
+            "demo/restricted",
+            &w.pod2,
+            "[fd00:198:18::10]:80",
+            "included_cidr",
+        ),
     ];
     for (workload, cgroup, dest, step) in cases {
         let policy = explain(&agent, workload, dest, false);

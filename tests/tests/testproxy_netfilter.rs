@@ -46,10 +46,7 @@ fn redirect_rules(fx: &Fixture, cg: &Path) {
         ];
         match fx.run_in(cg, Command::new(tool).args(args)) {
             Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "{tool} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            Ok(out) => panic!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr)),
             Err(e) => panic!("{tool} unavailable (cargo xtask test installs it): {e:#}"),
         }
     }

@@ -44,7 +44,9 @@ fn say(text: &str) {
 fn show(reached: &Reached, dest: &str) {
     match reached {
         Reached::Proxy { orig } => {
-            println!("  connect({dest}) -> \x1b[33mPROXY\x1b[0m 127.0.0.1:15001 (proxy reports original destination {orig})")
+            println!(
+                "  connect({dest}) -> \x1b[33mPROXY\x1b[0m 127.0.0.1:15001 (proxy reports original destination {orig})"
+            )
         }
         Reached::Server(name) => {
             println!("  connect({dest}) -> \x1b[32mDIRECT\x1b[0m, answered by {name}")
@@ -110,13 +112,18 @@ fn run() -> Result<()> {
     check_interrupt()?;
 
     say("4. The same process image, same cgroup: api is redirected, db (excluded) is not");
-    for dest in ["198.18.0.10:80", "198.18.0.11:80", "[::ffff:198.18.0.10]:80"] {
+    for dest in [
+        "198.18.0.10:80",
+        "198.18.0.11:80",
+        "[::ffff:198.18.0.10]:80",
+    ] {
         show(&probe(&fx, &app, dest, &[])?, dest);
     }
     check_interrupt()?;
 
     say("5. Live edit: exclude api with an Istio pod annotation; no restart of anything");
-    let annotation = r#"traffic.sidecar.istio.io/excludeOutboundIPRanges: "198.18.0.10/32,198.18.0.11/32""#;
+    let annotation =
+        r#"traffic.sidecar.istio.io/excludeOutboundIPRanges: "198.18.0.10/32,198.18.0.11/32""#;
     println!("  + {annotation}");
     let started = Instant::now();
     agent.reconfigure(&config(&pod, &proxy_cg, annotation))?;

@@ -2,8 +2,8 @@
 //! is missing first (see `setup`), so a fresh machine needs nothing else.
 mod bench;
 mod demo;
-mod fuzz;
 mod e2e;
+mod fuzz;
 mod setup;
 mod util;
 mod validate;
@@ -38,7 +38,7 @@ enum Command {
         /// Smoke run (under 3 minutes): checks that the bench works, figures not meaningful.
         #[arg(long)]
         quick: bool,
-        /// Results directory (default: bench-results/<timestamp>/; a full run without --out also
+        /// Results directory (default: target/bench/<timestamp>/; a full run without --out also
         /// refreshes docs/bench/).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -82,15 +82,12 @@ fn main() -> anyhow::Result<()> {
 
 fn test() -> anyhow::Result<()> {
     util::require_root("cargo xtask test")?;
-    let env = setup::setup(setup::Needs {
-        test_tools: true,
-        ..Default::default()
-    })?;
+    let env = setup::setup(setup::Needs { test_tools: true })?;
     util::build(&env, false)?;
     validate::validate_deploy()?;
     util::step("running the test suite (unit, property and real-kernel tests)");
-    // One test thread per binary keeps the kernel tests' counters and timings unambiguous; the
-    // binaries themselves still run one after another.
+    // Two test threads per binary, one per core here; the binaries run one after another. Each
+    // kernel test owns its fixture, so tests of one binary never share kernel state.
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
     util::step("e2e-local: the seed scenarios against a mocked Kubernetes API, real kernel");
     e2e::local(None)?;

@@ -13,8 +13,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, ProgramError, SockOps,
-        ProgramInfo,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, ProgramError, ProgramInfo,
+        SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -126,9 +126,7 @@ fn typed<'a, T>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut T, 
 where
     &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
-    any(ebpf, program)?
-        .try_into()
-        .map_err(program_err(program))
+    any(ebpf, program)?.try_into().map_err(program_err(program))
 }
 
 fn load_program(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {

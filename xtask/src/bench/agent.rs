@@ -84,7 +84,11 @@ impl BenchAgent {
     }
 
     pub fn generation(&self) -> u64 {
-        self.applied().iter().map(|a| a.generation).max().unwrap_or(0)
+        self.applied()
+            .iter()
+            .map(|a| a.generation)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Waits for generation `n` (polling the log every millisecond, so the wait adds no
@@ -130,7 +134,10 @@ impl BenchAgent {
         fs::rename(&tmp, &self.config)?;
         let a = self.wait_applied(next, timeout)?;
         if !a.changed {
-            bail!("generation {} of the bench's config edit changed nothing", a.generation);
+            bail!(
+                "generation {} of the bench's config edit changed nothing",
+                a.generation
+            );
         }
         let latency = Duration::from_micros(a.at_us.saturating_sub(written));
         Ok((a, latency))

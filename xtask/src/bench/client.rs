@@ -123,8 +123,10 @@ pub fn check(dst: SocketAddr) -> Value {
         let mut reply = Vec::new();
         s.read_to_end(&mut reply)?;
         let text = String::from_utf8_lossy(&reply).trim().to_string();
-        Ok(json!({"ok": true, "local": local.to_string(), "peer": peer.to_string(),
-                  "server_saw": text.strip_prefix("peer=").unwrap_or(&text)}))
+        Ok(
+            json!({"ok": true, "local": local.to_string(), "peer": peer.to_string(),
+                  "server_saw": text.strip_prefix("peer=").unwrap_or(&text)}),
+        )
     };
     run().unwrap_or_else(|e| json!({"ok": false, "error": format!("{e:#}")}))
 }
@@ -144,7 +146,8 @@ pub fn bulk(dst: SocketAddr, bytes: u64) -> Value {
         }
         s.shutdown(Shutdown::Write)?;
         let mut count = [0u8; 8];
-        s.read_exact(&mut count).context("read the server's byte count")?;
+        s.read_exact(&mut count)
+            .context("read the server's byte count")?;
         let secs = t0.elapsed().as_secs_f64();
         let got = u64::from_le_bytes(count);
         if got != bytes {

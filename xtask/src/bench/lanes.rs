@@ -181,7 +181,9 @@ impl Lane {
         }
         let direct = v["server_saw"] == v["local"];
         match self.mode {
-            Mode::None if !direct => bail!("{mode}: the server saw another peer than the client: {v}"),
+            Mode::None if !direct => {
+                bail!("{mode}: the server saw another peer than the client: {v}")
+            }
             Mode::None => return Ok(()),
             _ if direct => bail!("{mode}: the connection bypassed the proxy: {v}"),
             _ => {}

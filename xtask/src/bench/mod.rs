@@ -3,6 +3,7 @@
 //! (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
 mod agent;
 mod client;
+mod csv;
 mod iptables;
 mod lanes;
 mod plot;
@@ -59,7 +60,10 @@ mode's kernel state leaks into another's); destinations are 198.18.0.10:80 on th
   iptables walks the whole list on every new connection.
 - **Noise**: every run measures all modes back to back in rotating order (A B C D, B C D A, …); \
   tables show medians over runs, and ratios are taken within each run before the median.
-- The bench's own processes are release builds; the machine is whatever ran it (see above).
+- **2 client threads** share the machine's cores with the proxy's and the server's threads: on a \
+  2-core machine that measures a saturated machine, not parallel scaling.
+- The bench's own processes are release builds; the machine is whatever ran it (see above), \
+  including whatever else it was running: compare ratios, not absolute figures.
 ";
 
 pub const REPRODUCE: &str = "\
@@ -69,8 +73,8 @@ As root on a Debian machine with rustup, from a clone of the repository:
 
 ```sh
 cargo xtask bench            # full run (about 15 min on 2 cores); also refreshes docs/bench/
-cargo xtask bench --quick    # smoke run (< 3 min), figures not meaningful
-cargo xtask bench --out DIR  # results into DIR instead of bench-results/<timestamp>/
+cargo xtask bench --quick    # smoke run on the debug build (< 3 min), figures not meaningful
+cargo xtask bench --out DIR  # results into DIR instead of target/bench/<timestamp>/
 ```
 
 It installs what is missing (iptables, bpftool, the eBPF toolchain), builds the agent and the \
@@ -96,42 +100,55 @@ pub struct Bins {
 
 pub fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
     util::require_root("cargo xtask bench")?;
-    let env = setup::setup(setup::Needs {
-        test_tools: true,
-        ..Default::default()
-    })?;
-    util::step("building the agent and the bench processes (release)");
-    util::cargo(
-        &env,
-        &[
-            "build",
-            "--release",
-            "-p",
-            "redirect-agent",
-            "-p",
-            "redirect-tests",
-            "-p",
-            "xtask",
-            "--bins",
-        ],
-    )?;
-    let bins = Bins {
-        agent: util::target_bin("redirect-agent", true),
-        worker: util::target_bin("xtask", true),
+    let env = setup::setup(setup::Needs { test_tools: true })?;
+    let bins = if quick {
+        // The smoke run checks that the bench works, so it takes the debug build that `cargo
+        // xtask build`/`test` already made, and this very binary as the bench processes.
+        util::build(&env, false)?;
+        Bins {
+            agent: util::target_bin("redirect-agent", false),
+            worker: std::env::current_exe().context("locating the xtask binary")?,
+        }
+    } else {
+        util::step("building the agent and the bench processes (release)");
+        util::cargo(
+            &env,
+            &[
+                "build",
+                "--release",
+                "-p",
+                "redirect-agent",
+                "-p",
+                "redirect-tests",
+                "-p",
+                "xtask",
+                "--bins",
+            ],
+        )?;
+        Bins {
+            agent: util::target_bin("redirect-agent", true),
+            worker: util::target_bin("xtask", true),
+        }
     };
     // Ctrl-C reaches the whole process group: the bench processes die, this one notices the
     // flag (or a failed sample), unwinds, and the fixtures' Drop removes everything.
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
     let started = Instant::now();
     let params = Params::new(quick);
+    // Under target/ by default, which git already ignores.
     let dir = out.unwrap_or_else(|| {
-        util::workspace_root()
-            .join("bench-results")
+        std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| util::workspace_root().join("target"))
+            .join("bench")
             .join(utc_stamp(false))
     });
     let results = measure(&bins, params);
     let results = match results {
         Ok(r) => r,
+        Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
+            bail!("interrupted; everything the bench created has been removed")
+        }
         Err(e) => {
             eprintln!("bench stopped: {e:#}\n(everything it created has been removed)");
             return Err(e);
@@ -196,8 +213,16 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         for lane in rotated(&lanes, run) {
             check_interrupt()?;
             let bps = lane.bulk(p.bulk_bytes)?;
-            eprintln!("    run {run}: {:<16} {:>8.0} MiB/s", lane.mode.name(), bps / (1 << 20) as f64);
-            r.bulk.push(BulkSample { run, mode: lane.mode, bytes_per_s: bps });
+            eprintln!(
+                "    run {run}: {:<16} {:>8.0} MiB/s",
+                lane.mode.name(),
+                bps / (1 << 20) as f64
+            );
+            r.bulk.push(BulkSample {
+                run,
+                mode: lane.mode,
+                bytes_per_s: bps,
+            });
         }
     }
 
@@ -238,7 +263,12 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         "agent at scale: {} workloads × {} CIDRs, {} edits",
         p.scale_workloads, p.scale_cidrs, p.scale_edits
     ));
-    r.scale = Some(scale::run(bins, p.scale_workloads, p.scale_cidrs, p.scale_edits)?);
+    r.scale = Some(scale::run(
+        bins,
+        p.scale_workloads,
+        p.scale_cidrs,
+        p.scale_edits,
+    )?);
     Ok(r)
 }
 
@@ -272,7 +302,12 @@ fn configure(lanes: &mut [Lane], r: &mut Results, n: usize) -> Result<()> {
                         us as f64 / 1e3
                     ))
                 );
-                r.loads.push(LoadSample { n, mode: lane.mode, wall, reconcile_us });
+                r.loads.push(LoadSample {
+                    n,
+                    mode: lane.mode,
+                    wall,
+                    reconcile_us,
+                });
             }
             Ok(None) => {}
             Err(e) if lane.mode == Mode::Iptables => {
@@ -304,19 +339,30 @@ fn profile_pass(lanes: &mut [Lane], r: &mut Results) -> Result<()> {
             lane.configure(&iptables::exclusions(n), Duration::from_secs(120))?;
         }
         let before = profile::snapshot(lane.fx.pin_dir())?;
-        lane.sample(n, 0, 1, r.params.warmup, r.params.duration)?;
+        // No warm-up: the kernel counts every connection of the client process.
+        let sample = lane.sample(n, 0, 1, Duration::ZERO, r.params.duration)?;
         let after = profile::snapshot(lane.fx.pin_dir())?;
+        let conns = (sample.conns_per_s * r.params.duration.as_secs_f64()).round() as u64;
+        let mut per_conn = 0.0;
         for (program, (cnt, ns)) in after {
             let (c0, n0) = before.get(&program).copied().unwrap_or((0, 0));
             let run_cnt = cnt.saturating_sub(c0);
-            let avg_ns = if run_cnt > 0 {
-                (ns.saturating_sub(n0)) as f64 / run_cnt as f64
-            } else {
-                f64::NAN
-            };
-            eprintln!("    N = {n}: {program:<16} {run_cnt:>9} runs {avg_ns:>7.0} ns/run");
-            r.prog_costs.push(ProgCost { n, program, run_cnt, avg_ns });
+            if run_cnt == 0 {
+                continue;
+            }
+            let total = ns.saturating_sub(n0) as f64;
+            per_conn += total / conns.max(1) as f64;
+            let avg_ns = total / run_cnt as f64;
+            eprintln!("    N = {n}: {program:<22} {run_cnt:>8} runs {avg_ns:>6.0} ns/run");
+            r.prog_costs.push(ProgCost {
+                n,
+                program,
+                run_cnt,
+                avg_ns,
+                conns,
+            });
         }
+        eprintln!("    N = {n}: {per_conn:.0} ns of eBPF per connection ({conns} connections)");
     }
     drop(stats);
     Ok(())
@@ -337,7 +383,11 @@ fn machine() -> Machine {
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model: read("/proc/cpuinfo")
             .lines()
-            .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_string()))
+            .find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|x| x.1.trim().to_string())
+            })
             .unwrap_or_else(|| "unknown CPU".into()),
         kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
         iptables: iptables::version(),

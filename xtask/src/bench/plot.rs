@@ -4,7 +4,12 @@ use std::{path::Path, sync::Once};
 
 use anyhow::{Result, anyhow};
 use plotters::{
-    coord::{Shift, types::RangedCoordi32},
+    coord::{
+        Shift,
+        combinators::LogCoord,
+        ranged1d::ValueFormatter,
+        types::{RangedCoordf64, RangedCoordi32},
+    },
     prelude::*,
     style::{FontStyle, register_font},
 };
@@ -38,7 +43,7 @@ fn err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("drawing a plot: {e}")
 }
 
-/// Log-scale bounds around the finite positive values, with some air.
+/// Bounds around the finite positive values, with air below and room for the legend above.
 fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let v: Vec<f64> = values.filter(|x| x.is_finite() && *x > 0.0).collect();
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -46,7 +51,7 @@ fn bounds(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if v.is_empty() {
         (1.0, 10.0)
     } else {
-        (lo / 1.6, hi * 1.6)
+        (lo / 1.6, hi * 4.0)
     }
 }
 
@@ -73,47 +78,90 @@ fn panel(
         })
         .collect();
     let (lo, hi) = bounds(series.iter().flat_map(|(_, p)| p.iter().map(|x| x.1)));
-    let x: RangedCoordi32 = (0..ns.len() as i32 - 1).into();
+    let labels = Labels {
+        title,
+        y_desc,
+        ns: &ns,
+    };
+    // A linear axis from 0 while the values stay within a factor of 20; a log axis beyond (it
+    // takes iptables at large N, or tail latencies, to need one).
+    if hi / lo < 20.0 * 4.0 * 1.6 {
+        let y: RangedCoordf64 = (0.0..hi / 4.0 * 1.5).into();
+        draw(area, &labels, y, &series)
+    } else {
+        let y: LogCoord<f64> = (lo..hi).log_scale().into();
+        draw(area, &labels, y, &series)
+    }
+}
+
+struct Labels<'a> {
+    title: &'a str,
+    y_desc: &'a str,
+    ns: &'a [usize],
+}
+
+fn draw<Y>(
+    area: &DrawingArea<BitMapBackend, Shift>,
+    labels: &Labels,
+    y: Y,
+    series: &[(Mode, Vec<(usize, f64)>)],
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+{
+    let ns = labels.ns;
+    let x: RangedCoordi32 = (0..ns.len().max(2) as i32 - 1).into();
     let mut chart = ChartBuilder::on(area)
-        .caption(title, ("sans-serif", 20))
+        .caption(labels.title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(42)
         .y_label_area_size(72)
-        .build_cartesian_2d(x.into_segmented(), (lo..hi).log_scale())
+        .build_cartesian_2d(x.into_segmented(), y)
         .map_err(err)?;
     chart
         .configure_mesh()
         .x_desc("exclusion-list size N")
-        .y_desc(y_desc)
+        .y_desc(labels.y_desc)
         .x_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => ns.get(*i as usize).map_or(String::new(), |n| n.to_string()),
+            SegmentValue::CenterOf(i) => {
+                ns.get(*i as usize).map_or(String::new(), |n| n.to_string())
+            }
             _ => String::new(),
         })
         .y_label_formatter(&|y| format!("{y:.0}"))
+        .y_labels(6)
+        .max_light_lines(4)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(err)?;
-    for (m, pts) in &series {
+    for (m, pts) in series {
         if pts.is_empty() {
             continue;
         }
         let c = color(*m);
+        // Wider, so that ebpf drawn on top of it at the same values leaves it visible.
+        let width = if *m == Mode::DirectToProxy { 6 } else { 2 };
         let at = |i: usize| SegmentValue::CenterOf(i as i32);
         chart
             .draw_series(LineSeries::new(
                 pts.iter().map(|&(i, y)| (at(i), y)),
-                c.stroke_width(2),
+                c.stroke_width(width),
             ))
             .map_err(err)?
             .label(m.name())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+            });
         chart
-            .draw_series(pts.iter().map(|&(i, y)| Circle::new((at(i), y), 4, c.filled())))
+            .draw_series(
+                pts.iter()
+                    .map(|&(i, y)| Circle::new((at(i), y), 4, c.filled())),
+            )
             .map_err(err)?;
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
@@ -133,7 +181,9 @@ pub fn conn_per_s(r: &Results, path: &Path) -> Result<()> {
             "new connections/s, {t} client thread{}",
             if t == 1 { "" } else { "s" }
         );
-        panel(area, r, &title, "connections per second (log)", t, |s| s.conns_per_s)?;
+        panel(area, r, &title, "connections per second", t, |s| {
+            s.conns_per_s
+        })?;
     }
     root.present().map_err(err)?;
     Ok(())
@@ -145,12 +195,22 @@ pub fn latency(r: &Results, path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (1120, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let areas = root.split_evenly((1, 2));
-    panel(&areas[0], r, "connect() latency p50, 1 thread", "µs (log)", 1, |s| {
-        s.connect_p50_us
-    })?;
-    panel(&areas[1], r, "connect() latency p99, 1 thread", "µs (log)", 1, |s| {
-        s.connect_p99_us
-    })?;
+    panel(
+        &areas[0],
+        r,
+        "connect() latency p50, 1 thread",
+        "µs",
+        1,
+        |s| s.connect_p50_us,
+    )?;
+    panel(
+        &areas[1],
+        r,
+        "connect() latency p99, 1 thread",
+        "µs",
+        1,
+        |s| s.connect_p99_us,
+    )?;
     root.present().map_err(err)?;
     Ok(())
 }

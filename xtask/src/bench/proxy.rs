@@ -206,8 +206,37 @@ fn give_pipe(p: Pipe) {
     });
 }
 
-/// Moves bytes from `from` to `to` until EOF, then half-closes `to`.
+/// Moves bytes from `from` to `to` until EOF, then half-closes `to`. Small exchanges go through
+/// a stack buffer with read/write (two syscalls, as with splice, but without the pipe's page
+/// bookkeeping); once a read fills the buffer the stream is bulk and the rest is spliced.
 async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; SMALL];
+    loop {
+        let n = loop {
+            from.readable().await?;
+            match from.try_read(&mut buf) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        if n == 0 {
+            shutdown(to, libc::SHUT_WR);
+            return Ok(());
+        }
+        let mut sent = 0;
+        while sent < n {
+            to.writable().await?;
+            match to.try_write(&buf[sent..n]) {
+                Ok(m) => sent += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if n == SMALL {
+            break;
+        }
+    }
     let pipe = take_pipe()?;
     let result = pump_with(from, to, &pipe).await;
     if result.is_ok() {
@@ -215,6 +244,9 @@ async fn pump(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
     }
     result
 }
+
+/// Reads up to this much with read(2) before switching to splice.
+const SMALL: usize = 16 << 10;
 
 async fn pump_with(from: &TcpStream, to: &TcpStream, pipe: &Pipe) -> io::Result<()> {
     let (pr, pw) = (pipe.read.as_raw_fd(), pipe.write.as_raw_fd());

@@ -65,6 +65,8 @@ pub struct ProgCost {
     pub program: String,
     pub run_cnt: u64,
     pub avg_ns: f64,
+    /// Connections the client completed during the profiled sample.
+    pub conns: u64,
 }
 
 /// The agent at scale: many workloads with many CIDRs each.
@@ -116,7 +118,8 @@ impl Params {
         if quick {
             Params {
                 quick,
-                sizes: vec![0, 1_000],
+                // The largest N, so that CI exercises the heaviest configs of both modes.
+                sizes: vec![0, 100_000],
                 runs: 1,
                 threads: vec![1, 2],
                 warmup: Duration::from_millis(100),
@@ -132,10 +135,13 @@ impl Params {
             Params {
                 quick,
                 sizes: vec![0, 10, 100, 1_000, 10_000, 100_000],
-                runs: 5,
+                // Many short runs rather than a few long ones: other load on the machine comes
+                // in bursts of seconds, and more within-run pairs make the ratios' medians
+                // steadier for the same total time.
+                runs: 8,
                 threads: vec![1, 2],
-                warmup: Duration::from_millis(300),
-                duration: Duration::from_secs(2),
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(1500),
                 bulk_bytes: 4 << 30,
                 bulk_runs: 3,
                 iptables_limit: Duration::from_secs(120),

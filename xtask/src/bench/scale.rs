@@ -41,7 +41,11 @@ pub fn run(bins: &Bins, workloads: usize, cidrs: usize, edits: usize) -> Result<
         .collect();
     let timeout = Duration::from_secs(120);
     let mut agent = BenchAgent::start(&fx, &bins.agent, &config(&pods, &lists, &[]), timeout)?;
-    let first = agent.applied().into_iter().next().expect("generation 1 was applied");
+    let first = agent
+        .applied()
+        .into_iter()
+        .next()
+        .expect("generation 1 was applied");
     let (rss_kib, hwm_kib) = agent.rss_kib()?;
     let mut scale = Scale {
         workloads,
@@ -57,17 +61,16 @@ pub fn run(bins: &Bins, workloads: usize, cidrs: usize, edits: usize) -> Result<
         rss_kib as f64 / 1024.0
     );
     // Single-workload edits: one CIDR of one pod replaced by a fresh one.
-    let mut fresh = workloads * cidrs;
-    for k in 0..edits {
+    for (k, fresh) in (0..edits).zip(workloads * cidrs..) {
         check_interrupt()?;
         let w = (k * 7919) % workloads;
         lists[w][0] = exclusion(fresh);
-        fresh += 1;
         let (applied, latency) = agent.reconfigure(&config(&pods, &lists, &[]), timeout)?;
         scale.edits.push((latency, applied.elapsed_us));
     }
     // One mesh-wide edit: every workload's policy changes.
-    let (applied, latency) = agent.reconfigure(&config(&pods, &lists, &[MESH_EDIT_PORT]), timeout)?;
+    let (applied, latency) =
+        agent.reconfigure(&config(&pods, &lists, &[MESH_EDIT_PORT]), timeout)?;
     scale.mesh_edit = Some((latency, applied.elapsed_us));
     (scale.rss_after_kib, scale.hwm_after_kib) = agent.rss_kib()?;
     Ok(scale)

@@ -1,0 +1,113 @@
+//! The report's arithmetic and files, on made-up samples.
+use std::time::Duration;
+
+use super::*;
+use crate::bench::results::{BulkSample, LoadSample, Machine, Params, ProgCost, Scale};
+
+fn fake() -> Results {
+    let mut conn = vec![];
+    for n in [0, 10, 10_000, 100_000] {
+        for run in 0..3 {
+            for threads in [1, 2] {
+                for (mode, base) in [
+                    (Mode::None, 9000.0),
+                    (Mode::DirectToProxy, 4000.0),
+                    (Mode::Iptables, 4000.0 / (1.0 + n as f64 / 1000.0)),
+                    (Mode::Ebpf, 3950.0),
+                ] {
+                    if mode == Mode::Iptables && n == 100_000 {
+                        continue;
+                    }
+                    let x = base * threads as f64 * (1.0 + run as f64 / 100.0);
+                    conn.push(ConnSample {
+                        n,
+                        run,
+                        mode,
+                        threads,
+                        conns_per_s: x,
+                        connect_p50_us: 1e6 / x,
+                        connect_p99_us: 3e6 / x,
+                        txn_p50_us: 2e6 / x,
+                        txn_p99_us: 5e6 / x,
+                        errors: 0,
+                    });
+                }
+            }
+        }
+    }
+    Results {
+        params: Params::new(false),
+        machine: Machine::default(),
+        conn,
+        bulk: vec![BulkSample {
+            run: 0,
+            mode: Mode::Ebpf,
+            bytes_per_s: 1e9,
+        }],
+        loads: vec![LoadSample {
+            n: 10,
+            mode: Mode::Iptables,
+            wall: Duration::from_millis(20),
+            reconcile_us: None,
+        }],
+        iptables_stop: Some((100_000, "too slow".into())),
+        prog_costs: vec![ProgCost {
+            n: 0,
+            program: "redirect_connect4".into(),
+            run_cnt: 200,
+            avg_ns: 1000.0,
+            conns: 100,
+        }],
+        scale: Some(Scale {
+            workloads: 1000,
+            cidrs_per_workload: 100,
+            initial_us: 300_000,
+            edits: vec![(Duration::from_millis(150), 80_000)],
+            ..Scale::default()
+        }),
+    }
+}
+
+#[test]
+fn ratios_are_taken_within_runs() {
+    let r = fake();
+    let x = ratio(&r, 0, 1, Mode::Ebpf, Mode::DirectToProxy);
+    assert!((x - 3950.0 / 4000.0).abs() < 1e-9, "{x}");
+    assert!(ratio(&r, 100_000, 1, Mode::Ebpf, Mode::Iptables).is_nan());
+}
+
+#[test]
+fn writes_report_csv_and_plots() {
+    let r = fake();
+    let dir = std::env::temp_dir().join(format!("xtask-bench-report-{}", std::process::id()));
+    let md = write(&r, &dir).unwrap();
+    // Medians over runs 0..3 (× 1.00, 1.01, 1.02): run 1.
+    assert!(md.contains("| 10000 | 9\u{202f}090 |"), "{md}");
+    assert!(
+        md.contains("ebpf ≥ 10 × iptables at N = 10000 (1 thr.) | 10.86 × | met"),
+        "{md}"
+    );
+    assert!(md.contains("| 0 | **total** | | | **2000** |"), "{md}");
+    assert!(
+        md.contains("iptables stops at N = 100000: too slow"),
+        "{md}"
+    );
+    for f in [
+        "REPORT.md",
+        "conn.csv",
+        "bulk.csv",
+        "loads.csv",
+        "scale.csv",
+        "progs.csv",
+    ] {
+        assert!(dir.join(f).is_file(), "{f}");
+    }
+    for f in ["conn_per_s.png", "latency.png"] {
+        assert!(fs::metadata(dir.join(f)).unwrap().len() > 10_000, "{f}");
+    }
+    let conn = fs::read_to_string(dir.join("conn.csv")).unwrap();
+    assert_eq!(conn.lines().count(), 1 + r.conn.len());
+    if std::env::var_os("KEEP_BENCH_REPORT").is_none() {
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
