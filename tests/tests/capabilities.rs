@@ -283,9 +283,26 @@ fn exactly_bpf_net_admin_perfmon_load_attach_and_reconcile() {
         NEEDED.map(|(_, n, _)| n)
     );
 
+    // A restart with the same three capabilities adopts the pinned links: telling that a link
+    // runs the very program about to be loaded needs only the pins, not CAP_SYS_ADMIN.
+    drop(agent);
+    let cfg = config(&pod, &proxy_cg, &["198.18.0.11/32"]);
+    let again = CappedAgent::start(&fx, &caps, &cfg, Layout::Direct);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !again.log().contains("datapath ready") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        again.log().matches("adopted pinned link").count(),
+        6,
+        "{}",
+        again.log()
+    );
+    assert!(!again.log().contains("\"attached\""), "{}", again.log());
+    drop(again);
+
     // The uninstall step (deploy/uninstall) runs cleanup with no capability at all: removing
     // the pins is what detaches, and that is plain file removal for their owner.
-    drop(agent);
     let out = Command::new("setpriv")
         .args([
             "--bounding-set",
