@@ -116,6 +116,10 @@ pub struct PortKey {
     pub _pad: [u8; 2],
 }
 
+/// Default capacity of each rule trie (CIDR_V4, CIDR_V6, PORTS), shared by all workloads of a
+/// node. LPM tries allocate per entry, so this is a ceiling, not a reservation.
+pub const MAX_RULE_ENTRIES: u32 = 1 << 20;
+
 /// Bits of the policy id at the front of every LPM key.
 pub const POLICY_ID_BITS: u32 = 32;
 

@@ -5,8 +5,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use redirect_common::{
-    CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, ORIG_EVENT_COUNT, OrigDst, OrigEvent,
-    OrigTupleKey, Policy, PortKey, Rule,
+    CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, MAX_RULE_ENTRIES, ORIG_EVENT_COUNT, OrigDst,
+    OrigEvent, OrigTupleKey, Policy, PortKey, Rule,
 };
 
 /// cgroup id (inode of the pod's cgroup directory) → policy record.
@@ -15,15 +15,15 @@ pub static POLICY: HashMap<u64, Policy, 65536> = HashMap::new();
 
 /// {policy id, IPv4 prefix} → exclude/include.
 #[btf_map]
-pub static CIDR_V4: LpmTrie<CidrV4Key, Rule, 1048576> = LpmTrie::new();
+pub static CIDR_V4: LpmTrie<CidrV4Key, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
 
 /// {policy id, IPv6 prefix} → exclude/include.
 #[btf_map]
-pub static CIDR_V6: LpmTrie<CidrV6Key, Rule, 1048576> = LpmTrie::new();
+pub static CIDR_V6: LpmTrie<CidrV6Key, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
 
 /// {policy id, port prefix} → exclude/include.
 #[btf_map]
-pub static PORTS: LpmTrie<PortKey, Rule, 1048576> = LpmTrie::new();
+pub static PORTS: LpmTrie<PortKey, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
 
 /// Per-CPU decision counters, indexed by `Decision`.
 #[btf_map]

@@ -14,6 +14,7 @@ use crate::{Fixture, helper_bin};
 
 pub struct Agent {
     child: Option<Child>,
+    extra_args: Vec<String>,
     config: PathBuf,
     log: PathBuf,
     bpffs: PathBuf,
@@ -25,10 +26,16 @@ impl Agent {
     /// Writes `config` and starts `redirect-agent run` on it (JSON logs), then waits for the
     /// first applied generation.
     pub fn start(fx: &Fixture, config: &str) -> Result<Agent> {
+        Self::start_with(fx, config, &[])
+    }
+
+    /// [`Agent::start`] with extra `run` flags (kept for restarts).
+    pub fn start_with(fx: &Fixture, config: &str, extra_args: &[&str]) -> Result<Agent> {
         let workdir = std::env::temp_dir().join(fx.name());
         fs::create_dir_all(&workdir)?;
         let mut agent = Agent {
             child: None,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             config: workdir.join("config.yaml"),
             log: workdir.join("agent.log"),
             bpffs: fx.pin_dir().to_path_buf(),
@@ -50,6 +57,7 @@ impl Agent {
             .arg(&self.bpffs)
             .arg("--cgroup-root")
             .arg(&self.cgroup_root)
+            .args(&self.extra_args)
             .env("RUST_BACKTRACE", "0")
             // Unchanged passes are logged at debug; the harness counts every pass.
             .env("REDIRECT_LOG", "info,redirect_agent::reconcile=debug")

@@ -545,3 +545,59 @@ fn explain_agrees_with_the_kernel_and_with_where_the_bytes_went() {
         "{excluded}"
     );
 }
+
+#[test]
+fn a_policy_that_does_not_fit_keeps_the_last_good_one_and_names_the_workload() {
+    let w = world("mapfull");
+    // Room for 8 entries per trie: pod1 and pod2 start with 3 v4 entries each.
+    let mut agent =
+        Agent::start_with(&w.fx, &config(&w, ""), &["--max-rule-entries", "8"]).unwrap();
+    let applied = agent.inspect().unwrap()["workloads"].clone();
+    let v4_entries = || {
+        let out = Command::new("bpftool")
+            .args(["-j", "map", "dump", "pinned"])
+            .arg(w.fx.pin_dir().join("CIDR_V4"))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = v4_entries();
+    // 12 separate /32 exclusions (none adjacent, so none merge) cannot fit.
+    let many: Vec<String> = (0..12)
+        .map(|i| format!("198.18.{}.{}/32", 2 + i, 4 * i + 1))
+        .collect();
+    agent
+        .reconfigure(&config(
+            &w,
+            &format!(
+                r#"traffic.sidecar.istio.io/excludeOutboundIPRanges: "{}""#,
+                many.join(",")
+            ),
+        ))
+        .unwrap();
+    let line = agent.wait_log("applying policy failed").unwrap();
+    assert!(
+        line.contains("demo/app"),
+        "error should name the workload: {line}"
+    );
+    // Whole or nothing: the old entries and record are untouched, and no half-written entry
+    // of the new policy is left behind.
+    assert_eq!(agent.inspect().unwrap()["workloads"], applied);
+    assert_eq!(
+        v4_entries(),
+        before,
+        "entries of the rejected policy were left behind"
+    );
+    assert_direct(
+        probe(&w.fx, &w.app, "198.18.0.11:80", &[]).unwrap(),
+        "old exclusion still applies",
+    );
+    assert_proxy(
+        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
+        "old inclusion still applies",
+    );
+}

@@ -56,6 +56,10 @@ const PROG_PREFIX: &str = "prog_";
 pub struct AttachOptions {
     pub bpffs_dir: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Capacity of each rule trie (CIDR_V4, CIDR_V6, PORTS); None keeps the compiled-in size.
+    /// Tries allocate per entry, so a large capacity costs nothing until it is used. It only
+    /// applies when the maps are created: pinned maps keep the size they were made with.
+    pub max_rule_entries: Option<u32>,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -81,6 +85,11 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL {
         loader.map_pin_path(name, opts.bpffs_dir.join(name));
+    }
+    if let Some(n) = opts.max_rule_entries {
+        for name in [map_names::CIDR_V4, map_names::CIDR_V6, map_names::PORTS] {
+            loader.map_max_entries(name, n);
+        }
     }
     let mut ebpf = loader.load(OBJECT)?;
     info!(dir = %opts.bpffs_dir.display(), reused, "maps pinned");

@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// Serves /metrics, /livez and /readyz.
     #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = "0.0.0.0:9102")]
     pub admin_addr: SocketAddr,
+    /// Capacity of each rule trie (IPv4 CIDRs, IPv6 CIDRs, ports), shared by all workloads.
+    /// Used when the maps are first created; pinned maps keep their size until `cleanup`.
+    /// A workload whose policy does not fit keeps its last good policy, and the error names it.
+    #[arg(long, env = "REDIRECT_MAX_RULE_ENTRIES", default_value_t = redirect_common::MAX_RULE_ENTRIES)]
+    pub max_rule_entries: u32,
 }
 
 impl RunArgs {
@@ -158,6 +163,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let maps = bpf::load_and_attach(&AttachOptions {
         bpffs_dir: args.bpffs.bpffs_dir.clone(),
         cgroup_root: cgroup_root.clone(),
+        max_rule_entries: Some(args.max_rule_entries),
     })
     .context("attaching the datapath")?;
     let applier = Applier::adopt(maps).context("adopting pinned state")?;

@@ -77,6 +77,7 @@ impl Agent {
         let maps = bpf::load_and_attach(&AttachOptions {
             bpffs_dir: self.pin_dir.clone(),
             cgroup_root: self.opts.cgroup_root.clone(),
+            max_rule_entries: None,
         })
         .expect("load_and_attach");
         let applier = Applier::adopt(maps).expect("adopt");
