@@ -80,7 +80,9 @@ fn tag(mut client: TcpStream, orig: Option<SocketAddr>, peer: Option<SocketAddr>
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE;
+    // Not SPLICE_F_MORE: on the socket side it means MSG_MORE, which holds a short request or
+    // reply back for up to 200 ms waiting for more bytes.
+    let flags = libc::SPLICE_F_MOVE;
     loop {
         // SAFETY: splice(2) on fds owned by the caller, without offsets.
         let n = unsafe {
