@@ -91,5 +91,7 @@ fn test() -> anyhow::Result<()> {
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
     util::step("e2e-local: the seed scenarios against a mocked Kubernetes API, real kernel");
     e2e::local(None)?;
+    util::step("bench --quick: the benchmark still works (figures not meaningful)");
+    bench::bench(true, None)?;
     fuzz::smoke()
 }

@@ -4,6 +4,7 @@
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
+    path::Path,
     sync::{Arc, Barrier},
     thread,
     time::{Duration, Instant},
@@ -48,9 +49,26 @@ struct ThreadResult {
     txn_ns: Vec<u64>,
 }
 
-/// Connections per second over `duration`, after `warmup`, with `threads` client threads.
-pub fn load(dst: SocketAddr, threads: usize, warmup: Duration, duration: Duration) -> Value {
-    let barrier = Arc::new(Barrier::new(threads));
+/// `usage_usec` of a cgroup's cpu.stat: CPU time of everything in that subtree.
+fn cpu_usage_us(cpu_stat: &Path) -> Option<u64> {
+    std::fs::read_to_string(cpu_stat)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.trim().parse().ok())
+}
+
+/// Connections per second over `duration`, after `warmup`, with `threads` client threads. With
+/// `cpu_stat` (the mode's whole cgroup subtree: client, proxy, server), also the CPU time those
+/// processes spent per connection over the same window: the cost behind conn/s once the
+/// machine is saturated.
+pub fn load(
+    dst: SocketAddr,
+    threads: usize,
+    warmup: Duration,
+    duration: Duration,
+    cpu_stat: Option<&Path>,
+) -> Value {
+    let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
             let barrier = barrier.clone();
@@ -86,6 +104,12 @@ pub fn load(dst: SocketAddr, threads: usize, warmup: Duration, duration: Duratio
             })
         })
         .collect();
+    barrier.wait();
+    let start = Instant::now();
+    thread::sleep(warmup);
+    let cpu0 = cpu_stat.and_then(cpu_usage_us);
+    thread::sleep((start + warmup + duration).saturating_duration_since(Instant::now()));
+    let cpu1 = cpu_stat.and_then(cpu_usage_us);
     let mut all = ThreadResult::default();
     for h in handles {
         let r = h.join().expect("client thread panicked");
@@ -109,6 +133,10 @@ pub fn load(dst: SocketAddr, threads: usize, warmup: Duration, duration: Duratio
         "connect_p99_us": us(&all.connect_ns, 0.99),
         "txn_p50_us": us(&all.txn_ns, 0.50),
         "txn_p99_us": us(&all.txn_ns, 0.99),
+        "cpu_us_per_conn": match (cpu0, cpu1) {
+            (Some(a), Some(b)) if all.conns > 0 => Some((b - a) as f64 / all.conns as f64),
+            _ => None,
+        },
     })
 }
 

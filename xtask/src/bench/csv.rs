@@ -8,12 +8,12 @@ use super::results::Results;
 /// Writes every raw sample: conn.csv, bulk.csv, loads.csv, scale.csv, progs.csv.
 pub fn write(r: &Results, dir: &Path) -> Result<()> {
     let mut conn = String::from(
-        "n,run,mode,threads,conns_per_s,connect_p50_us,connect_p99_us,txn_p50_us,txn_p99_us,errors\n",
+        "n,run,mode,threads,conns_per_s,connect_p50_us,connect_p99_us,txn_p50_us,txn_p99_us,cpu_us_per_conn,errors\n",
     );
     for s in &r.conn {
         let _ = writeln!(
             conn,
-            "{},{},{},{},{:.1},{:.2},{:.2},{:.2},{:.2},{}",
+            "{},{},{},{},{:.1},{:.2},{:.2},{:.2},{:.2},{:.2},{}",
             s.n,
             s.run,
             s.mode.name(),
@@ -23,6 +23,7 @@ pub fn write(r: &Results, dir: &Path) -> Result<()> {
             s.connect_p99_us,
             s.txn_p50_us,
             s.txn_p99_us,
+            s.cpu_us_per_conn,
             s.errors
         );
     }

@@ -3,9 +3,11 @@
 //! so that switching modes between samples costs nothing and no mode's kernel state (conntrack,
 //! attached programs) leaks into another's.
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -23,8 +25,23 @@ use super::{
 pub const SERVER: &str = "198.18.0.10:80";
 pub const PROXY: &str = "127.0.0.1:15001";
 
+/// A lane's persistent load client (`bench-worker client --serve`).
+struct ClientProc {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Drop for ClientProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub struct Lane {
     pub mode: Mode,
+    client: Mutex<Option<ClientProc>>,
     // Field order is drop order: processes and the agent go before their fixture.
     agent: Option<BenchAgent>,
     /// The config the agent has applied (an identical rewrite would apply nothing).
@@ -81,6 +98,7 @@ impl Lane {
         };
         let mut lane = Lane {
             mode,
+            client: Mutex::new(None),
             agent: None,
             applied_config: String::new(),
             proxy,
@@ -139,29 +157,44 @@ impl Lane {
         }
     }
 
+    /// Runs one job on the lane's persistent client (started on first use in the app cgroup).
     fn client(&self, args: &[&str]) -> Result<Value> {
-        let out = self.fx.run_in(
-            &self.app,
-            Command::new(&self.worker)
-                .args(["bench-worker", "client", "--dst"])
-                .arg(self.dst.to_string())
-                .args(args),
-        )?;
-        if !out.status.success() {
+        let mut guard = self.client.lock().expect("client lock");
+        if guard.is_none() {
+            let cpu_stat = self.fx.cgroup_root().join("cpu.stat");
+            let mut child = self.fx.spawn_in(
+                &self.app,
+                Command::new(&self.worker)
+                    .args(["bench-worker", "client", "--serve", "--dst"])
+                    .arg(self.dst.to_string())
+                    .arg("--cpu-stat")
+                    .arg(cpu_stat)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped()),
+            )?;
+            let stdin = child.stdin.take().context("client stdin")?;
+            let stdout = BufReader::new(child.stdout.take().context("client stdout")?);
+            *guard = Some(ClientProc {
+                child,
+                stdin,
+                stdout,
+            });
+        }
+        let c = guard.as_mut().expect("started above");
+        let mut line = String::new();
+        let io = writeln!(c.stdin, "{}", args.join(" "))
+            .and_then(|()| c.stdin.flush())
+            .and_then(|()| c.stdout.read_line(&mut line));
+        if io.is_err() || line.is_empty() {
+            let status = c.child.try_wait().ok().flatten();
+            *guard = None;
             bail!(
-                "{} client failed ({}): {}",
-                self.mode.name(),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                "{} client died ({status:?}) running {args:?}: {io:?}",
+                self.mode.name()
             );
         }
-        serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
-                "{} client printed {:?}",
-                self.mode.name(),
-                String::from_utf8_lossy(&out.stdout)
-            )
-        })
+        serde_json::from_str(&line)
+            .with_context(|| format!("{} client printed {line:?}", self.mode.name()))
     }
 
     /// One exchange, checking that it took this mode's path: straight to the server for
@@ -253,6 +286,7 @@ impl Lane {
             connect_p99_us: f("connect_p99_us"),
             txn_p50_us: f("txn_p50_us"),
             txn_p99_us: f("txn_p99_us"),
+            cpu_us_per_conn: f("cpu_us_per_conn"),
             errors: v["errors"].as_u64().unwrap_or(0),
         };
         if s.errors > 0 {

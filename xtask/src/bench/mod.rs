@@ -4,6 +4,7 @@
 mod agent;
 mod client;
 mod csv;
+mod findings;
 mod iptables;
 mod lanes;
 mod plot;

@@ -26,14 +26,26 @@ pub fn med(r: &Results, n: usize, threads: usize, mode: Mode, f: fn(&ConnSample)
 
 /// Median over runs of num/den conn/s, each ratio taken within one run.
 pub fn ratio(r: &Results, n: usize, threads: usize, num: Mode, den: Mode) -> f64 {
+    ratio_of(r, n, threads, num, den, |s| s.conns_per_s)
+}
+
+/// Median over runs of num/den of `f`, each ratio taken within one run.
+pub fn ratio_of(
+    r: &Results,
+    n: usize,
+    threads: usize,
+    num: Mode,
+    den: Mode,
+    f: fn(&ConnSample) -> f64,
+) -> f64 {
     let dens = samples(r, n, threads, den);
     median(samples(r, n, threads, num).into_iter().filter_map(|a| {
         let b = dens.iter().find(|b| b.run == a.run)?;
-        Some(a.conns_per_s / b.conns_per_s)
+        Some(f(a) / f(b))
     }))
 }
 
-fn num(x: f64, digits: usize) -> String {
+pub(super) fn num(x: f64, digits: usize) -> String {
     if x.is_finite() {
         format!("{x:.digits$}")
     } else {
@@ -56,7 +68,7 @@ fn thousands(x: f64) -> String {
     out
 }
 
-fn verdict(ok: bool) -> &'static str {
+pub(super) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
@@ -65,129 +77,6 @@ pub fn sizes(r: &Results) -> Vec<usize> {
     v.sort_unstable();
     v.dedup();
     v
-}
-
-fn targets(r: &Results, md: &mut String) {
-    let ns = sizes(r);
-    let _ = writeln!(md, "## Targets\n\n| target | measured | |\n|---|---|---|");
-    for &t in &r.params.threads {
-        let worst = ns
-            .iter()
-            .map(|&n| (n, ratio(r, n, t, Mode::Ebpf, Mode::DirectToProxy)))
-            .filter(|(_, x)| x.is_finite())
-            .min_by(|a, b| a.1.total_cmp(&b.1));
-        if let Some((n, x)) = worst {
-            let _ = writeln!(
-                md,
-                "| ebpf ≥ 0.97 × direct-to-proxy conn/s at every N ({t} client thread{}) | lowest {x:.3} (N = {n}) | {} |",
-                if t == 1 { "" } else { "s" },
-                verdict(x >= 0.97)
-            );
-        }
-    }
-    for (n, want) in [(10, 1.2), (10_000, 10.0)] {
-        for &t in &r.params.threads {
-            let x = ratio(r, n, t, Mode::Ebpf, Mode::Iptables);
-            if x.is_finite() {
-                let _ = writeln!(
-                    md,
-                    "| ebpf ≥ {want} × iptables at N = {n} ({t} thr.) | {x:.2} × | {} |",
-                    verdict(x >= want)
-                );
-            }
-        }
-    }
-    if let (Some(&lo), Some(&hi)) = (ns.first(), ns.last())
-        && hi > lo
-    {
-        for &t in &r.params.threads {
-            let f = |s: &ConnSample| s.conns_per_s;
-            let raw = med(r, hi, t, Mode::Ebpf, f) / med(r, lo, t, Mode::Ebpf, f);
-            // direct-to-proxy does not depend on N: dividing by it cancels the machine's drift
-            // between the two sizes' measurements.
-            let norm = ratio(r, hi, t, Mode::Ebpf, Mode::DirectToProxy)
-                / ratio(r, lo, t, Mode::Ebpf, Mode::DirectToProxy);
-            let _ = writeln!(
-                md,
-                "| ebpf conn/s at N = {hi} within 10 % of N = {lo} ({t} thr.) | {raw:.3} raw, {norm:.3} relative to direct-to-proxy | {} |",
-                verdict(raw >= 0.9 && norm >= 0.9)
-            );
-        }
-    }
-    if let Some(s) = &r.scale {
-        let ms = s.initial_us as f64 / 1e3;
-        let _ = writeln!(
-            md,
-            "| reconcile of {} workloads × {} CIDRs < 1 s | {ms:.0} ms | {} |",
-            s.workloads,
-            s.cidrs_per_workload,
-            verdict(ms < 1000.0)
-        );
-        let peak = s.hwm_kib.max(s.hwm_after_kib) as f64 / 1024.0;
-        let _ = writeln!(
-            md,
-            "| agent RSS < 50 MiB | {:.1} MiB after the first apply, peak (VmHWM) {peak:.1} MiB | {} |",
-            s.rss_kib as f64 / 1024.0,
-            verdict(peak < 50.0)
-        );
-    }
-    md.push('\n');
-}
-
-/// eBPF program time per connection at N (from the profiling pass), in ns.
-fn ebpf_ns_per_conn(r: &Results, n: usize) -> f64 {
-    r.prog_costs
-        .iter()
-        .filter(|c| c.n == n)
-        .map(|c| c.run_cnt as f64 * c.avg_ns / c.conns.max(1) as f64)
-        .sum()
-}
-
-/// Where the time goes, in numbers derived from the samples themselves.
-fn analysis(r: &Results, md: &mut String) {
-    let ns = sizes(r);
-    let ipt: Vec<usize> = ns
-        .iter()
-        .copied()
-        .filter(|&n| !samples(r, n, 1, Mode::Iptables).is_empty())
-        .collect();
-    let (Some(&lo), Some(&hi)) = (ipt.first(), ipt.last()) else {
-        return;
-    };
-    let f = |s: &ConnSample| s.conns_per_s;
-    let conn_ns = 1e9 / med(r, lo, 1, Mode::DirectToProxy, f);
-    let _ = writeln!(md, "## Where the time goes\n");
-    let _ = writeln!(
-        md,
-        "- A proxied connection (client → proxy → server, one request and response, all closed) takes {:.0} µs per client thread here (1 / direct-to-proxy conn/s at N = {lo}, 1 thread); the same exchange without a proxy takes {:.0} µs.",
-        conn_ns / 1e3,
-        1e6 / med(r, lo, 1, Mode::None, f)
-    );
-    if hi > lo {
-        let per_rule = (1e9 / med(r, hi, 1, Mode::Iptables, f)
-            - 1e9 / med(r, lo, 1, Mode::Iptables, f))
-            / (hi - lo) as f64;
-        let _ = writeln!(
-            md,
-            "- iptables adds {per_rule:.1} ns per exclusion rule to every new connection (1-thread conn/s at N = {lo} and N = {hi}): the nat OUTPUT chain is walked once per connection, on its first packet, and conntrack remembers the verdict. At N = 10 000 that is {:.0} µs, {:.0} % of a proxied connection; for ebpf to reach 10 × iptables, iptables would have to add 9 proxied connections' worth, N ≈ {:.0}.",
-            per_rule * 10_000.0 / 1e3,
-            per_rule * 10_000.0 / conn_ns * 100.0,
-            9.0 * conn_ns / per_rule
-        );
-    }
-    let e = ebpf_ns_per_conn(r, lo);
-    if e > 0.0 {
-        let e_hi = ebpf_ns_per_conn(r, *ns.last().unwrap_or(&lo));
-        let _ = writeln!(
-            md,
-            "- The eBPF programs run {:.1} µs per proxied connection at N = {lo} and {:.1} µs at N = {} (kernel BPF stats, table at the end), {:.1} % of the connection: the LPM lookup does not grow with the list, and most of the time is the sockops callbacks on all four sockets and the connect hook running for both the client's and the proxy's connect.",
-            e / 1e3,
-            e_hi / 1e3,
-            ns.last().unwrap_or(&lo),
-            e / conn_ns * 100.0
-        );
-    }
-    md.push('\n');
 }
 
 fn conn_table(r: &Results, threads: usize, md: &mut String) {
@@ -215,6 +104,27 @@ fn conn_table(r: &Results, threads: usize, md: &mut String) {
             "{row}| {} | {} |",
             num(ratio(r, n, threads, Mode::Ebpf, Mode::DirectToProxy), 3),
             num(ratio(r, n, threads, Mode::Ebpf, Mode::Iptables), 2)
+        );
+    }
+    md.push('\n');
+}
+
+fn cpu_table(r: &Results, md: &mut String) {
+    let f = |s: &ConnSample| s.cpu_us_per_conn;
+    let _ = writeln!(
+        md,
+        "## CPU time per connection, 1 client thread (µs)\n\nCPU time of all the mode's processes (client, proxy, server, and the kernel work done on their behalf: TCP, netfilter, eBPF) over the measured window, from the mode's cgroup `cpu.stat`, divided by the connections completed. It is the cost behind conn/s once the machine is saturated; on a shared VM it still moves with other load (cache pressure, steal time), so read its ratios with the same caution.\n\n| N | none | direct-to-proxy | iptables | ebpf | ebpf / direct-to-proxy | iptables / ebpf |\n|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in sizes(r) {
+        let mut row = format!("| {n} ");
+        for m in TABLE_MODES {
+            let _ = write!(row, "| {} ", num(med(r, n, 1, m, f), 1));
+        }
+        let _ = writeln!(
+            md,
+            "{row}| {} | {} |",
+            num(ratio_of(r, n, 1, Mode::Ebpf, Mode::DirectToProxy, f), 3),
+            num(ratio_of(r, n, 1, Mode::Iptables, Mode::Ebpf, f), 2)
         );
     }
     md.push('\n');
@@ -431,12 +341,13 @@ pub fn markdown(r: &Results) -> String {
     );
     md.push_str(super::METHOD);
     md.push('\n');
-    targets(r, &mut md);
-    analysis(r, &mut md);
+    super::findings::targets(r, &mut md);
+    super::findings::analysis(r, &mut md);
     for &t in &r.params.threads {
         conn_table(r, t, &mut md);
     }
     md.push_str("![connections per second against N](conn_per_s.png)\n\n");
+    cpu_table(r, &mut md);
     latency_table(r, &mut md);
     md.push_str("![connect latency against N](latency.png)\n\n");
     bulk_table(r, &mut md);

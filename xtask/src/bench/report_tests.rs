@@ -29,6 +29,7 @@ fn fake() -> Results {
                         connect_p99_us: 3e6 / x,
                         txn_p50_us: 2e6 / x,
                         txn_p99_us: 5e6 / x,
+                        cpu_us_per_conn: 2e6 / x,
                         errors: 0,
                     });
                 }

@@ -38,6 +38,8 @@ pub struct ConnSample {
     pub connect_p99_us: f64,
     pub txn_p50_us: f64,
     pub txn_p99_us: f64,
+    /// CPU time of all the mode's processes (client, proxy, server) per connection.
+    pub cpu_us_per_conn: f64,
     pub errors: u64,
 }
 
@@ -122,8 +124,8 @@ impl Params {
                 sizes: vec![0, 100_000],
                 runs: 1,
                 threads: vec![1, 2],
-                warmup: Duration::from_millis(100),
-                duration: Duration::from_millis(500),
+                warmup: Duration::from_millis(50),
+                duration: Duration::from_millis(300),
                 bulk_bytes: 64 << 20,
                 bulk_runs: 1,
                 iptables_limit: Duration::from_secs(30),
@@ -136,12 +138,12 @@ impl Params {
                 quick,
                 sizes: vec![0, 10, 100, 1_000, 10_000, 100_000],
                 // Many short runs rather than a few long ones: other load on the machine comes
-                // in bursts of seconds, and more within-run pairs make the ratios' medians
-                // steadier for the same total time.
-                runs: 8,
+                // and goes over seconds, so short samples taken back to back pair better, and
+                // more pairs make the ratios' medians steadier for the same total time.
+                runs: 24,
                 threads: vec![1, 2],
-                warmup: Duration::from_millis(200),
-                duration: Duration::from_millis(1500),
+                warmup: Duration::from_millis(50),
+                duration: Duration::from_millis(500),
                 bulk_bytes: 4 << 30,
                 bulk_runs: 3,
                 iptables_limit: Duration::from_secs(120),
