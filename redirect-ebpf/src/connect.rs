@@ -126,17 +126,15 @@ fn lookup_policy() -> Option<(&'static Policy, bool)> {
 // the payload of a None undefined, and the verifier rejects the uninitialised register it copies.
 const NO_RULE: u32 = 0;
 
-/// Steps 1-3 of the decision order, shared by both families. `None` means "not decided yet".
+/// Step 0-1, before any map lookup: a disabled workload or the proxy's own connect (every
+/// proxied connection has one, upstream) is decided without touching the tries.
 #[inline(always)]
-fn decide_common(policy: &Policy, is_proxy: bool, port_rule: u32) -> Option<Decision> {
+fn decide_caller(policy: &Policy, is_proxy: bool) -> Option<Decision> {
     if policy.flags & flags::ENABLED == 0 {
         return Some(Decision::Disabled);
     }
     if is_proxy {
         return Some(Decision::BypassProxy);
-    }
-    if port_rule == action::EXCLUDE {
-        return Some(Decision::BypassPort);
     }
     None
 }
@@ -169,9 +167,13 @@ fn port_rule(policy_id: [u8; 4], port: [u8; 2]) -> u32 {
 #[inline(always)]
 fn decide_v4(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 4]) -> Decision {
     let id = policy.policy_id.to_be_bytes();
-    let port_rule = port_rule(id, port);
-    if let Some(d) = decide_common(policy, is_proxy, port_rule) {
+    if let Some(d) = decide_caller(policy, is_proxy) {
         return d;
+    }
+    // Step 2. The same lookup also answers step 5 (included ports).
+    let port_rule = port_rule(id, port);
+    if port_rule == action::EXCLUDE {
+        return Decision::BypassPort;
     }
     if ip[0] == 127 {
         return Decision::BypassLoopback;
@@ -189,9 +191,13 @@ fn decide_v4(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 4]) -> Dec
 #[inline(always)]
 fn decide_v6(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 16]) -> Decision {
     let id = policy.policy_id.to_be_bytes();
-    let port_rule = port_rule(id, port);
-    if let Some(d) = decide_common(policy, is_proxy, port_rule) {
+    if let Some(d) = decide_caller(policy, is_proxy) {
         return d;
+    }
+    // Step 2. The same lookup also answers step 5 (included ports).
+    let port_rule = port_rule(id, port);
+    if port_rule == action::EXCLUDE {
+        return Decision::BypassPort;
     }
     if ip[..15] == [0u8; 15] && ip[15] == 1 {
         return Decision::BypassLoopback;

@@ -56,7 +56,10 @@ pub struct Fill {
 pub struct Applier {
     maps: PinnedMaps,
     applied: BTreeMap<u64, Applied>,
+    /// Above every id in use until it wraps.
     next_id: u32,
+    /// Set once `next_id` has wrapped: from then on a candidate id may still be in use.
+    wrapped: bool,
 }
 
 impl Applier {
@@ -90,6 +93,7 @@ impl Applier {
             maps,
             applied,
             next_id,
+            wrapped: false,
         })
     }
 
@@ -195,13 +199,17 @@ impl Applier {
     }
 
     /// Ids are never 0 and never one in use, so the old and new entries of an update cannot
-    /// collide.
+    /// collide. Ids only repeat after 2^32 allocations, so the scan for one in use runs only
+    /// once the counter has wrapped, instead of on every allocation of a reconcile pass.
     fn allocate_id(&mut self) -> u32 {
-        let in_use: BTreeSet<u32> = self.applied.values().map(|a| a.record.policy_id).collect();
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1);
-            if id != 0 && !in_use.contains(&id) {
+            if id == 0 {
+                self.wrapped = true;
+                continue;
+            }
+            if !self.wrapped || !self.applied.values().any(|a| a.record.policy_id == id) {
                 return id;
             }
         }
