@@ -7,7 +7,9 @@ pub mod caps;
 pub mod cgroup;
 pub mod cli;
 pub mod metrics;
-pub mod policy;
+/// The pure policy core lives in its own crate (no kube, no aya, no tokio); re-exported so the
+/// layers keep one path to it.
+pub use redirect_policy as policy;
 pub mod proxy;
 pub mod reconcile;
 pub mod source;

@@ -5,6 +5,8 @@
 //! types implement `aya::Pod` so that userspace can read and write the maps.
 #![no_std]
 
+pub mod decide;
+
 /// Deepest cgroup level the connect programs look at when walking ancestors. Kubernetes pod
 /// cgroups sit at depth 3-4 (`kubepods.slice/kubepods-<qos>.slice/<pod>.slice/<container>`), and tests
 /// nest that under their own subtree, so 16 leaves ample room while keeping the loop bounded.

@@ -1,5 +1,7 @@
 //! cgroup/connect4 and cgroup/connect6: decide at connect() time whether a TCP connection goes to
-//! the proxy, in exactly the order of istio-iptables (DESIGN §2).
+//! the proxy, in exactly the order of istio-iptables (docs/architecture.md). The order itself is
+//! `redirect_common::decide::decide_outbound`, shared with `explain` and the property tests; this
+//! file only reads the context, answers the lookups and rewrites the address.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -10,7 +12,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use redirect_common::{
-    CidrV4Key, CidrV6Key, Decision, MAX_CGROUP_DEPTH, POLICY_ID_BITS, Policy, PortKey, action,
+    CidrV4Key, CidrV6Key, Decision, MAX_CGROUP_DEPTH, POLICY_ID_BITS, Policy, PortKey,
+    decide::{Dest, NO_RULE, OutboundStep, decide_outbound},
     flags,
 };
 
@@ -32,10 +35,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     };
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
     let port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
-    let decision = decide_v4(policy, is_proxy, port, ip);
-    count(decision);
-    if decision == Decision::Redirected {
-        crate::origdst::record_v4(sa, ip, port, policy);
+    let step = decide(&policy, is_proxy, port, &Dest::V4(ip));
+    count(step.decision());
+    if step.redirects() {
+        crate::origdst::record_v4(sa, ip, port, &policy);
         unsafe {
             write_volatile(
                 addr_of_mut!((*sa).user_ip4),
@@ -62,25 +65,23 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     };
     let ip = read_ip6(sa);
     let port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
-
     // ::ffff:a.b.c.d on an AF_INET6 socket is an IPv4 connection: the v4 rules decide, and the
     // proxy's v4 address (mapped) is the target, exactly as iptables would see it.
-    let mapped = ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff;
-    let decision = if mapped {
-        decide_v4(policy, is_proxy, port, [ip[12], ip[13], ip[14], ip[15]])
-    } else {
-        decide_v6(policy, is_proxy, port, ip)
-    };
-    count(decision);
-    if decision == Decision::Redirected {
-        crate::origdst::record_v6(sa, ip, port, policy);
-        let mut target = policy.proxy_addr6;
-        if mapped {
-            target = [0; 16];
-            target[10] = 0xff;
-            target[11] = 0xff;
-            target[12..].copy_from_slice(&policy.proxy_addr4);
-        }
+    let dest = Dest::from_v6(ip);
+    let step = decide(&policy, is_proxy, port, &dest);
+    count(step.decision());
+    if step.redirects() {
+        crate::origdst::record_v6(sa, ip, port, &policy);
+        let target = match dest {
+            Dest::V4(_) => {
+                let mut t = [0u8; 16];
+                t[10] = 0xff;
+                t[11] = 0xff;
+                t[12..].copy_from_slice(&policy.proxy_addr4);
+                t
+            }
+            Dest::V6(_) => policy.proxy_addr6,
+        };
         write_ip6(sa, &target);
         unsafe {
             write_volatile(
@@ -95,9 +96,12 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 /// Walks from the root's first level down to the current cgroup and keeps the deepest registered
 /// one, so a container cgroup created after its pod was registered is covered with no agent
 /// action. Also reports whether the caller sits in (or below) the proxy container's cgroup.
+///
+/// The record is copied to the stack: POLICY is a preallocated hash, and an update of the same
+/// key may recycle the slot a pointer refers to while this program still reads it.
 #[inline(always)]
-fn lookup_policy() -> Option<(&'static Policy, bool)> {
-    let mut found: Option<&'static Policy> = None;
+fn lookup_policy() -> Option<(Policy, bool)> {
+    let mut found: Option<Policy> = None;
     let mut in_proxy_cgroup = false;
     for level in 1..=MAX_CGROUP_DEPTH {
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
@@ -106,9 +110,9 @@ fn lookup_policy() -> Option<(&'static Policy, bool)> {
         }
         if let Some(p) = POLICY.get_ptr(id) {
             // A deeper registration wins; a proxy match above it belonged to another policy.
-            found = Some(unsafe { &*p });
+            found = Some(unsafe { core::ptr::read_volatile(p) });
             in_proxy_cgroup = false;
-        } else if let Some(p) = found
+        } else if let Some(p) = &found
             && p.flags & flags::HAS_PROXY_CGROUP != 0
             && p.proxy_cgroup == id
         {
@@ -122,33 +126,17 @@ fn lookup_policy() -> Option<(&'static Policy, bool)> {
     Some((policy, is_proxy))
 }
 
-// Rule lookups return the action, or NO_RULE. A plain u32 rather than Option<u32>: LLVM leaves
-// the payload of a None undefined, and the verifier rejects the uninitialised register it copies.
-const NO_RULE: u32 = 0;
-
-/// Step 0-1, before any map lookup: a disabled workload or the proxy's own connect (every
-/// proxied connection has one, upstream) is decided without touching the tries.
+/// The shared decision, with this workload's trie lookups.
 #[inline(always)]
-fn decide_caller(policy: &Policy, is_proxy: bool) -> Option<Decision> {
-    if policy.flags & flags::ENABLED == 0 {
-        return Some(Decision::Disabled);
-    }
-    if is_proxy {
-        return Some(Decision::BypassProxy);
-    }
-    None
-}
-
-/// Steps 4-7: excluded CIDR → included port → included CIDR → bypass.
-#[inline(always)]
-fn decide_tail(cidr_rule: u32, port_rule: u32) -> Decision {
-    if cidr_rule == action::EXCLUDE {
-        Decision::BypassCidr
-    } else if port_rule == action::INCLUDE || cidr_rule == action::INCLUDE {
-        Decision::Redirected
-    } else {
-        Decision::BypassNotIncluded
-    }
+fn decide(policy: &Policy, is_proxy: bool, port: [u8; 2], dest: &Dest) -> OutboundStep {
+    let id = policy.policy_id.to_be_bytes();
+    decide_outbound(
+        policy.flags & flags::ENABLED != 0,
+        is_proxy,
+        dest,
+        || port_rule(id, port),
+        |dest| cidr_rule(id, dest),
+    )
 }
 
 #[inline(always)]
@@ -165,51 +153,17 @@ fn port_rule(policy_id: [u8; 4], port: [u8; 2]) -> u32 {
 }
 
 #[inline(always)]
-fn decide_v4(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 4]) -> Decision {
-    let id = policy.policy_id.to_be_bytes();
-    if let Some(d) = decide_caller(policy, is_proxy) {
-        return d;
+fn cidr_rule(policy_id: [u8; 4], dest: &Dest) -> u32 {
+    match *dest {
+        Dest::V4(addr) => {
+            let key = Key::new(POLICY_ID_BITS + 32, CidrV4Key { policy_id, addr });
+            CIDR_V4.get(&key).map_or(NO_RULE, |r| r.action)
+        }
+        Dest::V6(addr) => {
+            let key = Key::new(POLICY_ID_BITS + 128, CidrV6Key { policy_id, addr });
+            CIDR_V6.get(&key).map_or(NO_RULE, |r| r.action)
+        }
     }
-    // Step 2. The same lookup also answers step 5 (included ports).
-    let port_rule = port_rule(id, port);
-    if port_rule == action::EXCLUDE {
-        return Decision::BypassPort;
-    }
-    if ip[0] == 127 {
-        return Decision::BypassLoopback;
-    }
-    let key = Key::new(
-        POLICY_ID_BITS + 32,
-        CidrV4Key {
-            policy_id: id,
-            addr: ip,
-        },
-    );
-    decide_tail(CIDR_V4.get(&key).map_or(NO_RULE, |r| r.action), port_rule)
-}
-
-#[inline(always)]
-fn decide_v6(policy: &Policy, is_proxy: bool, port: [u8; 2], ip: [u8; 16]) -> Decision {
-    let id = policy.policy_id.to_be_bytes();
-    if let Some(d) = decide_caller(policy, is_proxy) {
-        return d;
-    }
-    // Step 2. The same lookup also answers step 5 (included ports).
-    let port_rule = port_rule(id, port);
-    if port_rule == action::EXCLUDE {
-        return Decision::BypassPort;
-    }
-    if ip[..15] == [0u8; 15] && ip[15] == 1 {
-        return Decision::BypassLoopback;
-    }
-    let key = Key::new(
-        POLICY_ID_BITS + 128,
-        CidrV6Key {
-            policy_id: id,
-            addr: ip,
-        },
-    );
-    decide_tail(CIDR_V6.get(&key).map_or(NO_RULE, |r| r.action), port_rule)
 }
 
 /// The verifier only accepts 4-byte accesses to `user_ip6`, so read it word by word.

@@ -12,8 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use redirect_agent_fuzz::policy::{
-    self, Annotations, MeshTraffic, WorkloadInputs, evaluate, evaluate_compiled, keys,
+use redirect_policy::{
+    self as policy, Annotations, MeshTraffic, WorkloadInputs, evaluate, evaluate_compiled, keys,
 };
 
 #[derive(Arbitrary, Debug)]

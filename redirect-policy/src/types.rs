@@ -67,7 +67,7 @@ impl fmt::Display for Source {
 /// their watch caches.
 #[derive(Clone, Copy, Debug)]
 pub struct WorkloadInputs<'a> {
-    pub mesh: &'a crate::policy::MeshTraffic,
+    pub mesh: &'a crate::MeshTraffic,
     pub namespace: &'a str,
     pub namespace_annotations: &'a Annotations,
     /// Pod / workload name.
@@ -235,6 +235,22 @@ pub enum Step {
     IncludedCidr,
     NotIncluded,
     Disabled,
+}
+
+impl From<redirect_common::decide::OutboundStep> for Step {
+    fn from(s: redirect_common::decide::OutboundStep) -> Self {
+        use redirect_common::decide::OutboundStep as O;
+        match s {
+            O::Disabled => Step::Disabled,
+            O::ProxyCaller => Step::ProxyCaller,
+            O::ExcludedPort => Step::ExcludedPort,
+            O::Loopback => Step::Loopback,
+            O::ExcludedCidr => Step::ExcludedCidr,
+            O::IncludedPort => Step::IncludedPort,
+            O::IncludedCidr => Step::IncludedCidr,
+            O::NotIncluded => Step::NotIncluded,
+        }
+    }
 }
 
 impl Step {

@@ -1,10 +1,10 @@
 //! Precedence tests: pod over namespace over mesh, field by field; unions; enabling.
 
 use super::*;
-use crate::policy::dialect::keys::{istio, kuma, linkerd};
-use crate::policy::mesh::{KEY_EXCLUDE_CIDRS, KEY_EXCLUDE_PORTS, KEY_MODE};
-use crate::policy::types::{Annotations, PortRange, Step};
-use crate::policy::{MeshTraffic, evaluate};
+use crate::dialect::keys::{istio, kuma, linkerd};
+use crate::mesh::{KEY_EXCLUDE_CIDRS, KEY_EXCLUDE_PORTS, KEY_MODE};
+use crate::types::{Annotations, PortRange, Step};
+use crate::{MeshTraffic, evaluate};
 
 fn ann(pairs: &[(&str, &str)]) -> Annotations {
     pairs

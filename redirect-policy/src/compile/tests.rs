@@ -1,5 +1,5 @@
 use super::*;
-use crate::policy::types::{Action, Origin, Source};
+use crate::types::{Action, Origin, Source};
 
 fn src() -> Source {
     Source::new(Origin::Default, "test")
@@ -109,7 +109,7 @@ fn ports_exclude_beats_include() {
         ..Default::default()
     };
     let c = compile(&p);
-    let look = |port| crate::policy::lookup_port(&c, port);
+    let look = |port| crate::lookup_port(&c, port);
     assert_eq!(look(8080), Some(Action::Exclude));
     assert_eq!(look(8081), Some(Action::Include));
     assert_eq!(look(7999), None);

@@ -2,9 +2,9 @@
 //! Linkerd reads these from the pod and falls back to the namespace, which is exactly the
 //! override chain, so every key is a [`Merge::Override`].
 
-use crate::policy::layer::{Layer, Merge, Setting};
-use crate::policy::types::{Annotations, Origin, PolicyError};
-use crate::policy::values::{self, CidrSyntax, Ctx};
+use crate::layer::{Layer, Merge, Setting};
+use crate::types::{Annotations, Origin, PolicyError};
+use crate::values::{self, CidrSyntax, Ctx};
 
 pub mod keys {
     pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
@@ -60,8 +60,8 @@ pub(super) fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::dialect::test_util::{assert_names, parse};
-    use crate::policy::types::PortRange;
+    use crate::dialect::test_util::{assert_names, parse};
+    use crate::types::PortRange;
 
     #[test]
     fn ports_with_ranges() {

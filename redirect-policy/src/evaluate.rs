@@ -5,6 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
+use redirect_common::decide::{Dest, NO_RULE, decide_outbound};
 
 use super::types::{Action, Compiled, EffectivePolicy, PortRange, Sourced, Step, Verdict};
 
@@ -82,7 +83,8 @@ pub fn evaluate_compiled(
 }
 
 /// The kernel's decision order over two longest-prefix lookups, whoever answers them: the
-/// compiled tables here, or the pinned kernel maps (`explain --bpffs-dir`).
+/// compiled tables here, or the pinned kernel maps (`explain --bpffs-dir`). The order itself is
+/// `redirect_common::decide::decide_outbound`, the function the eBPF programs run.
 pub fn evaluate_lookups(
     enabled: bool,
     dest: SocketAddr,
@@ -90,31 +92,24 @@ pub fn evaluate_lookups(
     port_lookup: impl FnOnce(u16) -> Option<Action>,
     ip_lookup: impl FnOnce(IpAddr) -> Option<Action>,
 ) -> (bool, Step) {
-    if !enabled {
-        return (false, Step::Disabled);
-    }
-    if caller_is_proxy {
-        return (false, Step::ProxyCaller);
-    }
-    let ip = canonical_ip(dest.ip());
-    let port_hit = port_lookup(dest.port());
-    if port_hit == Some(Action::Exclude) {
-        return (false, Step::ExcludedPort);
-    }
-    if ip.is_loopback() {
-        return (false, Step::Loopback);
-    }
-    let cidr_hit = ip_lookup(ip);
-    if cidr_hit == Some(Action::Exclude) {
-        return (false, Step::ExcludedCidr);
-    }
-    if port_hit == Some(Action::Include) {
-        return (true, Step::IncludedPort);
-    }
-    if cidr_hit == Some(Action::Include) {
-        return (true, Step::IncludedCidr);
-    }
-    (false, Step::NotIncluded)
+    let d = match canonical_ip(dest.ip()) {
+        IpAddr::V4(a) => Dest::V4(a.octets()),
+        IpAddr::V6(a) => Dest::V6(a.octets()),
+    };
+    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
+    let step = decide_outbound(
+        enabled,
+        caller_is_proxy,
+        &d,
+        || rule(port_lookup(dest.port())),
+        |d| {
+            rule(ip_lookup(match *d {
+                Dest::V4(a) => IpAddr::from(a),
+                Dest::V6(a) => IpAddr::from(a),
+            }))
+        },
+    );
+    (step.redirects(), Step::from(step))
 }
 
 /// Longest-prefix match over the port entries.
@@ -147,8 +142,8 @@ pub fn lookup_ip(c: &Compiled, ip: IpAddr) -> Option<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::compile::compile;
-    use crate::policy::types::{Origin, Source};
+    use crate::compile::compile;
+    use crate::types::{Origin, Source};
 
     fn src(key: &str) -> Source {
         Source::new(Origin::Pod("demo/app".into()), key)

@@ -2,9 +2,9 @@
 //! take bare addresses as well as CIDRs (Kuma's own example is `192.168.10.1,fd10::/16`).
 //! Every key is a [`Merge::Override`].
 
-use crate::policy::layer::{Layer, Merge, Setting};
-use crate::policy::types::{Annotations, Origin, PolicyError};
-use crate::policy::values::{self, CidrSyntax, Ctx};
+use crate::layer::{Layer, Merge, Setting};
+use crate::types::{Annotations, Origin, PolicyError};
+use crate::values::{self, CidrSyntax, Ctx};
 
 pub mod keys {
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.kuma.io/exclude-outbound-ports";
@@ -65,8 +65,8 @@ pub(super) fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::dialect::test_util::{assert_names, parse};
-    use crate::policy::types::PortRange;
+    use crate::dialect::test_util::{assert_names, parse};
+    use crate::types::PortRange;
 
     #[test]
     fn ports_with_colon_ranges() {

@@ -2,9 +2,9 @@
 //! injector validation: CIDRs with a prefix length, single ports (no ranges), `*` only where Istio
 //! allows it and only as the whole value. All keys override the less specific layers.
 
-use crate::policy::layer::{Layer, Merge, Setting};
-use crate::policy::types::{Annotations, Mode, Origin, PolicyError};
-use crate::policy::values::{self, CidrSyntax, Ctx};
+use crate::layer::{Layer, Merge, Setting};
+use crate::types::{Annotations, Mode, Origin, PolicyError};
+use crate::values::{self, CidrSyntax, Ctx};
 
 pub mod keys {
     pub const INCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/includeOutboundIPRanges";
@@ -113,8 +113,8 @@ pub(super) fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::dialect::test_util::{assert_names, parse};
-    use crate::policy::types::PortRange;
+    use crate::dialect::test_util::{assert_names, parse};
+    use crate::types::PortRange;
 
     #[test]
     fn include_ranges_star_empty_and_list() {

@@ -3,9 +3,9 @@
 //! [`Merge::Union`]. Values follow FSM's injector: items trimmed, Go's `net.ParseCIDR`, single
 //! ports, and an empty value is an error (FSM splits it into one empty item and fails on it).
 
-use crate::policy::layer::{Layer, Merge, Setting};
-use crate::policy::types::{Annotations, Origin, PolicyError};
-use crate::policy::values::{self, CidrSyntax, Ctx};
+use crate::layer::{Layer, Merge, Setting};
+use crate::types::{Annotations, Origin, PolicyError};
+use crate::values::{self, CidrSyntax, Ctx};
 
 pub const FSM_PREFIX: &str = "flomesh.io/";
 pub const OSM_PREFIX: &str = "openservicemesh.io/";
@@ -65,8 +65,8 @@ pub(super) fn parse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::dialect::test_util::{assert_names, parse};
-    use crate::policy::types::PortRange;
+    use crate::dialect::test_util::{assert_names, parse};
+    use crate::types::PortRange;
 
     #[test]
     fn fsm_and_osm_keys_union() {

@@ -9,7 +9,7 @@
 //! and sibling pairs, dropping entries shadowed by an equal shorter one, and dropping includes
 //! nested in an exclude.
 
-use crate::policy::types::Action;
+use crate::types::Action;
 
 /// A prefix of a `width`-bit key: `bits` is the key value (right-aligned in `width`) with every
 /// bit after the first `len` cleared.

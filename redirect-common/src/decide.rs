@@ -1,0 +1,171 @@
+//! The decision functions, written once. The kernel programs call them with map lookups, and the
+//! policy crate calls them with lookups over compiled tables (the property test) or over the
+//! pinned maps (`explain --bpffs-dir`), so what `explain` says is what the kernel runs.
+//!
+//! Lookups are passed as closures and called only when the order reaches them: a proxy's own
+//! connect or a disabled workload costs no trie lookup, and loopback costs no CIDR lookup.
+
+use crate::{Decision, action};
+
+/// A rule lookup that found nothing. A plain u32 rather than `Option<u32>`: LLVM leaves the
+/// payload of a `None` undefined, and the verifier rejects the uninitialised register it copies.
+pub const NO_RULE: u32 = 0;
+
+/// A destination address as the datapath evaluates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+impl Dest {
+    /// An AF_INET6 address: `::ffff:a.b.c.d` is an IPv4 destination and follows the IPv4 rules,
+    /// exactly as iptables sees it.
+    #[inline(always)]
+    pub fn from_v6(ip: [u8; 16]) -> Dest {
+        if ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff {
+            Dest::V4([ip[12], ip[13], ip[14], ip[15]])
+        } else {
+            Dest::V6(ip)
+        }
+    }
+
+    /// 127.0.0.0/8 and ::1.
+    #[inline(always)]
+    pub fn is_loopback(&self) -> bool {
+        match self {
+            Dest::V4(ip) => ip[0] == 127,
+            Dest::V6(ip) => ip[..15] == [0u8; 15] && ip[15] == 1,
+        }
+    }
+}
+
+/// Which step of the outbound order decided (README "How it decides"), first match wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutboundStep {
+    /// The workload's interception is off (checked before step 1).
+    Disabled,
+    /// 1: the caller is the proxy (its cgroup or its uid).
+    ProxyCaller,
+    /// 2: the destination port is excluded.
+    ExcludedPort,
+    /// 3: the destination is loopback.
+    Loopback,
+    /// 4: the destination address is in an excluded CIDR.
+    ExcludedCidr,
+    /// 5: the destination port is included.
+    IncludedPort,
+    /// 6: the destination address is in an included CIDR.
+    IncludedCidr,
+    /// 7: nothing included it.
+    NotIncluded,
+}
+
+impl OutboundStep {
+    #[inline(always)]
+    pub fn redirects(self) -> bool {
+        matches!(
+            self,
+            OutboundStep::IncludedPort | OutboundStep::IncludedCidr
+        )
+    }
+
+    /// The counter slot of this outcome.
+    #[inline(always)]
+    pub fn decision(self) -> Decision {
+        match self {
+            OutboundStep::Disabled => Decision::Disabled,
+            OutboundStep::ProxyCaller => Decision::BypassProxy,
+            OutboundStep::ExcludedPort => Decision::BypassPort,
+            OutboundStep::Loopback => Decision::BypassLoopback,
+            OutboundStep::ExcludedCidr => Decision::BypassCidr,
+            OutboundStep::IncludedPort | OutboundStep::IncludedCidr => Decision::Redirected,
+            OutboundStep::NotIncluded => Decision::BypassNotIncluded,
+        }
+    }
+}
+
+/// The outbound decision for a TCP connect from a registered workload.
+///
+/// `port_rule` answers the port trie for the destination port (one lookup serves both the
+/// excluded-port step and the included-port step); `cidr_rule` answers the CIDR trie of the
+/// destination's family. Both return an [`action`] value or [`NO_RULE`].
+#[inline(always)]
+pub fn decide_outbound(
+    enabled: bool,
+    caller_is_proxy: bool,
+    dest: &Dest,
+    port_rule: impl FnOnce() -> u32,
+    cidr_rule: impl FnOnce(&Dest) -> u32,
+) -> OutboundStep {
+    if !enabled {
+        return OutboundStep::Disabled;
+    }
+    if caller_is_proxy {
+        return OutboundStep::ProxyCaller;
+    }
+    let port = port_rule();
+    if port == action::EXCLUDE {
+        return OutboundStep::ExcludedPort;
+    }
+    if dest.is_loopback() {
+        return OutboundStep::Loopback;
+    }
+    let cidr = cidr_rule(dest);
+    if cidr == action::EXCLUDE {
+        OutboundStep::ExcludedCidr
+    } else if port == action::INCLUDE {
+        OutboundStep::IncludedPort
+    } else if cidr == action::INCLUDE {
+        OutboundStep::IncludedCidr
+    } else {
+        OutboundStep::NotIncluded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_is_v4() {
+        let mut ip = [0u8; 16];
+        ip[10] = 0xff;
+        ip[11] = 0xff;
+        ip[12..].copy_from_slice(&[127, 0, 0, 5]);
+        assert_eq!(Dest::from_v6(ip), Dest::V4([127, 0, 0, 5]));
+        assert!(Dest::from_v6(ip).is_loopback());
+        let mut one = [0u8; 16];
+        one[15] = 1;
+        assert_eq!(Dest::from_v6(one), Dest::V6(one));
+        assert!(Dest::V6(one).is_loopback());
+    }
+
+    #[test]
+    fn lookups_only_when_reached() {
+        let d = Dest::V4([10, 0, 0, 1]);
+        let never = || -> u32 { panic!("looked up") };
+        let never_cidr = |_: &Dest| -> u32 { panic!("looked up") };
+        assert_eq!(
+            decide_outbound(false, false, &d, never, never_cidr),
+            OutboundStep::Disabled
+        );
+        assert_eq!(
+            decide_outbound(true, true, &d, never, never_cidr),
+            OutboundStep::ProxyCaller
+        );
+        let lo = Dest::V4([127, 0, 0, 1]);
+        assert_eq!(
+            decide_outbound(true, false, &lo, || NO_RULE, never_cidr),
+            OutboundStep::Loopback
+        );
+        assert_eq!(
+            decide_outbound(true, false, &d, || action::INCLUDE, |_| action::EXCLUDE),
+            OutboundStep::ExcludedCidr
+        );
+        assert_eq!(
+            decide_outbound(true, false, &d, || action::INCLUDE, |_| NO_RULE),
+            OutboundStep::IncludedPort
+        );
+    }
+}
