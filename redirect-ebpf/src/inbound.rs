@@ -3,6 +3,8 @@
 //! inbound listener, or the normal lookup (the app). The order is
 //! `redirect_common::decide::decide_inbound`, shared with `explain` and the property test.
 //!
+//! One instance per netns carries that netns's cookie ([`INBOUND_NETNS_COOKIE`]).
+//!
 //! The listeners come from sockops `BPF_SOCK_OPS_TCP_LISTEN_CB` ([`on_listen`], called from
 //! origdst.rs): every TCP listener of the attached cgroup tree is recorded by {netns cookie, port,
 //! family}, so a proxy that listens before the agent writes its netns record is found as well.
@@ -40,6 +42,14 @@ const LOOPBACK_IFINDEX: u32 = 1;
 const ENOENT: i32 = 2;
 
 /// Network namespace cookie → the workload's inbound record.
+/// The netns this instance is linked into, by its cookie. bpf_get_netns_cookie is not available
+/// to sk_lookup programs (6.18's verifier: "program of this type cannot use helper
+/// bpf_get_netns_cookie#122"), so the agent loads one instance per netns with the cookie set
+/// here as a read-only global (EbpfLoader::set_global). 0 (the loader's own instance, never
+/// linked) leaves every lookup alone.
+#[unsafe(no_mangle)]
+static INBOUND_NETNS_COOKIE: u64 = 0;
+
 #[btf_map]
 pub static INBOUND: HashMap<u64, InboundRecord, { MAX_INBOUND_NETNS as usize }> = HashMap::new();
 
@@ -156,7 +166,10 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { read_volatile(addr_of!((*c).protocol)) } != IPPROTO_TCP {
         return sk_action::SK_PASS;
     }
-    let netns = unsafe { bpf_get_netns_cookie(c.cast()) };
+    let netns = unsafe { read_volatile(&raw const INBOUND_NETNS_COOKIE) };
+    if netns == 0 {
+        return sk_action::SK_PASS;
+    }
     // Copied to the stack: an update of the same key may recycle the slot a pointer refers to.
     let Some(rec) = INBOUND.get_ptr(netns).map(|p| unsafe { read_volatile(p) }) else {
         count(InboundCounter::NotInMesh);
@@ -169,8 +182,17 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
         Dest::V6(l.remote6)
     };
     let id = rec.policy_id.to_be_bytes();
+    // Step 1 means "not through PREROUTING", i.e. sent from inside this netns. A connection to
+    // 127.0.0.0/8 arrives on lo, but one from the pod to its own address reports that address's
+    // device as ingress (the route's fib device, not lo), with the address itself as source.
+    let local_origin = l.ifindex == LOOPBACK_IFINDEX
+        || if l.v4 {
+            l.remote4 == l.local4
+        } else {
+            l.remote6 == l.local6
+        };
     let step = decide_inbound(
-        l.ifindex == LOOPBACK_IFINDEX,
+        local_origin,
         &source,
         || port_rule(id, l.local_port.to_be_bytes()),
         |s| source_rule(id, s),

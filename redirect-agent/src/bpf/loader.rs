@@ -24,7 +24,7 @@ use tracing::{debug, info};
 use super::{BpfError, PinnedMaps};
 use crate::cgroup;
 
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+pub(super) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
 /// How a program attaches to the cgroup.
 #[derive(Clone, Copy, Debug)]
