@@ -1,5 +1,5 @@
-//! The original destination of redirected connections (DESIGN §2), so that unmodified proxies
-//! work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
+//! The original destination of redirected connections (docs/architecture.md), so that
+//! unmodified proxies work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
 //! getpeername shows the destination it connected to.
 //!
 //! A record's life:
