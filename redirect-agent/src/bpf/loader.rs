@@ -1,6 +1,7 @@
 //! Loads the embedded object, pins its maps, and attaches its programs with pinned bpf_links.
 //!
-//! Restart story (DESIGN §3): maps are pinned, so a new agent reuses them with their contents;
+//! Restart story (docs/architecture.md, "Reconcile rules"): maps are pinned, so a new agent
+//! reuses them with their contents;
 //! links are pinned, so interception survives the agent's exit (even kill -9). On start the agent
 //! adopts a pinned link that already runs the same program on the same cgroup; otherwise it
 //! attaches the new link first and only then releases the old one, so there is no gap.
