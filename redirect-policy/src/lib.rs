@@ -10,6 +10,7 @@
 mod compile;
 mod dialect;
 mod evaluate;
+pub mod inbound;
 mod layer;
 mod mesh;
 mod resolve;
