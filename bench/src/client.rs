@@ -40,7 +40,10 @@ fn exchange(dst: SocketAddr, req: &[u8], reply: &mut Vec<u8>) -> Result<(Duratio
 /// time, connect time).
 fn probe(dst: SocketAddr) -> Result<(Duration, Duration)> {
     let t0 = Instant::now();
-    let s = TcpStream::connect(dst).with_context(|| format!("connect {dst}"))?;
+    // A dropped SYN costs a 1 s retransmit, which would stall a thread for a whole sample: it
+    // is counted as an error instead.
+    let s = TcpStream::connect_timeout(&dst, PROBE_CONNECT_TIMEOUT)
+        .with_context(|| format!("connect {dst}"))?;
     let took = t0.elapsed();
     let linger = libc::linger {
         l_onoff: 1,
@@ -62,6 +65,8 @@ fn probe(dst: SocketAddr) -> Result<(Duration, Duration)> {
     drop(s);
     Ok((took, took))
 }
+
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn request() -> Vec<u8> {
     let mut req = vec![b'x'; REQUEST_LEN];

@@ -377,6 +377,19 @@ impl Lane {
                 self.proxy_hint()
             );
         }
+        if v["conns"].as_u64().unwrap_or(0) == 0 && self.proxy_kind == Kind::Probe {
+            // Reported as a gap (and the warning above), not fatal: the probes' failure mode
+            // on a loaded machine is dropped SYNs, which the proxied samples do not share.
+            eprintln!(
+                "    warning: {} N={n} run {run}: no probe completed{}",
+                self.mode.name(),
+                self.proxy_hint()
+            );
+            return Ok(ConnSample {
+                conns_per_s: f64::NAN,
+                ..s
+            });
+        }
         if v["conns"].as_u64().unwrap_or(0) == 0 {
             bail!(
                 "{} N={n}: no connection completed: {}",
