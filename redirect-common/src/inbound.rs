@@ -1,4 +1,4 @@
-//! Kernel types of inbound interception (sk_lookup, DESIGN §2 "Inbound"): the per-netns record,
+//! Kernel types of inbound interception (sk_lookup, docs/architecture.md, "Inbound"): the per-netns record,
 //! the listener key and the counters. The rule tries reuse the outbound key layouts
 //! ([`crate::PortKey`], [`crate::CidrV4Key`], [`crate::CidrV6Key`]) in maps of their own, with their
 //! own policy-id space, so inbound and outbound entries never meet.

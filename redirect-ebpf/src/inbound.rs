@@ -1,4 +1,4 @@
-//! Inbound interception without NAT (DESIGN §2 "Inbound"): an sk_lookup program, linked into each
+//! Inbound interception without NAT (docs/architecture.md, "Inbound"): an sk_lookup program, linked into each
 //! meshed pod's network namespace, picks the socket for a new inbound TCP connection: the proxy's
 //! inbound listener, or the normal lookup (the app). The order is
 //! `redirect_common::decide::decide_inbound`, shared with `explain` and the property test.

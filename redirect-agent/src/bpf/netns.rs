@@ -1,4 +1,4 @@
-//! The sk_lookup program's links, one per meshed network namespace (DESIGN §2 "Inbound").
+//! The sk_lookup program's links, one per meshed network namespace (docs/architecture.md, "Inbound").
 //!
 //! Pins live next to the cgroup links: `prog_redirect_sk_lookup` is the program, and
 //! `link_sk_lookup_<netns inode>` links it into one netns. Like the cgroup links they survive the
