@@ -80,6 +80,9 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     if OBJECT.is_empty() {
         return Err(BpfError::NoObject);
     }
+    // Before the first pin: a kernel without a needed feature gets one line and no pins.
+    let names: Vec<&str> = PROGRAMS.iter().map(|(name, _)| *name).collect();
+    super::probe::check(OBJECT, &names)?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();

@@ -1,6 +1,7 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
 pub mod loader;
 pub mod maps;
+pub mod probe;
 
 use std::path::PathBuf;
 
@@ -31,6 +32,8 @@ pub enum BpfError {
         "this binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with the eBPF toolchain (cargo xtask build)"
     )]
     NoObject,
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {program}: {source}")]
