@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod e2e;
 mod fuzz;
+mod kernels;
 mod setup;
 mod util;
 mod validate;
@@ -30,6 +31,9 @@ enum Command {
     /// Set up, build, then run the whole test suite (unit, property, and real-kernel tests;
     /// needs root).
     Test,
+    /// Boot Debian's kernels (xtask/src/kernels/kernels.txt) under qemu and run the datapath
+    /// checks inside each; prints a kernel × check table (needs root; about 1 minute per kernel).
+    TestKernels,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
     Demo,
     /// Benchmark eBPF redirection against iptables REDIRECT side by side (needs root); writes
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             util::build(&env, release)
         }
         Command::Test => test(),
+        Command::TestKernels => kernels::test_kernels(),
         Command::Demo => demo::demo(),
         Command::Bench { quick, out } => bench::bench(quick, out),
         Command::BenchWorker { args } => bench::worker(args),
@@ -89,6 +94,8 @@ fn test() -> anyhow::Result<()> {
     // Two test threads per binary, one per core here; the binaries run one after another. Each
     // kernel test owns its fixture, so tests of one binary never share kernel state.
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
+    util::step("test-kernels: the datapath on Debian's kernels under qemu");
+    kernels::test_kernels()?;
     util::step("e2e-local: the seed scenarios against a mocked Kubernetes API, real kernel");
     e2e::local(None)?;
     util::step("bench --quick: the benchmark still works (figures not meaningful)");

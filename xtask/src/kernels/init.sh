@@ -22,8 +22,8 @@ check() { # check NAME EXPECTED CGROUP kcheck-args...
     got=$(run_in $c kcheck conn "$@" 2>&1)
     if [ "$got" = "$want" ]; then result $name PASS; else result $name FAIL "want [$want] got [$got]"; fi
 }
-start_agent() {
-    run_in base redirect-agent run --source file --config /config.yaml --cgroup-root $CG/mesh \
+start_agent() { # waits for the first reconcile ("applied", at debug level when nothing changed)
+    REDIRECT_LOG=debug run_in base redirect-agent run --source file --config /config.yaml --cgroup-root $CG/mesh \
         --bpffs-dir $PIN >>$AGENT_LOG 2>&1 &
     AGENT=$!
     for i in $(seq 1 600); do
