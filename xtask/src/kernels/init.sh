@@ -23,12 +23,13 @@ check() { # check NAME EXPECTED CGROUP kcheck-args...
     if [ "$got" = "$want" ]; then result $name PASS; else result $name FAIL "want [$want] got [$got]"; fi
 }
 start_agent() { # waits for the first reconcile ("applied", at debug level when nothing changed)
-    REDIRECT_LOG=debug run_in base redirect-agent run --source file --config /config.yaml --cgroup-root $CG/mesh \
-        --bpffs-dir $PIN >>$AGENT_LOG 2>&1 &
-    AGENT=$!
-    for i in $(seq 1 600); do
-        grep -q applied $AGENT_LOG && return 0
-        kill -0 $AGENT 2>/dev/null || return 1
+    REDIRECT_LOG=info,redirect_agent::reconcile=debug run_in base redirect-agent run --source file --config /config.yaml \
+        --cgroup-root $CG/mesh --bpffs-dir $PIN >>$AGENT_LOG 2>&1 &
+    # $! is the subshell of run_in; the agent's own pid is what kill -9 must hit.
+    for i in $(seq 1 900); do
+        AGENT=$(pidof redirect-agent)
+        grep -q applied $AGENT_LOG && [ -n "$AGENT" ] && return 0
+        [ $i -gt 50 ] && [ -z "$AGENT" ] && return 1
         sleep 0.1
     done
     return 1
@@ -94,12 +95,14 @@ else result large_getsockopt FAIL "$(echo "$hooked" | tr '\n' ';') vs $(echo "$b
 if redirect-agent inspect --bpffs-dir $PIN >/inspect.txt 2>&1; then result inspect PASS
 else result inspect FAIL "$(tail -1 /inspect.txt)"; fi
 
-kill -9 $AGENT; wait $AGENT 2>/dev/null
+kill -9 $AGENT
+while pidof redirect-agent >/dev/null; do sleep 0.1; done
 datapath _agent_down
 : > $AGENT_LOG
 if start_agent && grep -q adopted $AGENT_LOG; then result adopt PASS; else result adopt FAIL "$(tail -2 $AGENT_LOG)"; fi
 datapath _adopted
-kill $AGENT; wait $AGENT 2>/dev/null
+kill $AGENT
+while pidof redirect-agent >/dev/null; do sleep 0.1; done
 if redirect-agent cleanup --bpffs-dir $PIN >/cleanup.txt 2>&1 && [ ! -e $PIN ]; then result cleanup PASS
 else result cleanup FAIL "$(cat /cleanup.txt)"; fi
 check after_cleanup "direct od=- peer=198.18.0.10:80" mesh/pod1/app 198.18.0.10 80

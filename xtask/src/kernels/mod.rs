@@ -196,7 +196,7 @@ fn boot(
     log: &Path,
 ) -> Result<BTreeMap<String, (bool, String)>> {
     let status = Command::new("timeout")
-        .arg("180")
+        .arg("240")
         .arg("qemu-system-x86_64")
         .args([
             "-accel",
