@@ -1,5 +1,5 @@
-//! The original destination of redirected connections (DESIGN §2), so that unmodified proxies
-//! work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
+//! The original destination of redirected connections (docs/architecture.md), so that
+//! unmodified proxies work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
 //! getpeername shows the destination it connected to.
 //!
 //! A record's life:
@@ -22,7 +22,8 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sockopt,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_ops,
+        bpf_sockopt,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
@@ -97,6 +98,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ops),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::on_listen(ops),
         BPF_SOCK_OPS_STATE_CB => {
             let new_state = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_1.args[1])) };
             if new_state == BPF_TCP_CLOSE {

@@ -1,6 +1,7 @@
 //! Loads the embedded object, pins its maps, and attaches its programs with pinned bpf_links.
 //!
-//! Restart story (DESIGN §3): maps are pinned, so a new agent reuses them with their contents;
+//! Restart story (docs/architecture.md, "Reconcile rules"): maps are pinned, so a new agent
+//! reuses them with their contents;
 //! links are pinned, so interception survives the agent's exit (even kill -9). On start the agent
 //! adopts a pinned link that already runs the same program on the same cgroup; otherwise it
 //! attaches the new link first and only then releases the old one, so there is no gap.
@@ -81,12 +82,14 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
         return Err(BpfError::NoObject);
     }
     // Before the first pin: a kernel without a needed feature gets one line and no pins.
-    let names: Vec<&str> = PROGRAMS.iter().map(|(name, _)| *name).collect();
-    super::probe::check(OBJECT, &names)?;
+    super::probe::check(OBJECT, &own_programs().collect::<Vec<_>>())?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();
-    for name in map_names::ALL {
+    for name in map_names::ALL
+        .into_iter()
+        .chain(redirect_common::inbound::map_names::ALL)
+    {
         loader.map_pin_path(name, opts.bpffs_dir.join(name));
     }
     if let Some(n) = opts.max_rule_entries {
@@ -111,6 +114,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     for (program, hook) in PROGRAMS {
         load_program(&mut ebpf, program, hook)?;
     }
+    super::netns::load_program(&mut ebpf, &opts.bpffs_dir)?;
     for (program, hook) in PROGRAMS {
         attach_program(
             &mut ebpf,
@@ -405,8 +409,19 @@ pub struct CleanupReport {
 fn owned_name(name: &str) -> bool {
     let name = name.strip_suffix("_new").unwrap_or(name);
     map_names::ALL.contains(&name)
+        || redirect_common::inbound::map_names::ALL.contains(&name)
+        // The per-netns sk_lookup links (bpf/netns.rs).
+        || name.starts_with("link_sk_lookup_")
         || name.starts_with(&format!("{LINK_PREFIX}{OWN_PROGRAM_PREFIX}"))
         || name.starts_with(&format!("{PROG_PREFIX}{OWN_PROGRAM_PREFIX}"))
+}
+
+/// Every program this build loads: the cgroup ones and the per-netns sk_lookup one.
+fn own_programs() -> impl Iterator<Item = &'static str> {
+    PROGRAMS
+        .iter()
+        .map(|(p, _)| *p)
+        .chain([redirect_common::inbound::SK_LOOKUP_PROGRAM])
 }
 
 /// Every program of redirect-ebpf is named `redirect_…`.
@@ -426,7 +441,7 @@ fn release_unowned(dir: &Path) -> Result<(), BpfError> {
         let Some(program) = program.filter(|p| p.starts_with(OWN_PROGRAM_PREFIX)) else {
             continue;
         };
-        if !PROGRAMS.iter().any(|(p, _)| *p == program) {
+        if !own_programs().any(|p| p == program) {
             info!(pin = %entry.path().display(), "releasing a pin of a program this build does not have");
             fs::remove_file(entry.path())
                 .map_err(|e| BpfError::io("unpinning", entry.path(), e))?;
