@@ -37,7 +37,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
     let step = decide(&policy, is_proxy, port, &Dest::V4(ip));
     count(step.decision());
-    if step.redirects() {
+    // Already aimed at the proxy (another generation's connect4 ran first during an upgrade):
+    // leave it, or the original destination it recorded would be overwritten with the proxy's.
+    let at_proxy = ip == policy.proxy_addr4 && port == policy.proxy_port.to_be_bytes();
+    if step.redirects() && !at_proxy {
         crate::origdst::record_v4(sa, ip, port, &policy);
         unsafe {
             write_volatile(
@@ -70,7 +73,13 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let dest = Dest::from_v6(ip);
     let step = decide(&policy, is_proxy, port, &dest);
     count(step.decision());
-    if step.redirects() {
+    // Already aimed at the proxy (see connect4).
+    let at_proxy = port == policy.proxy_port.to_be_bytes()
+        && match &dest {
+            Dest::V4(a) => *a == policy.proxy_addr4,
+            Dest::V6(a) => *a == policy.proxy_addr6,
+        };
+    if step.redirects() && !at_proxy {
         crate::origdst::record_v6(sa, ip, port, &policy);
         let target = match dest {
             Dest::V4(_) => {

@@ -2,6 +2,7 @@
 //! is missing first (see `setup`), so a fresh machine needs nothing else.
 mod demo;
 mod fuzz;
+mod kernels;
 mod setup;
 mod util;
 mod validate;
@@ -28,6 +29,9 @@ enum Command {
     /// Set up, build, then run the whole test suite (unit, property, and real-kernel tests;
     /// needs root).
     Test,
+    /// Boot Debian's kernels (xtask/src/kernels/kernels.txt) under qemu and run the datapath
+    /// checks inside each; prints a kernel × check table (needs root; about 1 minute per kernel).
+    TestKernels,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
     Demo,
     /// Benchmark eBPF redirection against iptables REDIRECT side by side (needs root): builds and
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             util::build(&env, release)
         }
         Command::Test => test(),
+        Command::TestKernels => kernels::test_kernels(),
         Command::Demo => demo::demo(),
         Command::Bench { quick, out } => bench(quick, out),
         Command::ValidateDeploy => validate::validate_deploy(),
@@ -82,6 +87,8 @@ fn test() -> anyhow::Result<()> {
     // kernel test owns its fixture, so tests of one binary never share kernel state.
     // This includes the e2e scenarios (tests/tests/e2e_local.rs).
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
+    util::step("test-kernels: the datapath on Debian's kernels under qemu");
+    kernels::test_kernels()?;
     util::step("bench --quick: the benchmark still works (figures not meaningful)");
     bench(true, None)?;
     fuzz::smoke()

@@ -81,6 +81,8 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     if OBJECT.is_empty() {
         return Err(BpfError::NoObject);
     }
+    // Before the first pin: a kernel without a needed feature gets one line and no pins.
+    super::probe::check(OBJECT, &own_programs().collect::<Vec<_>>())?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();
@@ -122,6 +124,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
             &opts.bpffs_dir,
         )?;
     }
+    release_unowned(&opts.bpffs_dir)?;
     PinnedMaps::open(&opts.bpffs_dir)
 }
 
@@ -361,28 +364,116 @@ fn link_pins(dir: &Path) -> Result<Vec<PathBuf>, BpfError> {
         .collect())
 }
 
+/// Which of this build's programs have a live pinned link under a pin dir.
+#[derive(Debug, Default)]
+pub struct LinkStatus {
+    pub attached: Vec<&'static str>,
+    pub missing: Vec<&'static str>,
+}
+
+/// For `inspect`: a program counts as attached when a `link_<program>_<cgroup>` pin opens as a
+/// link (bpffs only holds a link while it exists, so an openable pin is an attached link).
+pub fn link_status(dir: &Path) -> LinkStatus {
+    let pins = link_pins(dir).unwrap_or_default();
+    let mut status = LinkStatus::default();
+    for (program, _) in PROGRAMS {
+        let prefix = format!("{LINK_PREFIX}{program}_");
+        let live = pins.iter().any(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix) && !n.ends_with("_new"))
+                && PinnedLink::from_pin(p).is_ok()
+        });
+        if live {
+            status.attached.push(program);
+        } else {
+            status.missing.push(program);
+        }
+    }
+    status
+}
+
 /// What `cleanup` removed.
 #[derive(Debug, Default)]
 pub struct CleanupReport {
     pub links: Vec<PathBuf>,
     pub programs: Vec<PathBuf>,
     pub maps: Vec<PathBuf>,
+    /// Entries that are not redirect's, left in place (the directory too, then).
+    pub left: Vec<PathBuf>,
 }
 
-/// Detaches every link (by removing its pin, the last reference), unpins every program and map, then
-/// removes the directory. Links go first so no program runs against half-removed maps.
+/// Whether a pin name is one this project creates: a map of this build, or a link/program pin
+/// of a redirect program (any build's: a renamed program's pins are still ours to remove). Other
+/// software's pins in the same directory (`--bpffs-dir /sys/fs/bpf`) never match.
+fn owned_name(name: &str) -> bool {
+    let name = name.strip_suffix("_new").unwrap_or(name);
+    map_names::ALL.contains(&name)
+        || redirect_common::inbound::map_names::ALL.contains(&name)
+        // The per-netns sk_lookup links (bpf/netns.rs).
+        || name.starts_with("link_sk_lookup_")
+        || name.starts_with(&format!("{LINK_PREFIX}{OWN_PROGRAM_PREFIX}"))
+        || name.starts_with(&format!("{PROG_PREFIX}{OWN_PROGRAM_PREFIX}"))
+}
+
+/// Every program this build loads: the cgroup ones and the per-netns sk_lookup one.
+fn own_programs() -> impl Iterator<Item = &'static str> {
+    PROGRAMS
+        .iter()
+        .map(|(p, _)| *p)
+        .chain([redirect_common::inbound::SK_LOOKUP_PROGRAM])
+}
+
+/// Every program of redirect-ebpf is named `redirect_…`.
+const OWN_PROGRAM_PREFIX: &str = "redirect_";
+
+/// Releases the link and program pins of redirect programs this build does not have (a program
+/// renamed or dropped by an upgrade): they would otherwise stay attached forever. Runs after this
+/// build's links are in place, so the swap has no gap.
+fn release_unowned(dir: &Path) -> Result<(), BpfError> {
+    let entries = fs::read_dir(dir).map_err(|e| BpfError::io("listing", dir, e))?;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let program = name
+            .strip_prefix(LINK_PREFIX)
+            .and_then(|rest| rest.rsplit_once('_').map(|(p, _)| p))
+            .or_else(|| name.strip_prefix(PROG_PREFIX));
+        let Some(program) = program.filter(|p| p.starts_with(OWN_PROGRAM_PREFIX)) else {
+            continue;
+        };
+        if !own_programs().any(|p| p == program) {
+            info!(pin = %entry.path().display(), "releasing a pin of a program this build does not have");
+            fs::remove_file(entry.path())
+                .map_err(|e| BpfError::io("unpinning", entry.path(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Detaches every link of redirect (by removing its pin, the last reference), unpins its
+/// programs and maps, then removes the directory if nothing else is left in it. Links go first
+/// so no program runs against half-removed maps. Names this project does not create are left
+/// alone, so a shared directory such as /sys/fs/bpf is safe.
 pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
     if !dir.exists() {
         return Err(BpfError::NotPinned(dir.to_path_buf()));
     }
     let mut report = CleanupReport::default();
-    for pin in link_pins(dir)? {
+    let owned = |p: &PathBuf| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(owned_name)
+    };
+    for pin in link_pins(dir)?.into_iter().filter(owned) {
         fs::remove_file(&pin).map_err(|e| BpfError::io("unpinning", &pin, e))?;
         report.links.push(pin);
     }
     let entries = fs::read_dir(dir).map_err(|e| BpfError::io("listing", dir, e))?;
-    for entry in entries.filter_map(Result::ok) {
-        let path = entry.path();
+    for path in entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(owned)
+    {
         fs::remove_file(&path).map_err(|e| BpfError::io("unpinning", &path, e))?;
         let is_prog = path
             .file_name()
@@ -394,6 +485,10 @@ pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
             report.maps.push(path);
         }
     }
-    fs::remove_dir(dir).map_err(|e| BpfError::io("removing", dir, e))?;
+    let left = fs::read_dir(dir).map_err(|e| BpfError::io("listing", dir, e))?;
+    report.left = left.filter_map(Result::ok).map(|e| e.path()).collect();
+    if report.left.is_empty() {
+        fs::remove_dir(dir).map_err(|e| BpfError::io("removing", dir, e))?;
+    }
     Ok(report)
 }

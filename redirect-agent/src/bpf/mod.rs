@@ -3,6 +3,7 @@ pub mod inbound_maps;
 pub mod loader;
 pub mod maps;
 pub mod netns;
+pub mod probe;
 
 use std::path::PathBuf;
 
@@ -33,6 +34,8 @@ pub enum BpfError {
         "this binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with the eBPF toolchain (cargo xtask build)"
     )]
     NoObject,
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {program}: {source}")]

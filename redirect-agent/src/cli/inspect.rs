@@ -25,6 +25,7 @@ pub struct InspectArgs {
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let maps = PinnedMaps::open(&args.bpffs.bpffs_dir)?;
+    let links = crate::bpf::loader::link_status(&args.bpffs.bpffs_dir);
     let policies = maps.policies()?;
     let entries = maps.entries()?;
     let counters = maps.counters()?;
@@ -64,19 +65,49 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "counters": counters,
                 "original_destinations": orig.json(),
                 "inbound": super::inspect_inbound::json(maps.dir()),
+                "attached": links.attached,
+                "not_attached": links.missing,
             });
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            emit(&(serde_json::to_string_pretty(&out)? + "\n"))?;
         }
         Output::Text => {
-            print!(
-                "{}",
-                render_text(&maps, &policies, &entries, &counters, &paths)
-            );
-            print!("{}", orig.text());
-            print!("{}", super::inspect_inbound::text(maps.dir()));
+            let mut s = String::new();
+            if !links.missing.is_empty() {
+                let _ = writeln!(s, "WARNING: {}\n", not_attached(&links.missing));
+            }
+            s += &render_text(&maps, &policies, &entries, &counters, &paths);
+            s += &orig.text();
+            s += &super::inspect_inbound::text(maps.dir());
+            emit(&s)?;
         }
     }
+    // The maps alone decide nothing: say so with the exit status too (issue #16).
+    if !links.missing.is_empty() {
+        anyhow::bail!(
+            "{} (pinned maps in {})",
+            not_attached(&links.missing),
+            maps.dir().display()
+        );
+    }
     Ok(())
+}
+
+fn not_attached(missing: &[&str]) -> String {
+    format!(
+        "not attached: {}; interception is OFF for these hooks (start `redirect-agent run`, or `redirect-agent cleanup` to remove the leftover maps)",
+        missing.join(", ")
+    )
+}
+
+/// Writes to stdout; a closed pipe (`inspect | head`) ends the output quietly instead of
+/// panicking like `print!` does.
+fn emit(s: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        r => Ok(r?),
+    }
 }
 
 /// The original-destination records: how full their maps are (they must drain back as

@@ -92,12 +92,20 @@ pub fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup(args) => {
             let report = crate::bpf::cleanup(&args.bpffs_dir)?;
+            let removed = if report.left.is_empty() {
+                format!("removed {}", args.bpffs_dir.display())
+            } else {
+                format!(
+                    "left {} other entr(y/ies) in {} untouched",
+                    report.left.len(),
+                    args.bpffs_dir.display()
+                )
+            };
             println!(
-                "detached {} link(s), unpinned {} program(s) and {} map(s), removed {}",
+                "detached {} link(s), unpinned {} program(s) and {} map(s), {removed}",
                 report.links.len(),
                 report.programs.len(),
                 report.maps.len(),
-                args.bpffs_dir.display()
             );
             Ok(())
         }
