@@ -132,5 +132,6 @@ pub async fn pod_config(
             proxy_cgroup: None,
             annotations: meshed.annotations,
         }],
+        dns: opts.dns.clone(),
     })
 }
