@@ -191,6 +191,53 @@ fn glibc_queries_go_to_the_proxy_v4_and_v6_but_not_the_proxys_own() {
             "{rc}"
         );
     }
+    // getpeername on connected UDP and TCP sockets shows the server, not the listener.
+    for (fam, host) in [
+        ("AF_INET", "'198.18.0.53'"),
+        ("AF_INET6", "'fd00:198:18::53'"),
+    ] {
+        for kind in ["SOCK_DGRAM", "SOCK_STREAM"] {
+            let script = format!(
+                "import socket; s = socket.socket(socket.{fam}, socket.{kind}); \
+                 s.connect(({host}, 53)); print(s.getpeername()[0], s.getpeername()[1])"
+            );
+            let out =
+                w.fx.run_in(&w.app, Command::new("python3").args(["-c", &script]))
+                    .unwrap();
+            let peer = String::from_utf8_lossy(&out.stdout);
+            assert_eq!(
+                peer.trim(),
+                format!("{} 53", host.trim_matches('\'')),
+                "{fam} {kind}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(dns_counter(&agent, "peername") >= 4);
+    // explain asks the kernel's record and agrees with the config.
+    let out = Command::new(redirect_tests::helper_bin("redirect-agent").unwrap())
+        .args([
+            "explain",
+            "--workload",
+            "demo/app",
+            "--dest",
+            "198.18.0.53:53",
+        ])
+        .args(["--output", "json", "--config"])
+        .arg(agent.config_path())
+        .arg("--bpffs-dir")
+        .arg(agent.bpffs())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["step"], "dns_captured", "{v}");
+    assert_eq!(v["evaluated"], "kernel", "{v}");
+    assert_eq!(v["dns_target"], "127.0.0.1:15053", "{v}");
     assert!(dns_counter(&agent, "udp_connect_captured") >= 2);
     assert!(dns_counter(&agent, "restored") >= 2);
     assert!(dns_counter(&agent, "bypass_proxy") >= 4);

@@ -1,5 +1,6 @@
 //! Command line: `run`, `inspect`, `explain`, `cleanup`.
 mod explain;
+mod explain_dns;
 mod inspect;
 mod run;
 
