@@ -1,7 +1,9 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
 pub mod dns;
+pub mod inbound_maps;
 pub mod loader;
 pub mod maps;
+pub mod netns;
 
 use std::path::PathBuf;
 

@@ -66,6 +66,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "counters": counters,
                 "original_destinations": orig.json(),
                 "dns_counters": dns.iter().map(|(e, n)| (e.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+                "inbound": super::inspect_inbound::json(maps.dir()),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -76,6 +77,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             );
             print!("{}", orig.text());
             print!("{}", dns_text(&policies, &dns));
+            print!("{}", super::inspect_inbound::text(maps.dir()));
         }
     }
     Ok(())

@@ -1,7 +1,9 @@
 //! Command line: `run`, `inspect`, `explain`, `cleanup`.
 mod explain;
 mod explain_dns;
+mod explain_inbound;
 mod inspect;
+mod inspect_inbound;
 mod run;
 
 use std::path::PathBuf;
