@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod decide;
+pub mod dns;
 pub mod inbound;
 
 /// Deepest cgroup level the connect programs look at when walking ancestors. Kubernetes pod
@@ -50,6 +51,8 @@ pub mod flags {
     pub const HAS_PROXY_UID: u32 = 1 << 2;
     /// `proxy_cgroup` is meaningful.
     pub const HAS_PROXY_CGROUP: u32 = 1 << 3;
+    /// DNS capture is on: port-53 UDP and TCP go to `proxy_addr4/6:dns_port` (see `dns`).
+    pub const DNS_CAPTURE: u32 = 1 << 4;
 }
 
 /// Per-workload policy record, the value of the `POLICY` map keyed by the cgroup id (inode number)
@@ -65,7 +68,8 @@ pub struct Policy {
     pub proxy_uid: u32,
     /// Proxy outbound port, host byte order.
     pub proxy_port: u16,
-    pub _pad0: u16,
+    /// The proxy's DNS listener port, host byte order; 0 = no DNS capture.
+    pub dns_port: u16,
     pub proxy_cgroup: u64,
     /// Proxy address for IPv4 destinations (network byte order). 127.0.0.1 in sidecar mode.
     pub proxy_addr4: [u8; 4],

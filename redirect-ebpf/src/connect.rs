@@ -26,6 +26,10 @@ const SOCK_STREAM: u32 = 1;
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // DNS capture (port 53, UDP and TCP) decides before the TCP order; see dns.rs.
+    if crate::dns::connect4(&ctx) {
+        return ALLOW;
+    }
     if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
         return ALLOW;
     }
@@ -59,6 +63,10 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
+    // DNS capture (port 53, UDP and TCP) decides before the TCP order; see dns.rs.
+    if crate::dns::connect6(&ctx) {
+        return ALLOW;
+    }
     if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
         return ALLOW;
     }
@@ -109,7 +117,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 /// The record is copied to the stack: POLICY is a preallocated hash, and an update of the same
 /// key may recycle the slot a pointer refers to while this program still reads it.
 #[inline(always)]
-fn lookup_policy() -> Option<(Policy, bool)> {
+pub(crate) fn lookup_policy() -> Option<(Policy, bool)> {
     let mut found: Option<Policy> = None;
     let mut in_proxy_cgroup = false;
     for level in 1..=MAX_CGROUP_DEPTH {
@@ -177,7 +185,7 @@ fn cidr_rule(policy_id: [u8; 4], dest: &Dest) -> u32 {
 
 /// The verifier only accepts 4-byte accesses to `user_ip6`, so read it word by word.
 #[inline(always)]
-fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
+pub(crate) fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
     let mut out = [0u8; 16];
     for i in 0..4 {
         let w = unsafe { read_volatile(addr_of!((*sa).user_ip6[i])) };
@@ -187,7 +195,7 @@ fn read_ip6(sa: *mut bpf_sock_addr) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn write_ip6(sa: *mut bpf_sock_addr, ip: &[u8; 16]) {
+pub(crate) fn write_ip6(sa: *mut bpf_sock_addr, ip: &[u8; 16]) {
     for i in 0..4 {
         let w = u32::from_ne_bytes([ip[i * 4], ip[i * 4 + 1], ip[i * 4 + 2], ip[i * 4 + 3]]);
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[i]), w) };

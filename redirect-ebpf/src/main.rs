@@ -3,6 +3,7 @@
 #![no_main]
 
 mod connect;
+mod dns;
 mod inbound;
 mod maps;
 mod origdst;

@@ -9,6 +9,7 @@
 
 mod compile;
 mod dialect;
+mod dns;
 mod evaluate;
 pub mod inbound;
 mod layer;
@@ -22,6 +23,7 @@ mod proptests;
 
 pub use compile::compile;
 pub use dialect::keys;
+pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{
     canonical_ip, evaluate, evaluate_compiled, evaluate_lookups, is_loopback, lookup_ip,
     lookup_port,

@@ -33,6 +33,10 @@ pub struct MeshTraffic {
     pub enable_egress: Option<bool>,
     /// Informational, except values that clearly mean "off" (see [`mode_disables`]).
     pub interception_mode: Option<String>,
+    /// Mesh-wide DNS capture default. Not a MeshConfig field: the file's `dns:` section or the
+    /// Kubernetes source's `--dns-capture` sets it.
+    #[serde(skip)]
+    pub dns: crate::dns::DnsDefault,
 }
 
 /// Go encodes a nil slice as `null`; treat it like an absent field.

@@ -26,7 +26,8 @@ pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
     let pod = dialect::layer(&pod_origin, inputs.pod_annotations, &mut warnings)?;
     // Most specific first.
     let layers = [&pod, &ns, &mesh];
-    let policy = combine(&layers)?;
+    let mut policy = combine(&layers)?;
+    policy.dns = super::dns::resolve(inputs, &policy)?;
     Ok(Resolved { policy, warnings })
 }
 
@@ -53,6 +54,7 @@ fn combine(layers: &[&Layer; 3]) -> Result<EffectivePolicy, PolicyError> {
         proxy_uid: proxy_uid?,
         mode: mode?,
         enabled_source: None,
+        dns: Default::default(),
     };
     // Nothing overrode the inclusion list and no union key added to it: FSM's "empty = all" and
     // Istio's default `*`. A union key alone (FSM pod inclusion list) restricts, as in FSM.

@@ -144,6 +144,8 @@ pub struct EffectivePolicy {
     pub mode: Option<Sourced<Mode>>,
     /// What turned interception off, if it is off.
     pub enabled_source: Option<Source>,
+    /// DNS capture (crate::dns).
+    pub dns: crate::dns::DnsPolicy,
 }
 
 /// A bad value. Display names the object, the key and the value, e.g.

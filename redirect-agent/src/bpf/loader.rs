@@ -38,11 +38,19 @@ enum Hook {
 /// The programs, by their function names in redirect-ebpf, in attach order: the programs that
 /// keep and answer original destinations go first, so that the first redirected connect already
 /// finds them in place.
-const PROGRAMS: [(&str, Hook); 6] = [
+const PROGRAMS: [(&str, Hook); 12] = [
     ("redirect_sockops", Hook::SockOps),
     ("redirect_getsockopt", Hook::GetSockopt),
     ("redirect_getpeername4", Hook::SockAddr),
     ("redirect_getpeername6", Hook::SockAddr),
+    // DNS capture (redirect-ebpf/src/dns.rs): the programs that restore the server's address
+    // go before the ones that capture.
+    ("redirect_dns_recvmsg4", Hook::SockAddr),
+    ("redirect_dns_recvmsg6", Hook::SockAddr),
+    ("redirect_dns_getpeername4", Hook::SockAddr),
+    ("redirect_dns_getpeername6", Hook::SockAddr),
+    ("redirect_dns_sendmsg4", Hook::SockAddr),
+    ("redirect_dns_sendmsg6", Hook::SockAddr),
     ("redirect_connect4", Hook::SockAddr),
     ("redirect_connect6", Hook::SockAddr),
 ];
@@ -88,6 +96,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     let mut loader = EbpfLoader::new();
     for name in map_names::ALL
         .into_iter()
+        .chain(redirect_common::dns::map_names::ALL)
         .chain(redirect_common::inbound::map_names::ALL)
     {
         loader.map_pin_path(name, opts.bpffs_dir.join(name));

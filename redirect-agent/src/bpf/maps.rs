@@ -60,7 +60,10 @@ pub struct MapFill {
     pub max_entries: u32,
 }
 
-fn open<T: TryFrom<Map, Error = MapError>>(dir: &Path, name: &'static str) -> Result<T, BpfError> {
+pub(crate) fn open<T: TryFrom<Map, Error = MapError>>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<T, BpfError> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| BpfError::OpenPin {
         path: path.clone(),

@@ -1,4 +1,5 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
+pub mod dns;
 pub mod inbound_maps;
 pub mod loader;
 pub mod maps;

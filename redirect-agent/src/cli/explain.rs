@@ -83,8 +83,12 @@ pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
         bail!("workload {namespace}/{name} is not in {source_name}");
     };
     let ns_annotations = config.namespace_annotations(namespace);
+    let mesh = policy::MeshTraffic {
+        dns: config.dns.clone(),
+        ..config.mesh.clone()
+    };
     let resolved = policy::resolve(&WorkloadInputs {
-        mesh: &config.mesh,
+        mesh: &mesh,
         namespace,
         namespace_annotations: &ns_annotations,
         name,
@@ -117,6 +121,15 @@ pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
         }
     };
 
+    // Port 53: DNS capture decides first, as in the kernel (explain_dns.rs).
+    if let Some(done) = super::explain_dns::explain(
+        &args,
+        &resolved.policy.dns,
+        kernel.as_ref().map(|(r, _)| r),
+        &config.proxy,
+    ) {
+        return done;
+    }
     let target = match args.dest {
         SocketAddr::V4(_) => format!(
             "{}:{}",

@@ -33,6 +33,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         fill: maps.orig_fill()?,
         stats: maps.orig_stats()?,
     };
+    let dns = crate::bpf::dns::dns_stats(&args.bpffs.bpffs_dir)?;
     let paths = cgroup_paths(policies.keys().copied().collect());
     match args.output {
         Output::Json => {
@@ -50,6 +51,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         "proxy_v6": format!("[{}]:{}", Ipv6Addr::from(p.proxy_addr6), p.proxy_port),
                         "proxy_uid": (p.flags & flags::HAS_PROXY_UID != 0).then_some(p.proxy_uid),
                         "proxy_cgroup_id": (p.flags & flags::HAS_PROXY_CGROUP != 0).then_some(p.proxy_cgroup),
+                        "dns": dns_json(p),
                         "cidrs": cidr_rows(&e).into_iter().map(|(c, a)| json!({"cidr": c, "action": a})).collect::<Vec<_>>(),
                         "ports": port_rows(&e).into_iter().map(|(c, a)| json!({"ports": c, "action": a})).collect::<Vec<_>>(),
                     })
@@ -64,6 +66,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "workloads": workloads,
                 "counters": counters,
                 "original_destinations": orig.json(),
+                "dns_counters": dns.iter().map(|(e, n)| (e.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "inbound": super::inspect_inbound::json(maps.dir()),
                 "attached": links.attached,
                 "not_attached": links.missing,
@@ -77,6 +80,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             }
             s += &render_text(&maps, &policies, &entries, &counters, &paths);
             s += &orig.text();
+            s += &dns_text(&policies, &dns);
             s += &super::inspect_inbound::text(maps.dir());
             emit(&s)?;
         }
@@ -161,6 +165,37 @@ impl OrigView {
         }
         s
     }
+}
+
+/// A workload's DNS capture: where its port-53 traffic goes, or null when capture is off.
+fn dns_json(p: &Policy) -> serde_json::Value {
+    if !redirect_common::dns::capture_on(p.flags, p.dns_port) {
+        return serde_json::Value::Null;
+    }
+    json!({
+        "v4": format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.dns_port),
+        "v6": format!("[{}]:{}", Ipv6Addr::from(p.proxy_addr6), p.dns_port),
+    })
+}
+
+fn dns_text(
+    policies: &BTreeMap<u64, Policy>,
+    stats: &[(redirect_common::dns::DnsEvent, u64)],
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\nDNS CAPTURE (port 53, UDP and TCP)");
+    for (cg, p) in policies {
+        let to = if redirect_common::dns::capture_on(p.flags, p.dns_port) {
+            format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.dns_port)
+        } else {
+            "off".into()
+        };
+        let _ = writeln!(s, "{cg:<12} {to}");
+    }
+    for (e, n) in stats {
+        let _ = writeln!(s, "{:<22} {}", e.name(), n);
+    }
+    s
 }
 
 fn render_text(

@@ -1,5 +1,6 @@
 //! Command line: `run`, `inspect`, `explain`, `cleanup`.
 mod explain;
+mod explain_dns;
 mod explain_inbound;
 mod inspect;
 mod inspect_inbound;

@@ -99,6 +99,15 @@ pub struct RunArgs {
     /// A workload whose policy does not fit keeps its last good policy, and the error names it.
     #[arg(long, env = "REDIRECT_MAX_RULE_ENTRIES", default_value_t = redirect_common::MAX_RULE_ENTRIES)]
     pub max_rule_entries: u32,
+    /// Kubernetes source: capture every meshed pod's DNS (port-53 UDP and TCP) to the proxy's DNS
+    /// listener unless its annotations say otherwise (Istio ISTIO_META_DNS_CAPTURE, Kuma
+    /// kuma.io/builtin-dns). The file source sets this with `dns: {capture: true}`.
+    #[arg(long, env = "REDIRECT_DNS_CAPTURE")]
+    pub dns_capture: bool,
+    /// Kubernetes source: the DNS listener port for --dns-capture (Kuma's
+    /// kuma.io/builtin-dns-port overrides it per pod).
+    #[arg(long, env = "REDIRECT_DNS_PORT", default_value_t = crate::policy::DnsDefault::default().port)]
+    pub dns_port: std::num::NonZeroU16,
 }
 
 impl RunArgs {
@@ -153,6 +162,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 mesh_config_namespace: args.mesh_config_namespace.clone(),
                 sidecar_containers: args.sidecar_containers.clone(),
                 proxy: args.proxy()?,
+                dns: crate::policy::DnsDefault {
+                    capture: args.dns_capture,
+                    port: args.dns_port,
+                    key: crate::policy::dns_keys::FLAG_DEFAULT.into(),
+                },
                 ..KubeOptions::new(node, PathBuf::new())
             })
         }

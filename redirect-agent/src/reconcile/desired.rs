@@ -157,11 +157,16 @@ pub fn record(
     if proxy_cgroup.is_some() {
         f |= flags::HAS_PROXY_CGROUP;
     }
+    let dns_port = policy.dns.record_port();
+    if dns_port != 0 {
+        f |= flags::DNS_CAPTURE;
+    }
     Policy {
         policy_id: 0,
         flags: f,
         proxy_uid: uid.unwrap_or(0),
         proxy_port: proxy.outbound_port,
+        dns_port,
         proxy_cgroup: proxy_cgroup.unwrap_or(0),
         proxy_addr4: v4.octets(),
         proxy_addr6: v6.octets(),

@@ -26,6 +26,9 @@ pub struct FileConfig {
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     #[serde(default)]
     pub workloads: Vec<WorkloadConfig>,
+    /// Mesh-wide DNS capture default (`dns: {capture: true, port: 15053}`); annotations override it.
+    #[serde(default)]
+    pub dns: crate::policy::DnsDefault,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -137,7 +140,10 @@ impl FileConfig {
     /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
         Snapshot {
-            mesh: self.mesh.clone(),
+            mesh: MeshTraffic {
+                dns: self.dns.clone(),
+                ..self.mesh.clone()
+            },
             proxy: self.proxy.clone(),
             namespaces: self
                 .namespaces

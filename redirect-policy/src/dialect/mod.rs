@@ -18,6 +18,7 @@ pub mod keys {
     pub fn is_policy_key(key: &str) -> bool {
         let known = [istio::ALL, linkerd::ALL, kuma::ALL];
         known.iter().any(|l| l.contains(&key))
+            || crate::dns::keys::ALL.contains(&key)
             || [FSM_PREFIX, OSM_PREFIX]
                 .iter()
                 .any(|p| key.strip_prefix(p).is_some_and(|k| FSM_KEYS.contains(&k)))

@@ -133,5 +133,6 @@ pub async fn pod_config(
             netns: None,
             annotations: meshed.annotations,
         }],
+        dns: opts.dns.clone(),
     })
 }

@@ -43,6 +43,8 @@ pub struct KubeOptions {
     pub proxy: ProxyConfig,
     /// Where the kubepods tree is searched for and watched.
     pub cgroup_root: PathBuf,
+    /// Mesh-wide DNS capture default (`--dns-capture`, `--dns-port`); annotations override it.
+    pub dns: crate::policy::DnsDefault,
 }
 
 impl KubeOptions {
@@ -57,6 +59,7 @@ impl KubeOptions {
                 .collect(),
             proxy: ProxyConfig::default(),
             cgroup_root: cgroup_root.into(),
+            dns: crate::policy::DnsDefault::default(),
         }
     }
 

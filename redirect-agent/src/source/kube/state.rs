@@ -155,7 +155,10 @@ impl Aggregator {
             })
             .collect();
         Snapshot {
-            mesh,
+            mesh: crate::policy::MeshTraffic {
+                dns: self.opts.dns.clone(),
+                ..mesh
+            },
             proxy: self.opts.proxy.clone(),
             namespaces,
             workloads,

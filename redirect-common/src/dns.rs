@@ -1,0 +1,153 @@
+//! DNS capture (DESIGN §2): shared types of the kernel's DNS programs and the agent.
+//!
+//! A workload's port-53 traffic (UDP datagrams and TCP connects, to any address) goes to the
+//! proxy's DNS listener at `proxy_addr4/6 : Policy::dns_port`. The original server is kept in
+//! socket-local storage ([`DnsOrig`] in `DNS_ORIG`), freed with the socket, so that a reply's
+//! source and `getpeername()` show the server the application asked.
+
+use crate::flags;
+
+/// The destination port that DNS capture applies to.
+pub const DNS_PORT: u16 = 53;
+
+/// Map names (pin file names under `--bpffs-dir`).
+pub mod map_names {
+    /// Socket-local storage: the server a captured socket sent to ([`super::DnsOrig`]).
+    pub const DNS_ORIG: &str = "DNS_ORIG";
+    /// Per-CPU counters of the DNS programs, indexed by [`super::DnsEvent`].
+    pub const DNS_STATS: &str = "DNS_STATS";
+    pub const ALL: [&str; 2] = [DNS_ORIG, DNS_STATS];
+}
+
+/// `DnsOrig::flags` bits.
+pub mod dns_flags {
+    /// The original server is IPv4 (stored v4-mapped).
+    pub const V4: u16 = 1 << 0;
+}
+
+/// The value of `DNS_ORIG`: where a captured socket meant to go, and where it went instead.
+/// Addresses in IPv6 form (IPv4 v4-mapped), ports big-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsOrig {
+    /// The server the application addressed.
+    pub orig_addr: [u8; 16],
+    /// The DNS listener the datagram or connect was sent to instead. Only replies from exactly
+    /// this address and port get their source rewritten.
+    pub target_addr: [u8; 16],
+    pub orig_port: [u8; 2],
+    pub target_port: [u8; 2],
+    /// [`dns_flags`].
+    pub flags: u16,
+    pub _pad: u16,
+}
+
+/// Index into the per-CPU `DNS_STATS` array: one slot per DNS decision or event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsEvent {
+    /// A UDP datagram (sendmsg with an address) went to the DNS listener.
+    UdpCaptured = 0,
+    /// A UDP connect went to the DNS listener.
+    UdpConnectCaptured = 1,
+    /// A TCP connect went to the DNS listener.
+    TcpCaptured = 2,
+    /// Port 53 from the proxy itself (its cgroup or uid): left alone.
+    BypassProxy = 3,
+    /// Port 53 from a registered workload whose DNS capture is off: left alone.
+    Off = 4,
+    /// Port 53 from a cgroup with no registered workload: left alone.
+    NotInMesh = 5,
+    /// A reply's source was rewritten back to the original server (recvmsg).
+    Restored = 6,
+    /// getpeername was shown the original server.
+    Peername = 7,
+    /// The socket-local record could not be created: the query still goes to the listener, but
+    /// its reply keeps the listener's source.
+    StoreFailed = 8,
+}
+
+pub const DNS_EVENT_COUNT: u32 = 9;
+
+impl DnsEvent {
+    pub const ALL: [DnsEvent; DNS_EVENT_COUNT as usize] = [
+        DnsEvent::UdpCaptured,
+        DnsEvent::UdpConnectCaptured,
+        DnsEvent::TcpCaptured,
+        DnsEvent::BypassProxy,
+        DnsEvent::Off,
+        DnsEvent::NotInMesh,
+        DnsEvent::Restored,
+        DnsEvent::Peername,
+        DnsEvent::StoreFailed,
+    ];
+
+    /// Stable name used in `inspect` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DnsEvent::UdpCaptured => "udp_captured",
+            DnsEvent::UdpConnectCaptured => "udp_connect_captured",
+            DnsEvent::TcpCaptured => "tcp_captured",
+            DnsEvent::BypassProxy => "bypass_proxy",
+            DnsEvent::Off => "off",
+            DnsEvent::NotInMesh => "not_in_mesh",
+            DnsEvent::Restored => "restored",
+            DnsEvent::Peername => "peername",
+            DnsEvent::StoreFailed => "store_failed",
+        }
+    }
+}
+
+/// The DNS decision for one port-53 datagram or connect of a registered workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DnsStep {
+    /// Not port 53: DNS capture has no say.
+    NotDns,
+    /// The workload's DNS capture is off.
+    Off,
+    /// The caller is the proxy (its cgroup or uid): its own upstream queries go out.
+    ProxyCaller,
+    /// To the DNS listener.
+    Captured,
+}
+
+/// DNS capture is on in this record.
+#[inline(always)]
+pub fn capture_on(policy_flags: u32, dns_port: u16) -> bool {
+    policy_flags & flags::DNS_CAPTURE != 0 && dns_port != 0
+}
+
+/// The whole DNS order, shared by the kernel and `explain`. Excluded CIDRs and ports are not
+/// consulted: none of the dialects applies them to DNS capture (docs/policy.md).
+#[inline(always)]
+pub fn decide_dns(capture: bool, caller_is_proxy: bool, dest_port: u16) -> DnsStep {
+    if dest_port != DNS_PORT {
+        DnsStep::NotDns
+    } else if !capture {
+        DnsStep::Off
+    } else if caller_is_proxy {
+        DnsStep::ProxyCaller
+    } else {
+        DnsStep::Captured
+    }
+}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for DnsOrig {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order() {
+        assert_eq!(decide_dns(true, false, 80), DnsStep::NotDns);
+        assert_eq!(decide_dns(false, false, 53), DnsStep::Off);
+        assert_eq!(decide_dns(false, true, 53), DnsStep::Off);
+        assert_eq!(decide_dns(true, true, 53), DnsStep::ProxyCaller);
+        assert_eq!(decide_dns(true, false, 53), DnsStep::Captured);
+        assert!(!capture_on(flags::DNS_CAPTURE, 0));
+        assert!(capture_on(flags::DNS_CAPTURE, 15053));
+        assert!(!capture_on(flags::ENABLED, 15053));
+    }
+}

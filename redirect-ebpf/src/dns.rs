@@ -1,0 +1,321 @@
+//! DNS capture (DESIGN §2, issue 17): a registered workload's port-53 traffic goes to its proxy's
+//! DNS listener (`proxy_addr4/6 : dns_port`, 127.0.0.1:15053 for an Istio or Kuma sidecar).
+//!
+//! - sendmsg4/6: a UDP datagram sent with an address (`sendto`) is readdressed to the listener;
+//! - connect4/6 (called from connect.rs): a UDP connect (glibc's resolver connects) or a TCP
+//!   connect (the resolver's fallback for a truncated answer) goes to the listener;
+//! - recvmsg4/6: a reply from the listener gets the original server as its source, because
+//!   resolvers (glibc's among them) drop answers from an address they did not ask;
+//! - getpeername4/6: a connected socket shows the original server.
+//!
+//! The original server lives in socket-local storage, so it is bounded by the sockets that
+//! exist and freed with them: nothing to expire or leak. One record per socket, the last server
+//! it addressed; replies are matched by the listener's address and port.
+//!
+//! Never for the proxy itself (its cgroup or uid), so its upstream queries go out. Excluded
+//! CIDRs and ports do not apply (docs/policy.md).
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    btf_maps::{PerCpuArray, SkStorage},
+    macros::{btf_map, cgroup_sock_addr},
+    programs::SockAddrContext,
+};
+use redirect_common::{
+    Policy,
+    decide::Dest,
+    dns::{
+        DNS_EVENT_COUNT, DNS_PORT, DnsEvent, DnsOrig, DnsStep, capture_on, decide_dns, dns_flags,
+    },
+};
+
+use crate::connect::{lookup_policy, read_ip6, write_ip6};
+
+/// Socket → the server it addressed and the listener it went to instead.
+#[btf_map]
+pub static DNS_ORIG: SkStorage<DnsOrig> = SkStorage::new();
+
+/// Per-CPU counters, indexed by `DnsEvent`.
+#[btf_map]
+pub static DNS_STATS: PerCpuArray<u64, { DNS_EVENT_COUNT as usize }> = PerCpuArray::new();
+
+/// cgroup sock_addr programs return 1 to let the call proceed.
+const OK: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const SOCK_DGRAM: u32 = 2;
+
+#[inline(always)]
+fn count(event: DnsEvent) {
+    if let Some(slot) = DNS_STATS.get_ptr_mut(event as u32) {
+        // Per-CPU slot: no other writer can race with this increment.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn mapped(ip: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
+    ]
+}
+
+/// Big-endian port of the context (`user_port` holds it in the low 16 bits, network order).
+#[inline(always)]
+fn ctx_port(sa: *mut bpf_sock_addr) -> [u8; 2] {
+    (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes()
+}
+
+#[inline(always)]
+fn set_port(sa: *mut bpf_sock_addr, port_be: [u8; 2]) {
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_port),
+            u16::from_ne_bytes(port_be) as u32,
+        )
+    };
+}
+
+/// The policy and decision for a port-53 call of the current task, counted. `None` = leave it.
+#[inline(always)]
+fn capture(port: [u8; 2]) -> Option<Policy> {
+    if u16::from_be_bytes(port) != DNS_PORT {
+        return None;
+    }
+    let Some((policy, is_proxy)) = lookup_policy() else {
+        count(DnsEvent::NotInMesh);
+        return None;
+    };
+    let on = capture_on(policy.flags, policy.dns_port);
+    match decide_dns(on, is_proxy, DNS_PORT) {
+        DnsStep::Captured => Some(policy),
+        DnsStep::ProxyCaller => {
+            count(DnsEvent::BypassProxy);
+            None
+        }
+        DnsStep::Off => {
+            count(DnsEvent::Off);
+            None
+        }
+        DnsStep::NotDns => None,
+    }
+}
+
+/// Writes the socket's record (created if missing, overwritten if not).
+#[inline(always)]
+fn remember(ctx: &SockAddrContext, rec: DnsOrig) {
+    let mut init = rec;
+    let p = unsafe { DNS_ORIG.get_or_insert_ptr_mut(ctx, Some(&mut init)) };
+    if p.is_null() {
+        count(DnsEvent::StoreFailed);
+        return;
+    }
+    unsafe { write_volatile(p, rec) };
+}
+
+#[inline(always)]
+fn record(ctx: &SockAddrContext) -> Option<DnsOrig> {
+    let p = unsafe { DNS_ORIG.get_ptr_mut(ctx) };
+    if p.is_null() {
+        None
+    } else {
+        Some(unsafe { read_volatile(p) })
+    }
+}
+
+/// Captures an IPv4 datagram or connect: records and rewrites. True if rewritten.
+#[inline(always)]
+fn capture4(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    let port = ctx_port(sa);
+    let Some(policy) = capture(port) else {
+        return false;
+    };
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let target_port = policy.dns_port.to_be_bytes();
+    remember(
+        ctx,
+        DnsOrig {
+            orig_addr: mapped(ip),
+            target_addr: mapped(policy.proxy_addr4),
+            orig_port: port,
+            target_port,
+            flags: dns_flags::V4,
+            _pad: 0,
+        },
+    );
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_ne_bytes(policy.proxy_addr4),
+        )
+    };
+    set_port(sa, target_port);
+    true
+}
+
+/// Captures an IPv6 datagram or connect; `::ffff:a.b.c.d` goes to the mapped IPv4 listener.
+#[inline(always)]
+fn capture6(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    let port = ctx_port(sa);
+    let Some(policy) = capture(port) else {
+        return false;
+    };
+    let ip = read_ip6(sa);
+    let (target, f) = match Dest::from_v6(ip) {
+        Dest::V4(_) => (mapped(policy.proxy_addr4), dns_flags::V4),
+        Dest::V6(_) => (policy.proxy_addr6, 0),
+    };
+    let target_port = policy.dns_port.to_be_bytes();
+    remember(
+        ctx,
+        DnsOrig {
+            orig_addr: ip,
+            target_addr: target,
+            orig_port: port,
+            target_port,
+            flags: f,
+            _pad: 0,
+        },
+    );
+    write_ip6(sa, &target);
+    set_port(sa, target_port);
+    true
+}
+
+/// The type of the context's socket, if DNS capture handles it (UDP or TCP).
+#[inline(always)]
+fn dns_socket(sa: *mut bpf_sock_addr) -> Option<u32> {
+    match unsafe { read_volatile(addr_of!((*sa).type_)) } {
+        t @ (SOCK_STREAM | SOCK_DGRAM) => Some(t),
+        _ => None,
+    }
+}
+
+/// connect4's DNS step: true if the connect was sent to the DNS listener (connect.rs then
+/// returns), false to carry on with the TCP order (or leave a UDP connect alone).
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> bool {
+    let Some(t) = dns_socket(ctx.sock_addr) else {
+        return false;
+    };
+    if !capture4(ctx) {
+        return false;
+    }
+    count(connect_event(t));
+    true
+}
+
+/// connect6's DNS step; see [`connect4`].
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) -> bool {
+    let Some(t) = dns_socket(ctx.sock_addr) else {
+        return false;
+    };
+    if !capture6(ctx) {
+        return false;
+    }
+    count(connect_event(t));
+    true
+}
+
+#[inline(always)]
+fn connect_event(sock_type: u32) -> DnsEvent {
+    if sock_type == SOCK_STREAM {
+        DnsEvent::TcpCaptured
+    } else {
+        DnsEvent::UdpConnectCaptured
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if capture4(&ctx) {
+        count(DnsEvent::UdpCaptured);
+    }
+    OK
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if capture6(&ctx) {
+        count(DnsEvent::UdpCaptured);
+    }
+    OK
+}
+
+/// A reply from the listener: its source becomes the server the socket addressed. The context
+/// holds the datagram's source; anything not from the recorded listener is left alone.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn redirect_dns_recvmsg4(ctx: SockAddrContext) -> i32 {
+    if restore4(&ctx) {
+        count(DnsEvent::Restored);
+    }
+    OK
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn redirect_dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if restore6(&ctx) {
+        count(DnsEvent::Restored);
+    }
+    OK
+}
+
+/// A connected socket's peer (the listener) shows as the original server.
+#[cgroup_sock_addr(getpeername4)]
+pub fn redirect_dns_getpeername4(ctx: SockAddrContext) -> i32 {
+    if restore4(&ctx) {
+        count(DnsEvent::Peername);
+    }
+    OK
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_dns_getpeername6(ctx: SockAddrContext) -> i32 {
+    if restore6(&ctx) {
+        count(DnsEvent::Peername);
+    }
+    OK
+}
+
+/// Rewrites an AF_INET address that is the recorded listener to the recorded server.
+#[inline(always)]
+fn restore4(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    let Some(rec) = record(ctx) else {
+        return false;
+    };
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    if rec.flags & dns_flags::V4 == 0
+        || mapped(ip) != rec.target_addr
+        || ctx_port(sa) != rec.target_port
+    {
+        return false;
+    }
+    let o = &rec.orig_addr;
+    unsafe {
+        write_volatile(
+            addr_of_mut!((*sa).user_ip4),
+            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
+        )
+    };
+    set_port(sa, rec.orig_port);
+    true
+}
+
+/// Rewrites an AF_INET6 address that is the recorded listener to the recorded server.
+#[inline(always)]
+fn restore6(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    let Some(rec) = record(ctx) else {
+        return false;
+    };
+    if read_ip6(sa) != rec.target_addr || ctx_port(sa) != rec.target_port {
+        return false;
+    }
+    write_ip6(sa, &rec.orig_addr);
+    set_port(sa, rec.orig_port);
+    true
+}
