@@ -38,6 +38,9 @@ pub struct WorkloadSpec {
     /// This workload's proxy uid (Kubernetes: the sidecar container's runAsUser). An annotation
     /// (Linkerd `proxy-uid`, Kuma `sidecar-uid`) overrides it; it overrides `proxy.uid`.
     pub proxy_uid: Option<u32>,
+    /// The workload's network namespace (a netns file such as /run/netns/NAME or
+    /// /proc/PID/ns/net); None means no inbound interception.
+    pub netns: Option<PathBuf>,
     pub annotations: Annotations,
 }
 

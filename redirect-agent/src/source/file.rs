@@ -152,6 +152,7 @@ impl FileConfig {
                         .as_deref()
                         .map(|p| cgroup::resolve_path(cgroup_mount, p)),
                     proxy_uid: None,
+                    netns: None,
                     annotations: w.annotations.clone(),
                 })
                 .collect(),
