@@ -5,8 +5,10 @@
 //! pinned maps at each scrape (decision counters, map capacities), so they are right even for
 //! state an earlier agent left behind.
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -52,6 +54,57 @@ pub struct Metrics {
     pub events_posted: Family<Labels, Counter>,
     /// Pods on this node that are in the mesh (Kubernetes source).
     pub pods_meshed: Gauge,
+    /// Since when each Kubernetes watch has been failing (`redirect_kube_watch_down_seconds`).
+    pub watch_down: Arc<WatchDown>,
+    /// 1 while the MeshConfig in the API is rejected and the last valid one is in force.
+    pub meshconfig_rejected: Gauge,
+    /// Meshed pods not registered because their proxy cannot be exempted (Kubernetes source).
+    pub pods_not_exempt: Gauge,
+}
+
+/// Per watched resource: None while the watch is healthy, else when it started failing. Read at
+/// scrape time, so the figure is current without a ticking task.
+#[derive(Debug, Default)]
+pub struct WatchDown(Mutex<BTreeMap<&'static str, Option<Instant>>>);
+
+impl WatchDown {
+    /// The watch of `resource` failed; keeps the first failure's time while it stays down.
+    pub fn down(&self, resource: &'static str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(resource)
+            .or_default()
+            .get_or_insert_with(Instant::now);
+    }
+
+    /// The watch of `resource` delivered a complete list (or an event): it is up.
+    pub fn up(&self, resource: &'static str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(resource, None);
+    }
+
+    /// Seconds each watch has been down (0 when up).
+    pub fn seconds(&self) -> Vec<(&'static str, f64)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.iter()
+            .map(|(r, since)| (*r, since.map_or(0.0, |s| s.elapsed().as_secs_f64())))
+            .collect()
+    }
+}
+
+impl Collector for WatchDown {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut e = encoder.encode_descriptor(
+            "kube_watch_down_seconds",
+            "How long each Kubernetes watch has been failing (0 while it is healthy); the applied state is kept meanwhile",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (resource, secs) in self.seconds() {
+            let labels = [("resource", resource)];
+            ConstGauge::new(secs).encode(e.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,6 +140,9 @@ impl Metrics {
             watch_errors: Family::default(),
             events_posted: Family::default(),
             pods_meshed: Gauge::default(),
+            watch_down: Arc::default(),
+            meshconfig_rejected: Gauge::default(),
+            pods_not_exempt: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -151,6 +207,17 @@ impl Metrics {
             "Pods on this node that are in the mesh",
             m.pods_meshed.clone(),
         );
+        r.register(
+            "meshconfig_rejected",
+            "1 while the MeshConfig in the API is invalid and the last valid one (or the built-in default) is in force",
+            m.meshconfig_rejected.clone(),
+        );
+        r.register(
+            "pods_not_exempt",
+            "Meshed pods not registered because their proxy can be exempted neither by cgroup nor by uid (an Event names why)",
+            m.pods_not_exempt.clone(),
+        );
+        r.register_collector(Box::new(m.watch_down.clone()));
         if let Some(dir) = bpffs_dir {
             r.register_collector(Box::new(KernelCollector {
                 dir: dir.to_path_buf(),

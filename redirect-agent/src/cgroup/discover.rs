@@ -139,9 +139,87 @@ pub fn probe(tree: &[PathBuf], uid: &str) -> Option<PodCgroup> {
     })
 }
 
+/// A container's cgroup directory below its pod's, from `status.containerStatuses[].containerID`
+/// (`<runtime>://<id>`), by the runtime's naming:
+///
+/// | runtime              | systemd driver              | cgroupfs driver |
+/// |----------------------|-----------------------------|-----------------|
+/// | containerd           | `cri-containerd-<id>.scope` | `<id>`          |
+/// | CRI-O                | `crio-<id>.scope`           | `crio-<id>`     |
+/// | Docker (cri-dockerd) | `docker-<id>.scope`         | `<id>`          |
+///
+/// The driver is the pod directory's (a `.slice` is systemd's). Err names an unknown runtime or a
+/// malformed ID; Ok(None) means the directory does not exist (the container is not running).
+pub fn container_cgroup(pod_dir: &Path, container_id: &str) -> Result<Option<PathBuf>, String> {
+    let (runtime, id) = container_id
+        .split_once("://")
+        .ok_or_else(|| format!("container ID {container_id:?} is not <runtime>://<id>"))?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!(
+            "container ID {container_id:?}: the id is not hexadecimal"
+        ));
+    }
+    let systemd = pod_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".slice"));
+    let name = match (runtime, systemd) {
+        ("containerd", true) => format!("cri-containerd-{id}.scope"),
+        ("cri-o", true) => format!("crio-{id}.scope"),
+        ("cri-o", false) => format!("crio-{id}"),
+        ("docker", true) => format!("docker-{id}.scope"),
+        ("containerd" | "docker", false) => id.to_string(),
+        _ => {
+            return Err(format!(
+                "container runtime {runtime:?} (container ID {container_id:?}): its cgroup naming is unknown (known: containerd, cri-o, docker)"
+            ));
+        }
+    };
+    let path = pod_dir.join(name);
+    Ok(inode(&path).map(|_| path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn container_cgroups_for_each_runtime_and_driver() {
+        let tmp = std::env::temp_dir().join(format!("redirect-ctr-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let id = "4f6b".repeat(16);
+        let sd = tmp.join(format!("kubepods-burstable-pod{UID_}.slice"));
+        let cf = tmp.join(format!("pod{UID}"));
+        for (pod, runtime, dir) in [
+            (&sd, "containerd", format!("cri-containerd-{id}.scope")),
+            (&sd, "cri-o", format!("crio-{id}.scope")),
+            (&sd, "docker", format!("docker-{id}.scope")),
+            (&cf, "containerd", id.clone()),
+            (&cf, "cri-o", format!("crio-{id}")),
+        ] {
+            let cid = format!("{runtime}://{id}");
+            assert_eq!(
+                container_cgroup(pod, &cid),
+                Ok(None),
+                "{cid}: not there yet"
+            );
+            fs::create_dir_all(pod.join(&dir)).unwrap();
+            assert_eq!(
+                container_cgroup(pod, &cid),
+                Ok(Some(pod.join(&dir))),
+                "{cid}"
+            );
+            fs::remove_dir(pod.join(&dir)).unwrap();
+        }
+        assert!(
+            container_cgroup(&sd, &format!("kata://{id}"))
+                .unwrap_err()
+                .contains("kata")
+        );
+        assert!(container_cgroup(&sd, "containerd://../x").is_err());
+        assert!(container_cgroup(&sd, &id).is_err());
+        fs::remove_dir_all(&tmp).unwrap();
+    }
 
     const UID: &str = "0f9d5b8e-6c1a-4d2b-9e3f-7a8b9c0d1e2f";
     const UID_: &str = "0f9d5b8e_6c1a_4d2b_9e3f_7a8b9c0d1e2f";

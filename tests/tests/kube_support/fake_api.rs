@@ -54,6 +54,10 @@ struct Inner {
     watches: Vec<(Kind, String, mpsc::UnboundedSender<Bytes>)>,
     seen: Vec<Seen>,
     posted_events: Vec<Value>,
+    /// Events the server refused (422), as they were sent.
+    rejected_events: Vec<Value>,
+    /// Event list requests answered.
+    event_lists: usize,
     /// The next list or watch request of a kind is answered with this status code.
     fail_next: VecDeque<(Kind, u16)>,
     meshconfig_crd: bool,
@@ -113,6 +117,8 @@ impl FakeApi {
                 watches: Vec::new(),
                 seen: Vec::new(),
                 posted_events: Vec::new(),
+                rejected_events: Vec::new(),
+                event_lists: 0,
                 fail_next: VecDeque::new(),
                 meshconfig_crd: true,
             })),
@@ -216,9 +222,41 @@ impl FakeApi {
         inner.seen.push(seen);
         if parts.method == Method::POST && path.ends_with("/events") {
             let mut ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if let Err(why) = validate_event(&ev) {
+                inner.rejected_events.push(ev);
+                return full(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &status(422, "Invalid", &why),
+                );
+            }
             ev["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
             inner.posted_events.push(ev.clone());
             return full(StatusCode::CREATED, &ev);
+        }
+        if parts.method == Method::GET
+            && let Some(ns) = path
+                .strip_prefix("/apis/events.k8s.io/v1/namespaces/")
+                .and_then(|p| p.strip_suffix("/events"))
+        {
+            let selector = query.get("labelSelector").cloned().unwrap_or_default();
+            let items: Vec<Value> = inner
+                .posted_events
+                .iter()
+                .filter(|e| e["metadata"]["namespace"] == ns)
+                .filter(|e| {
+                    selector.split(',').filter(|t| !t.is_empty()).all(|t| {
+                        t.split_once('=')
+                            .is_some_and(|(k, v)| e["metadata"]["labels"][k] == v)
+                    })
+                })
+                .cloned()
+                .collect();
+            inner.event_lists += 1;
+            return full(
+                StatusCode::OK,
+                &json!({"apiVersion": "events.k8s.io/v1", "kind": "EventList",
+                        "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items}),
+            );
         }
         let Some(kind) = kind else {
             if let Some((kind, key)) = Self::object_of(&path)
@@ -441,12 +479,71 @@ impl FakeApi {
         self.inner.lock().unwrap().posted_events.clone()
     }
 
+    /// Events the server refused with 422, as sent.
+    pub fn rejected_events(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().rejected_events.clone()
+    }
+
+    pub fn event_lists(&self) -> usize {
+        self.inner.lock().unwrap().event_lists
+    }
+
     /// Open watch streams of `kind`.
     pub fn open_watches(&self, kind: Kind) -> usize {
         let mut inner = self.inner.lock().unwrap();
         inner.watches.retain(|(_, _, tx)| !tx.is_closed());
         inner.watches.iter().filter(|(k, _, _)| *k == kind).count()
     }
+}
+
+/// The checks kube-apiserver makes on an events.k8s.io/v1 Event (pkg/apis/core/validation
+/// ValidateEventCreate, as 1.36 applies them): the name is a DNS subdomain of at most 253
+/// characters; reportingController and reportingInstance at most 128; action and reason at most
+/// 128; note at most 1 kB; eventTime, action and reportingInstance set.
+fn validate_event(ev: &Value) -> Result<(), String> {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let name = s(&ev["metadata"]["name"]);
+    let subdomain = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !subdomain {
+        return Err(format!(
+            "Event \"{name}\" is invalid: metadata.name: Invalid value: must be no more than 253 characters and a lowercase RFC 1123 subdomain"
+        ));
+    }
+    for (field, max) in [
+        ("reportingController", 128),
+        ("reportingInstance", 128),
+        ("action", 128),
+        ("reason", 128),
+        ("note", 1024),
+    ] {
+        if s(&ev[field]).len() > max {
+            return Err(format!(
+                "Event \"{name}\" is invalid: {field}: Too long: may not be more than {max} bytes"
+            ));
+        }
+    }
+    for field in [
+        "eventTime",
+        "action",
+        "reportingInstance",
+        "reportingController",
+    ] {
+        if ev[field].is_null() {
+            return Err(format!(
+                "Event \"{name}\" is invalid: {field}: Required value"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn line(ty: &str, obj: &Value) -> Bytes {

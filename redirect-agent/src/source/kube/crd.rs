@@ -43,11 +43,23 @@ fn no_default(schema: &mut Schema) {
 /// Written by hand because [`MeshTraffic`] keeps ports as raw JSON, so that a bad value can be
 /// reported by name instead of failing the whole object.
 fn traffic_schema(_: &mut SchemaGenerator) -> Schema {
+    // The API server checks each entry with CEL's `isCIDR` (Kubernetes 1.31 and later), so that
+    // `10.0.0.0/33` is refused at `kubectl apply` instead of being rejected by every agent. The
+    // bounds keep the rule's estimated cost within the API server's CRD budget (an IPv6 CIDR is
+    // at most 43 characters).
     let cidr_list = |description: &str| {
         json_schema!({
             "description": description,
             "type": "array",
-            "items": {"type": "string"}
+            "maxItems": MAX_CIDRS,
+            "items": {
+                "type": "string",
+                "maxLength": 64,
+                "x-kubernetes-validations": [{
+                    "rule": "isCIDR(self)",
+                    "message": "must be a CIDR such as 10.0.0.0/8 or fd00::/8"
+                }]
+            }
         })
     };
     let port_list = |description: &str| {
@@ -86,6 +98,9 @@ fn traffic_schema(_: &mut SchemaGenerator) -> Schema {
         }
     })
 }
+
+/// Entries per CIDR list the CRD accepts.
+pub const MAX_CIDRS: u32 = 1024;
 
 /// The CustomResourceDefinition as YAML (what `redirect-agent crd` prints).
 pub fn crd_yaml() -> String {
@@ -156,6 +171,19 @@ mod tests {
             "string"
         );
         assert_eq!(traffic["x-kubernetes-preserve-unknown-fields"], true);
+        for list in [
+            "outboundIPRangeExclusionList",
+            "outboundIPRangeInclusionList",
+        ] {
+            let items = &traffic["properties"][list]["items"];
+            assert_eq!(
+                items["x-kubernetes-validations"][0]["rule"], "isCIDR(self)",
+                "{list}: {items}"
+            );
+            assert!(
+                items["maxLength"].is_u64() && traffic["properties"][list]["maxItems"].is_u64()
+            );
+        }
     }
 
     /// deploy/crds/meshconfig.yaml is generated output: it must match the generator.

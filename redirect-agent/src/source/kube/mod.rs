@@ -146,20 +146,21 @@ pub async fn run(
     ));
     drop(tx);
 
-    tasks.spawn(events::publish(
-        client,
-        owner.reports(),
-        pods.clone(),
-        opts.node_name.clone(),
-        metrics.clone(),
-    ));
-
+    let node = opts.node_name.clone();
     let stores = Stores {
-        pods,
+        pods: pods.clone(),
         namespaces,
         mesh_configs,
     };
-    let mut agg = Aggregator::new(opts, stores, metrics);
+    let mut agg = Aggregator::new(opts, stores, metrics.clone());
+    tasks.spawn(events::publish(
+        client,
+        owner.reports(),
+        agg.findings(),
+        pods,
+        node,
+        metrics,
+    ));
     loop {
         tokio::select! {
             signal = rx.recv() => match signal {

@@ -28,6 +28,10 @@ const INJECTION: [(&str, &[&str], &[&str]); 5] = [
     ),
 ];
 
+/// On a mirror pod (the API's copy of a static pod): the static pod's config hash, which is the UID
+/// the kubelet runs it under, and so the name of its cgroup.
+pub const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
+
 /// Why a pod is in the mesh (for logs and `explain`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshedBy {
@@ -40,13 +44,34 @@ pub enum MeshedBy {
 /// A pod in the mesh, reduced to what the reconcile needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshedPod {
+    /// The UID the kubelet names the pod's cgroup after: the API UID, or for a static pod's mirror
+    /// the config hash (annotation `kubernetes.io/config.mirror`), which is the UID the kubelet
+    /// runs the static pod under.
     pub uid: String,
     pub namespace: String,
     pub name: String,
     pub annotations: Annotations,
     /// The sidecar's runAsUser (container, else pod security context): its connects bypass.
     pub proxy_uid: Option<u32>,
+    /// The sidecar container's `containerID` (`containerd://…`, `cri-o://…`) from the pod status,
+    /// once the runtime has created it: where its cgroup is found.
+    pub proxy_container_id: Option<String>,
+    /// `hostUsers: false`: the pod runs in a user namespace, so its uids differ on the host and
+    /// only the proxy's cgroup can exempt it.
+    pub user_namespace: bool,
     pub by: MeshedBy,
+}
+
+impl MeshedPod {
+    /// Whether a uid can exempt the proxy: a uid of its own (runAsUser, or a Linkerd/Kuma uid
+    /// annotation) or the agent's `--proxy-uid`, and no user namespace.
+    pub fn uid_exempts(&self, agent_uid: Option<u32>) -> bool {
+        use crate::policy::keys::{kuma, linkerd};
+        let annotated = [linkerd::PROXY_UID, kuma::SIDECAR_UID]
+            .iter()
+            .any(|k| self.annotations.contains_key(*k));
+        !self.user_namespace && (self.proxy_uid.is_some() || annotated || agent_uid.is_some())
+    }
 }
 
 /// The rule, first match wins:
@@ -59,7 +84,13 @@ pub struct MeshedPod {
 /// 6. otherwise the pod is not in the mesh.
 pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
     let meta = &pod.metadata;
-    let uid = meta.uid.clone()?;
+    let uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|h| !h.is_empty())
+        .or(meta.uid.as_ref())?
+        .clone();
     let namespace = meta.namespace.clone()?;
     let name = meta.name.clone()?;
     let spec = pod.spec.as_ref()?;
@@ -84,14 +115,30 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
         (None, Some((kv, true))) => (MeshedBy::Injection(kv), None),
         _ => return None,
     };
+    let proxy_container_id = sidecar.and_then(|c| container_id(pod, &c.name));
     Some(MeshedPod {
         uid,
         namespace,
         name,
         annotations: meta.annotations.clone().unwrap_or_default(),
         proxy_uid,
+        proxy_container_id,
+        user_namespace: spec.host_users == Some(false),
         by,
     })
+}
+
+/// The `containerID` of the container `name` (regular or init) in the pod status.
+fn container_id(pod: &Pod, name: &str) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|s| s.name == name)
+        .and_then(|s| s.container_id.clone())
+        .filter(|id| !id.is_empty())
 }
 
 /// The first injection key found (annotations before labels): ("key=value", in?). Values that

@@ -3,23 +3,63 @@
 //! whenever what they say changes, but not before every store has a complete list and the cgroup
 //! tree has been scanned: a partial first snapshot would remove adopted entries of pods not listed
 //! yet.
-use std::{sync::Arc, time::Instant};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{core::PartialObjectMeta, runtime::reflector::Store};
-use tracing::debug;
+use tokio::sync::watch;
+use tracing::{debug, error, info};
 
 use super::{
     KubeOptions,
     crd::MeshConfig,
-    pods::{self, MeshedPod},
+    events::{self, Finding, Regarding},
+    pods::{self, MeshedBy, MeshedPod},
     watch::{Signal, Watched},
 };
 use crate::{
-    cgroup::watch::{CgroupWatcher, Change},
+    cgroup::{
+        discover,
+        watch::{CgroupWatcher, Change},
+    },
     metrics::Metrics,
+    policy::{Annotations, MeshTraffic, WorkloadInputs},
+    proxy::ProxyMode,
     reconcile::{Owner, Snapshot, WorkloadSpec},
 };
+
+/// The MeshConfig `spec.traffic` in force: the newest valid one seen, or the built-in default if
+/// there never was a valid one. A rejected MeshConfig never reaches reconcile, so it cannot stop
+/// new pods from registering or freeze the pods that are there (each keeps following its own
+/// annotations).
+#[derive(Debug, Default)]
+struct MeshInForce {
+    traffic: MeshTraffic,
+    /// resourceVersion of the object in force (None: the built-in default).
+    version: Option<String>,
+    /// The object in the API that was last looked at (spec.traffic as it is there), and whether
+    /// it was rejected, so that a rejection is reported once.
+    seen: Option<MeshTraffic>,
+    rejected: Option<Finding>,
+}
+
+/// Why `traffic` cannot be used (bad value at a named field), if it cannot.
+pub fn validate_mesh(traffic: &MeshTraffic) -> Result<(), crate::policy::PolicyError> {
+    let empty = Annotations::new();
+    crate::policy::resolve(&WorkloadInputs {
+        mesh: traffic,
+        namespace: "",
+        namespace_annotations: &empty,
+        name: "",
+        pod_annotations: &empty,
+    })
+    .map(|_| ())
+}
 
 pub struct Stores {
     pub pods: Store<Pod>,
@@ -38,6 +78,10 @@ pub struct Aggregator {
     cgroups_changed: bool,
     last: Option<Snapshot>,
     metrics: Arc<Metrics>,
+    mesh: MeshInForce,
+    /// The source's own findings (a rejected MeshConfig, a pod whose proxy cannot be exempted),
+    /// for the Event publisher.
+    findings: watch::Sender<BTreeSet<Finding>>,
 }
 
 fn index(r: Watched) -> usize {
@@ -51,6 +95,8 @@ fn index(r: Watched) -> usize {
 impl Aggregator {
     pub fn new(opts: KubeOptions, stores: Stores, metrics: Arc<Metrics>) -> Self {
         Self {
+            mesh: MeshInForce::default(),
+            findings: watch::Sender::new(BTreeSet::new()),
             opts,
             stores,
             synced: [false; 3],
@@ -83,6 +129,108 @@ impl Aggregator {
         self.touch(at);
     }
 
+    /// The source's findings, for [`events::publish`].
+    pub fn findings(&self) -> watch::Receiver<BTreeSet<Finding>> {
+        self.findings.subscribe()
+    }
+
+    /// Takes the MeshConfig in the API if it is valid; otherwise keeps the one in force and reports
+    /// the bad one once (log, `redirect_meshconfig_rejected`, an Event on the MeshConfig).
+    fn update_mesh(&mut self) {
+        let object = self
+            .stores
+            .mesh_configs
+            .state()
+            .into_iter()
+            .find(|m| m.metadata.name.as_deref() == Some(self.opts.mesh_config_name.as_str()));
+        let candidate = object
+            .as_ref()
+            .map(|m| m.spec.traffic.clone())
+            .unwrap_or_default();
+        if self.mesh.seen.as_ref() == Some(&candidate) {
+            return;
+        }
+        self.mesh.seen = Some(candidate.clone());
+        let (ns, name) = (
+            self.opts.mesh_config_namespace.clone(),
+            self.opts.mesh_config_name.clone(),
+        );
+        match validate_mesh(&candidate) {
+            Ok(()) => {
+                if self.mesh.rejected.take().is_some() {
+                    info!(meshconfig = %format!("{ns}/{name}"), "MeshConfig valid again; it is in force");
+                }
+                self.mesh.traffic = candidate;
+                self.mesh.version = object.and_then(|m| m.metadata.resource_version.clone());
+                self.metrics.meshconfig_rejected.set(0);
+            }
+            Err(e) => {
+                let instead = match &self.mesh.version {
+                    Some(v) => format!("keeping the last valid MeshConfig (resourceVersion {v})"),
+                    None if self.mesh.traffic == MeshTraffic::default() => {
+                        "using the built-in defaults".to_string()
+                    }
+                    None => "keeping the last valid MeshConfig".to_string(),
+                };
+                error!(meshconfig = %format!("{ns}/{name}"), "MeshConfig rejected: {e}; {instead}");
+                self.metrics.meshconfig_rejected.set(1);
+                self.mesh.rejected = object.and_then(|m| {
+                    Some(Finding {
+                        regarding: Regarding::MeshConfig {
+                            uid: m.metadata.uid.clone()?,
+                            resource_version: m.metadata.resource_version.clone()?,
+                        },
+                        namespace: ns,
+                        name,
+                        reason: events::REASON_MESHCONFIG_INVALID,
+                        note: format!(
+                            "{e}; {instead} for every pod on node {}",
+                            self.opts.node_name
+                        ),
+                    })
+                });
+            }
+        }
+    }
+
+    /// How the pod's proxy is exempted from its own redirection: the sidecar container's cgroup
+    /// (Some) where it is running, and/or a uid (see [`MeshedPod::uid_exempts`]). A pod with no
+    /// possible exemption is an error rather than a record whose proxy loops back to itself:
+    /// no sidecar container is known (injection key only) or the runtime's cgroup naming is
+    /// unknown, and no uid applies. A sidecar that has not started yet (no containerID, or no
+    /// cgroup) is not an error: the pod is registered (its app cannot escape meanwhile) and the
+    /// cgroup is added by the pass that follows the status update naming the container.
+    fn exemption(&self, p: &MeshedPod, pod_cgroup: &Path) -> Result<Option<PathBuf>, String> {
+        let node_proxy = self.opts.proxy.mode == ProxyMode::Node;
+        let by_uid = node_proxy || p.uid_exempts(self.opts.proxy.uid);
+        let lookup = match &p.proxy_container_id {
+            Some(id) if !pod_cgroup.as_os_str().is_empty() => {
+                discover::container_cgroup(pod_cgroup, id)
+            }
+            _ => Ok(None),
+        };
+        match (lookup, &p.by) {
+            (Ok(Some(c)), _) => Ok(Some(c)),
+            (Ok(None), _) if by_uid => Ok(None),
+            (Ok(None), MeshedBy::Sidecar(name)) => {
+                debug!(pod = %format!("{}/{}", p.namespace, p.name), container = %name, "proxy container not running yet: registered, its cgroup exemption follows");
+                Ok(None)
+            }
+            (Ok(None), MeshedBy::Injection(kv)) => Err(format!(
+                "meshed by {kv} but no container is named like a sidecar (--sidecar-containers) and no proxy uid is known (runAsUser, a uid annotation or --proxy-uid), so the proxy cannot be exempted"
+            )),
+            (Err(_), _) if by_uid => Ok(None),
+            (Err(why), _) => Err(format!(
+                "{why}, and no proxy uid applies{}",
+                if p.user_namespace {
+                    " (hostUsers: false: uids differ on the host)"
+                } else {
+                    ""
+                }
+            )),
+        }
+    }
+
     pub fn is_synced(&self) -> bool {
         self.synced.iter().all(|s| *s)
     }
@@ -106,15 +254,9 @@ impl Aggregator {
     }
 
     /// The whole desired state, from the stores and the cgroup map.
-    pub fn snapshot(&self, cgroups: &mut CgroupWatcher) -> Snapshot {
-        let mesh = self
-            .stores
-            .mesh_configs
-            .state()
-            .into_iter()
-            .find(|m| m.metadata.name.as_deref() == Some(self.opts.mesh_config_name.as_str()))
-            .map(|m| m.spec.traffic.clone())
-            .unwrap_or_default();
+    pub fn snapshot(&mut self, cgroups: &mut CgroupWatcher) -> Snapshot {
+        self.update_mesh();
+        let mesh = self.mesh.traffic.clone();
         let namespaces = self
             .stores
             .namespaces
@@ -140,20 +282,47 @@ impl Aggregator {
         // Stable order, so that equal states compare equal.
         meshed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.metrics.pods_meshed.set(meshed.len() as i64);
-        let workloads = meshed
-            .into_iter()
-            .map(|p| WorkloadSpec {
-                // A pod whose cgroup is not there yet gets an empty path: reconcile reports it
-                // as pending, and the inotify event for its directory triggers the next pass.
-                cgroup: cgroups.lookup(&p.uid).map(|c| c.path).unwrap_or_default(),
+        let mut found: BTreeSet<Finding> = self.mesh.rejected.iter().cloned().collect();
+        let mut workloads = Vec::with_capacity(meshed.len());
+        for p in meshed {
+            // A pod whose cgroup is not there yet gets an empty path: reconcile reports it as
+            // pending, and the inotify event for its directory triggers the next pass.
+            let cgroup = cgroups.lookup(&p.uid).map(|c| c.path).unwrap_or_default();
+            let proxy_cgroup = match self.exemption(&p, &cgroup) {
+                Ok(c) => c,
+                Err(why) => {
+                    found.insert(Finding {
+                        regarding: Regarding::Pod,
+                        namespace: p.namespace.clone(),
+                        name: p.name.clone(),
+                        reason: events::REASON_NOT_EXEMPT,
+                        note: format!("pod {}/{}: {why}; not redirecting it (its proxy's own connects would loop back to itself)", p.namespace, p.name),
+                    });
+                    continue;
+                }
+            };
+            workloads.push(WorkloadSpec {
+                cgroup,
                 namespace: p.namespace,
                 name: p.name,
-                proxy_cgroup: None,
-                proxy_uid: p.proxy_uid,
+                proxy_cgroup,
+                // In a user namespace the runAsUser is not the host uid the kernel sees.
+                proxy_uid: p.proxy_uid.filter(|_| !p.user_namespace),
                 netns: None,
                 annotations: p.annotations,
-            })
-            .collect();
+            });
+        }
+        self.metrics.pods_not_exempt.set(
+            found
+                .iter()
+                .filter(|f| f.reason == events::REASON_NOT_EXEMPT)
+                .count() as i64,
+        );
+        self.findings.send_if_modified(|f| {
+            let changed = *f != found;
+            *f = found;
+            changed
+        });
         Snapshot {
             mesh: crate::policy::MeshTraffic {
                 dns: self.opts.dns.clone(),
