@@ -96,7 +96,7 @@ pub struct RunArgs {
     pub admin_addr: SocketAddr,
     /// Capacity of each rule trie (IPv4 CIDRs, IPv6 CIDRs, ports), shared by all workloads.
     /// Used when the maps are first created; pinned maps keep their size until `cleanup`.
-    /// A workload whose policy does not fit keeps its last good policy, and the error names it.
+    /// Identical policies share entries; a change needs room for its old and new entries at once (make before break).
     #[arg(long, env = "REDIRECT_MAX_RULE_ENTRIES", default_value_t = redirect_common::MAX_RULE_ENTRIES)]
     pub max_rule_entries: u32,
 }

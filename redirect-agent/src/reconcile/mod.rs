@@ -1,19 +1,28 @@
 //! Snapshot → desired state → map diff. Every source (the file, Kubernetes) produces a
-//! [`Snapshot`]; this module alone turns it into kernel state.
+//! [`Snapshot`], with the cgroup ids it found; this module alone turns it into kernel state
+//! (docs/architecture.md, "The reconcile rules").
 pub mod apply;
 mod desired;
+pub mod maps;
 pub mod owner;
+pub mod scale;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
 };
 
-pub use apply::{Applier, ApplyError, ApplyReport, Desired, Fill};
-pub use desired::{Fallback, WorkloadIssue, build};
+pub use apply::{
+    Applier, ApplyError, ApplyReport, Candidate, Desired, Fill, GRACE, Kind, Rules, WriteError,
+};
+pub use desired::{Fallback, Memo, WorkloadIssue, build, entries, record};
+pub use maps::{Capacity, MemMaps, PolicyMaps};
 pub use owner::{Health, Owner, PassReport};
 
 use crate::{
+    cgroup,
     policy::{Annotations, MeshTraffic},
     proxy::ProxyConfig,
 };
@@ -26,6 +35,24 @@ pub struct Snapshot {
     /// Namespace name → its annotations.
     pub namespaces: BTreeMap<String, Annotations>,
     pub workloads: Vec<WorkloadSpec>,
+    /// cgroup directory → its cgroup id, as the source found it. A workload (or proxy) cgroup
+    /// missing here is pending.
+    pub cgroups: BTreeMap<PathBuf, u64>,
+}
+
+impl Snapshot {
+    /// Looks up the cgroup id of every workload and proxy cgroup path that exists now (for
+    /// sources that know paths only, like the file source).
+    pub fn resolve_cgroups(&mut self) {
+        self.cgroups.clear();
+        for w in &self.workloads {
+            for p in std::iter::once(&w.cgroup).chain(w.proxy_cgroup.as_ref()) {
+                if let Ok(id) = cgroup::cgroup_id(p) {
+                    self.cgroups.insert(p.clone(), id);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +65,9 @@ pub struct WorkloadSpec {
     /// This workload's proxy uid (Kubernetes: the sidecar container's runAsUser). An annotation
     /// (Linkerd `proxy-uid`, Kuma `sidecar-uid`) overrides it; it overrides `proxy.uid`.
     pub proxy_uid: Option<u32>,
+    /// The workload's network namespace (a netns file such as /run/netns/NAME or
+    /// /proc/PID/ns/net); None means no inbound interception.
+    pub netns: Option<PathBuf>,
     pub annotations: Annotations,
 }
 
@@ -51,23 +81,45 @@ impl WorkloadSpec {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub report: ApplyReport,
-    /// Workloads whose policy was rejected; they keep their last good policy.
+    /// Workloads whose policy was rejected, with what they run instead.
     pub issues: Vec<WorkloadIssue>,
     /// Non-fatal notes (e.g. host bits normalised), naming workload, key and value.
     pub warnings: Vec<String>,
-    /// Workloads whose cgroup does not exist (yet).
+    /// Workloads whose cgroup (or proxy cgroup) does not exist (yet).
     pub pending: Vec<String>,
 }
 
-/// Applies one snapshot.
-pub fn reconcile(applier: &mut Applier, snapshot: &Snapshot) -> Outcome {
-    let built = build(snapshot, |cgroup_id| applier.is_applied(cgroup_id));
-    let report = applier.apply(&built.desired, &built.keep);
-    Outcome {
-        report,
-        issues: built.issues,
-        warnings: built.warnings,
-        pending: built.pending,
+/// The applier and the memo of compiled policies: the reconcile state kept across passes.
+pub struct Reconciler<M: PolicyMaps = crate::bpf::PinnedMaps> {
+    pub applier: Applier<M>,
+    pub memo: Memo,
+}
+
+impl<M: PolicyMaps> Reconciler<M> {
+    pub fn new(applier: Applier<M>) -> Self {
+        Self {
+            applier,
+            memo: Memo::default(),
+        }
+    }
+
+    /// Applies one snapshot.
+    pub fn reconcile(&mut self, snapshot: &Snapshot) -> Outcome {
+        let applier = &self.applier;
+        let built = build(snapshot, &mut self.memo, |id| applier.is_applied(id));
+        let report = self.applier.apply(&built.desired, &built.keep);
+        let mut issues = built.issues;
+        for i in &mut issues {
+            if let Some(f) = i.cgroup_id.and_then(|id| report.fallbacks.get(&id)) {
+                i.fallback = *f;
+            }
+        }
+        Outcome {
+            report,
+            issues,
+            warnings: built.warnings,
+            pending: built.pending,
+        }
     }
 }
 

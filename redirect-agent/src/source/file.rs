@@ -130,9 +130,10 @@ impl FileConfig {
             .unwrap_or_default()
     }
 
-    /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`.
+    /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`, and the
+    /// cgroup ids of those that exist now are looked up.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
-        Snapshot {
+        let mut snapshot = Snapshot {
             mesh: self.mesh.clone(),
             proxy: self.proxy.clone(),
             namespaces: self
@@ -152,10 +153,14 @@ impl FileConfig {
                         .as_deref()
                         .map(|p| cgroup::resolve_path(cgroup_mount, p)),
                     proxy_uid: None,
+                    netns: None,
                     annotations: w.annotations.clone(),
                 })
                 .collect(),
-        }
+            cgroups: Default::default(),
+        };
+        snapshot.resolve_cgroups();
+        snapshot
     }
 }
 

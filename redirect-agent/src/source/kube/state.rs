@@ -140,16 +140,25 @@ impl Aggregator {
         // Stable order, so that equal states compare equal.
         meshed.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         self.metrics.pods_meshed.set(meshed.len() as i64);
+        let mut ids = std::collections::BTreeMap::new();
         let workloads = meshed
             .into_iter()
             .map(|p| WorkloadSpec {
-                // A pod whose cgroup is not there yet gets an empty path: reconcile reports it
-                // as pending, and the inotify event for its directory triggers the next pass.
-                cgroup: cgroups.lookup(&p.uid).map(|c| c.path).unwrap_or_default(),
+                // A pod whose cgroup is not there yet gets an empty path and no id: reconcile
+                // reports it as pending, and the inotify event for its directory triggers the
+                // next pass.
+                cgroup: cgroups
+                    .lookup(&p.uid)
+                    .map(|c| {
+                        ids.insert(c.path.clone(), c.ino);
+                        c.path
+                    })
+                    .unwrap_or_default(),
                 namespace: p.namespace,
                 name: p.name,
                 proxy_cgroup: None,
                 proxy_uid: p.proxy_uid,
+                netns: None,
                 annotations: p.annotations,
             })
             .collect();
@@ -158,6 +167,7 @@ impl Aggregator {
             proxy: self.opts.proxy.clone(),
             namespaces,
             workloads,
+            cgroups: ids,
         }
     }
 }
