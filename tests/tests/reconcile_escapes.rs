@@ -168,7 +168,10 @@ fn a_new_workload_that_does_not_fit_runs_the_mesh_default() {
     // 8 entries per trie; the workload asks for 13.
     let agent = Agent::start_with(
         &w.fx,
-        &config(&[], &[(&w.pods[0], Some(&w.proxy), excludes(&cidrs(2, 12)))]),
+        &config(
+            &[],
+            &[(&w.pods[0], Some(&w.proxy), excludes(&cidrs(2, 12)))],
+        ),
         &["--max-rule-entries", "8"],
     )
     .unwrap();
@@ -216,8 +219,12 @@ fn identical_policies_share_entries_and_all_are_redirected() {
             (p.as_path(), proxy, list.clone())
         })
         .collect();
-    let agent = Agent::start_with(&w.fx, &config(&[], &workloads), &["--max-rule-entries", "8"])
-        .unwrap();
+    let agent = Agent::start_with(
+        &w.fx,
+        &config(&[], &workloads),
+        &["--max-rule-entries", "8"],
+    )
+    .unwrap();
     let inspect = agent.inspect().unwrap();
     let ids: Vec<u64> = inspect["workloads"]
         .as_array()
