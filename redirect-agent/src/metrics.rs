@@ -179,7 +179,7 @@ impl Metrics {
         );
         r.register(
             "workload_policy_error",
-            "1 for each workload whose current policy input is invalid, with the key at fault",
+            "1 for each workload whose current policy input is invalid or could not be written, with the key at fault and the fallback it runs with",
             m.workload_errors.clone(),
         );
         r.register(

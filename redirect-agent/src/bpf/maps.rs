@@ -17,7 +17,7 @@ use super::BpfError;
 
 /// One policy's trie entries, keyed by (prefix bits after the policy id, address or port).
 /// The value is a `redirect_common::action`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PolicyEntries {
     pub v4: BTreeMap<(u32, [u8; 4]), u32>,
     pub v6: BTreeMap<(u32, [u8; 16]), u32>,
@@ -170,6 +170,21 @@ impl PinnedMaps {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `max_entries` of each rule trie (what `--max-rule-entries` set when they were created);
+    /// a trie whose size cannot be read counts as unbounded (the kernel still refuses past it).
+    pub fn rule_capacity(&self) -> crate::reconcile::Capacity {
+        let max = |name: &'static str| {
+            MapInfo::from_pin(self.dir.join(name))
+                .map(|i| i.max_entries() as usize)
+                .unwrap_or(usize::MAX / 2)
+        };
+        crate::reconcile::Capacity {
+            v4: max(map_names::CIDR_V4),
+            v6: max(map_names::CIDR_V6),
+            ports: max(map_names::PORTS),
+        }
     }
 
     pub fn policies(&self) -> Result<BTreeMap<u64, Policy>, BpfError> {

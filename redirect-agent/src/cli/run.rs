@@ -96,7 +96,7 @@ pub struct RunArgs {
     pub admin_addr: SocketAddr,
     /// Capacity of each rule trie (IPv4 CIDRs, IPv6 CIDRs, ports), shared by all workloads.
     /// Used when the maps are first created; pinned maps keep their size until `cleanup`.
-    /// A workload whose policy does not fit keeps its last good policy, and the error names it.
+    /// Identical policies share entries; a change needs room for its old and new entries at once (make before break).
     #[arg(long, env = "REDIRECT_MAX_RULE_ENTRIES", default_value_t = redirect_common::MAX_RULE_ENTRIES)]
     pub max_rule_entries: u32,
     /// Kubernetes source: capture every meshed pod's DNS (port-53 UDP and TCP) to the proxy's DNS
@@ -181,7 +181,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         max_rule_entries: Some(args.max_rule_entries),
     })
     .context("attaching the datapath")?;
-    let applier = Applier::adopt(maps).context("adopting pinned state")?;
+    let inbound = crate::reconcile::inbound::InboundApplier::adopt(maps.dir());
+    let applier = Applier::adopt(maps)
+        .context("adopting pinned state")?
+        .with_inbound(inbound);
     info!(
         cgroup_root = %cgroup_root.display(),
         adopted = applier.applied_count(),

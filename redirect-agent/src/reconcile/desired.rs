@@ -1,12 +1,16 @@
-//! Snapshot → per-cgroup desired records and entries, with the "last good policy" rule: a workload
-//! whose policy fails validation keeps what it has, or gets the mesh default if it has nothing.
+//! Snapshot → per-cgroup desired records and entries. Pure: cgroup ids come resolved in the
+//! snapshot. Resolution and compilation are memoized by content across passes, so a pass costs a
+//! lookup per unchanged workload and identical policies share one [`Rules`] (and so one id).
+use std::{collections::HashMap, sync::Arc};
+
 use redirect_common::{Policy, flags};
 
-use super::{Built, Desired, Snapshot, WorkloadSpec};
+use super::{Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec};
 use crate::{
     bpf::PolicyEntries,
-    cgroup,
-    policy::{self, Annotations, Compiled, EffectivePolicy, PolicyError, WorkloadInputs},
+    policy::{
+        self, Annotations, Compiled, EffectivePolicy, MeshTraffic, PolicyError, WorkloadInputs,
+    },
     proxy::ProxyConfig,
 };
 
@@ -21,31 +25,155 @@ pub struct WorkloadIssue {
     /// is not a bad value, e.g. a cgroup claimed twice).
     pub key: String,
     pub value: String,
-    /// What the workload runs with instead.
+    /// What the workload runs with instead (decided when the pass is applied).
     pub fallback: Fallback,
+    /// The workload's cgroup, when known.
+    pub cgroup_id: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fallback {
+    /// Its own last good policy, as applied before.
     LastGood,
+    /// The current mesh default (the mesh config and namespace annotations, without the pod's).
     MeshDefault,
+    /// A record that redirects every destination but loopback: the last resort.
+    RedirectAll,
     Nothing,
 }
 
-pub fn build(snapshot: &Snapshot, is_applied: impl Fn(u64) -> bool) -> Built {
+impl Fallback {
+    /// For Events, logs and metric labels.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Fallback::LastGood => "keeping its last good policy",
+            Fallback::MeshDefault => "using the mesh default policy",
+            Fallback::RedirectAll => {
+                "redirecting every destination (the mesh default does not fit either)"
+            }
+            Fallback::Nothing => "not redirecting it",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fallback::LastGood => "last_good",
+            Fallback::MeshDefault => "mesh_default",
+            Fallback::RedirectAll => "redirect_all",
+            Fallback::Nothing => "none",
+        }
+    }
+}
+
+/// What resolves the same: the pod's name matters only when the pod has annotations of its own
+/// (it then appears in sources and messages).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Key {
+    namespace: String,
+    name: String,
+    namespace_annotations: Annotations,
+    pod_annotations: Annotations,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    resolved: Result<(Arc<EffectivePolicy>, Arc<Rules>, Vec<String>), PolicyError>,
+}
+
+/// The memo of resolution and compilation, kept across passes; entries unused in a pass are
+/// dropped at its end.
+#[derive(Debug, Default)]
+pub struct Memo {
+    mesh: MeshTraffic,
+    entries: HashMap<Key, Entry>,
+    used: HashMap<Key, Entry>,
+    rules: HashMap<u64, Arc<Rules>>,
+    /// Resolutions computed (not memo hits) in the last pass.
+    pub computed: usize,
+}
+
+impl Memo {
+    fn begin(&mut self, mesh: &MeshTraffic) {
+        if &self.mesh != mesh {
+            // A mesh change invalidates every resolution.
+            self.mesh = mesh.clone();
+            self.entries.clear();
+            self.used.clear();
+        }
+        self.computed = 0;
+    }
+
+    fn end(&mut self) {
+        self.entries = std::mem::take(&mut self.used);
+        let live: std::collections::HashSet<u64> = self
+            .entries
+            .values()
+            .filter_map(|e| e.resolved.as_ref().ok().map(|r| r.1.digest()))
+            .collect();
+        self.rules.retain(|d, _| live.contains(d));
+    }
+
+    fn resolve(
+        &mut self,
+        w: &WorkloadSpec,
+        namespace_annotations: &Annotations,
+        pod_annotations: &Annotations,
+    ) -> Entry {
+        let key = Key {
+            namespace: w.namespace.clone(),
+            name: if pod_annotations.is_empty() {
+                String::new()
+            } else {
+                w.name.clone()
+            },
+            namespace_annotations: namespace_annotations.clone(),
+            pod_annotations: pod_annotations.clone(),
+        };
+        if let Some(e) = self.used.get(&key) {
+            return e.clone();
+        }
+        if let Some(e) = self.entries.remove(&key) {
+            self.used.insert(key, e.clone());
+            return e;
+        }
+        self.computed += 1;
+        let resolved = policy::resolve(&WorkloadInputs {
+            mesh: &self.mesh,
+            namespace: &w.namespace,
+            namespace_annotations,
+            name: &w.name,
+            pod_annotations,
+        })
+        .map(|r| {
+            let fresh = Rules::new(entries(&policy::compile(&r.policy)));
+            let rules = self.rules.entry(fresh.digest()).or_insert(fresh).clone();
+            (Arc::new(r.policy), rules, r.warnings)
+        });
+        let e = Entry { resolved };
+        self.used.insert(key, e.clone());
+        e
+    }
+}
+
+pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> bool) -> Built {
     let mut out = Built::default();
     let empty = Annotations::new();
+    memo.begin(&snapshot.mesh);
     for w in &snapshot.workloads {
-        let Ok(cgroup_id) = cgroup::cgroup_id(&w.cgroup) else {
+        let Some(&cgroup_id) = snapshot.cgroups.get(&w.cgroup) else {
             out.pending.push(w.id());
             continue;
         };
         let proxy_cgroup = match &w.proxy_cgroup {
             None => None,
-            Some(p) => match cgroup::cgroup_id(p) {
-                Ok(id) => Some(id),
-                // Without its exemption the proxy's own connects would loop back to itself.
-                Err(_) => {
+            Some(p) => match snapshot.cgroups.get(p) {
+                Some(&id) => Some(id),
+                // Without its exemption the proxy's own connects would loop back to itself, so
+                // nothing new is installed; what is applied stays (not removed).
+                None => {
+                    if is_applied(cgroup_id) {
+                        out.keep.insert(cgroup_id);
+                    }
                     out.pending.push(w.id());
                     continue;
                 }
@@ -64,70 +192,60 @@ pub fn build(snapshot: &Snapshot, is_applied: impl Fn(u64) -> bool) -> Built {
                 key: String::new(),
                 value: String::new(),
                 fallback: Fallback::Nothing,
+                cgroup_id: None,
             });
             continue;
         }
         let ns_annotations = snapshot.namespaces.get(&w.namespace).unwrap_or(&empty);
-        let resolved = resolve(snapshot, w, ns_annotations, &w.annotations);
-        let policy = match resolved {
-            Ok(r) => {
-                out.warnings.extend(r.warnings);
-                r.policy
+        let candidate = |(p, rules): (&EffectivePolicy, &Arc<Rules>)| Candidate {
+            record: record(&snapshot.proxy, p, proxy_cgroup, w.proxy_uid),
+            rules: rules.clone(),
+        };
+        let own = memo.resolve(w, ns_annotations, &w.annotations);
+        let own = match own.resolved {
+            Ok((p, rules, warnings)) => {
+                out.warnings.extend(warnings);
+                Some(candidate((&p, &rules)))
             }
             Err(e) => {
-                let fallback = if is_applied(cgroup_id) {
-                    out.keep.insert(cgroup_id);
-                    None
-                } else {
-                    // Mesh default: drop the pod's annotations, then the namespace's too.
-                    resolve(snapshot, w, ns_annotations, &empty)
-                        .or_else(|_| resolve(snapshot, w, &empty, &empty))
-                        .ok()
-                        .map(|r| r.policy)
-                };
                 out.issues.push(WorkloadIssue {
                     namespace: w.namespace.clone(),
                     name: w.name.clone(),
                     error: e.to_string(),
                     key: e.key.clone(),
                     value: e.value.clone(),
-                    fallback: match (&fallback, out.keep.contains(&cgroup_id)) {
-                        (_, true) => Fallback::LastGood,
-                        (Some(_), _) => Fallback::MeshDefault,
-                        (None, _) => Fallback::Nothing,
-                    },
+                    fallback: Fallback::Nothing,
+                    cgroup_id: Some(cgroup_id),
                 });
-                match fallback {
-                    Some(p) => p,
-                    None => continue,
-                }
+                None
             }
         };
+        // Mesh default: drop the pod's annotations, then the namespace's too.
+        let mesh_default = [ns_annotations, &empty].into_iter().find_map(|ns| {
+            memo.resolve(w, ns, &empty)
+                .resolved
+                .ok()
+                .map(|(p, rules, _)| candidate((&p, &rules)))
+        });
+        let mut redirect_all = record(
+            &snapshot.proxy,
+            &EffectivePolicy::default(),
+            proxy_cgroup,
+            w.proxy_uid,
+        );
+        redirect_all.flags |= flags::ENABLED;
         out.desired.insert(
             cgroup_id,
             Desired {
                 workload: w.id(),
-                record: record(&snapshot.proxy, &policy, proxy_cgroup, w.proxy_uid),
-                entries: entries(&policy::compile(&policy)),
+                own,
+                mesh_default,
+                redirect_all,
             },
         );
     }
+    memo.end();
     out
-}
-
-fn resolve(
-    snapshot: &Snapshot,
-    w: &WorkloadSpec,
-    namespace_annotations: &Annotations,
-    pod_annotations: &Annotations,
-) -> Result<policy::Resolved, PolicyError> {
-    policy::resolve(&WorkloadInputs {
-        mesh: &snapshot.mesh,
-        namespace: &w.namespace,
-        namespace_annotations,
-        name: &w.name,
-        pod_annotations,
-    })
 }
 
 /// The kernel record: who the proxy is and where redirected connects go.

@@ -1,20 +1,29 @@
 //! Snapshot → desired state → map diff. Every source (the file, Kubernetes) produces a
-//! [`Snapshot`]; this module alone turns it into kernel state.
+//! [`Snapshot`], with the cgroup ids it found; this module alone turns it into kernel state
+//! (docs/architecture.md, "The reconcile rules").
 pub mod apply;
 mod desired;
 pub mod inbound;
+pub mod maps;
 pub mod owner;
+pub mod scale;
+#[cfg(test)]
+mod tests;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
 };
 
-pub use apply::{Applier, ApplyError, ApplyReport, Desired, Fill};
-pub use desired::{Fallback, WorkloadIssue, build};
+pub use apply::{
+    Applier, ApplyError, ApplyReport, Candidate, Desired, Fill, GRACE, Kind, Rules, WriteError,
+};
+pub use desired::{Fallback, Memo, WorkloadIssue, build, entries, record};
+pub use maps::{Capacity, MemMaps, PolicyMaps};
 pub use owner::{Health, Owner, PassReport};
 
 use crate::{
+    cgroup,
     policy::{Annotations, MeshTraffic},
     proxy::ProxyConfig,
 };
@@ -27,6 +36,24 @@ pub struct Snapshot {
     /// Namespace name → its annotations.
     pub namespaces: BTreeMap<String, Annotations>,
     pub workloads: Vec<WorkloadSpec>,
+    /// cgroup directory → its cgroup id, as the source found it. A workload (or proxy) cgroup
+    /// missing here is pending.
+    pub cgroups: BTreeMap<PathBuf, u64>,
+}
+
+impl Snapshot {
+    /// Looks up the cgroup id of every workload and proxy cgroup path that exists now (for
+    /// sources that know paths only, like the file source).
+    pub fn resolve_cgroups(&mut self) {
+        self.cgroups.clear();
+        for w in &self.workloads {
+            for p in std::iter::once(&w.cgroup).chain(w.proxy_cgroup.as_ref()) {
+                if let Ok(id) = cgroup::cgroup_id(p) {
+                    self.cgroups.insert(p.clone(), id);
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -55,26 +82,53 @@ impl WorkloadSpec {
 #[derive(Debug, Default)]
 pub struct Outcome {
     pub report: ApplyReport,
-    /// Workloads whose policy was rejected; they keep their last good policy.
+    /// Workloads whose policy was rejected, with what they run instead.
     pub issues: Vec<WorkloadIssue>,
     /// Non-fatal notes (e.g. host bits normalised), naming workload, key and value.
     pub warnings: Vec<String>,
-    /// Workloads whose cgroup does not exist (yet).
+    /// Workloads whose cgroup (or proxy cgroup) does not exist (yet).
     pub pending: Vec<String>,
     pub inbound: inbound::InboundReport,
 }
 
-/// Applies one snapshot.
-pub fn reconcile(applier: &mut Applier, snapshot: &Snapshot) -> Outcome {
-    let built = build(snapshot, |cgroup_id| applier.is_applied(cgroup_id));
-    let report = applier.apply(&built.desired, &built.keep);
-    let inbound = applier.inbound.apply(snapshot);
-    Outcome {
-        inbound,
-        report,
-        issues: built.issues,
-        warnings: built.warnings,
-        pending: built.pending,
+/// The applier and the memo of compiled policies: the reconcile state kept across passes.
+pub struct Reconciler<M: PolicyMaps = crate::bpf::PinnedMaps> {
+    pub applier: Applier<M>,
+    pub memo: Memo,
+}
+
+impl<M: PolicyMaps> Reconciler<M> {
+    pub fn new(applier: Applier<M>) -> Self {
+        Self {
+            applier,
+            memo: Memo::default(),
+        }
+    }
+
+    /// Applies one snapshot.
+    pub fn reconcile(&mut self, snapshot: &Snapshot) -> Outcome {
+        let applier = &self.applier;
+        let built = build(snapshot, &mut self.memo, |id| applier.is_applied(id));
+        let report = self.applier.apply(&built.desired, &built.keep);
+        let mut issues = built.issues;
+        for i in &mut issues {
+            if let Some(f) = i.cgroup_id.and_then(|id| report.fallbacks.get(&id)) {
+                i.fallback = *f;
+            }
+        }
+        let inbound = self
+            .applier
+            .inbound
+            .as_mut()
+            .map(|i| i.apply(snapshot))
+            .unwrap_or_default();
+        Outcome {
+            report,
+            issues,
+            warnings: built.warnings,
+            pending: built.pending,
+            inbound,
+        }
     }
 }
 

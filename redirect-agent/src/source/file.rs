@@ -137,9 +137,10 @@ impl FileConfig {
             .unwrap_or_default()
     }
 
-    /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`.
+    /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`, and the
+    /// cgroup ids of those that exist now are looked up.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
-        Snapshot {
+        let mut snapshot = Snapshot {
             mesh: MeshTraffic {
                 dns: self.dns.clone(),
                 ..self.mesh.clone()
@@ -166,7 +167,10 @@ impl FileConfig {
                     annotations: w.annotations.clone(),
                 })
                 .collect(),
-        }
+            cgroups: Default::default(),
+        };
+        snapshot.resolve_cgroups();
+        snapshot
     }
 }
 

@@ -61,10 +61,12 @@ pub async fn follow_file(
         since_retry += POLL;
         if since_retry >= RETRY && pending.load(Ordering::Relaxed) {
             since_retry = Duration::ZERO;
-            if let Some(snap) = &last_good
-                && tx.send(snap.clone()).is_err()
-            {
-                return;
+            if let Some(snap) = &mut last_good {
+                // The cgroups may have appeared since: look their ids up again.
+                snap.resolve_cgroups();
+                if tx.send(snap.clone()).is_err() {
+                    return;
+                }
             }
         }
     }

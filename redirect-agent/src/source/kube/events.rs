@@ -37,10 +37,7 @@ use tracing::{debug, warn};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::{
-    metrics::Metrics,
-    reconcile::{Fallback, PassReport},
-};
+use crate::{metrics::Metrics, reconcile::PassReport};
 
 pub const REASON_INVALID: &str = "RedirectPolicyInvalid";
 pub const REASON_MAP_FULL: &str = "RedirectMapFull";
@@ -83,11 +80,7 @@ pub struct Finding {
 pub fn findings(report: &PassReport) -> BTreeSet<Finding> {
     let mut out = BTreeSet::new();
     for i in &report.issues {
-        let instead = match i.fallback {
-            Fallback::LastGood => "keeping its last good policy",
-            Fallback::MeshDefault => "using the mesh default policy",
-            Fallback::Nothing => "not redirecting it",
-        };
+        let instead = i.fallback.describe();
         out.insert(Finding {
             regarding: Regarding::Pod,
             namespace: i.namespace.clone(),
@@ -110,8 +103,10 @@ pub fn findings(report: &PassReport) -> BTreeSet<Finding> {
                 REASON_APPLY_FAILED
             },
             note: format!(
-                "writing the policy of cgroup {} failed: {}; keeping its last good policy",
-                e.cgroup_id, e.error
+                "writing the policy of cgroup {} failed: {}; {}",
+                e.cgroup_id,
+                e.error,
+                e.fallback.describe()
             ),
         });
     }

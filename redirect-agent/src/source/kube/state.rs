@@ -284,10 +284,19 @@ impl Aggregator {
         self.metrics.pods_meshed.set(meshed.len() as i64);
         let mut found: BTreeSet<Finding> = self.mesh.rejected.iter().cloned().collect();
         let mut workloads = Vec::with_capacity(meshed.len());
+        // The cgroup ids the watcher already knows (and the proxy containers', looked up now), so
+        // reconcile never stats a path itself.
+        let mut ids = std::collections::BTreeMap::new();
         for p in meshed {
             // A pod whose cgroup is not there yet gets an empty path: reconcile reports it as
             // pending, and the inotify event for its directory triggers the next pass.
-            let cgroup = cgroups.lookup(&p.uid).map(|c| c.path).unwrap_or_default();
+            let cgroup = cgroups
+                .lookup(&p.uid)
+                .map(|c| {
+                    ids.insert(c.path.clone(), c.ino);
+                    c.path
+                })
+                .unwrap_or_default();
             let proxy_cgroup = match self.exemption(&p, &cgroup) {
                 Ok(c) => c,
                 Err(why) => {
@@ -301,6 +310,11 @@ impl Aggregator {
                     continue;
                 }
             };
+            if let Some(pc) = &proxy_cgroup
+                && let Ok(id) = crate::cgroup::cgroup_id(pc)
+            {
+                ids.insert(pc.clone(), id);
+            }
             workloads.push(WorkloadSpec {
                 cgroup,
                 namespace: p.namespace,
@@ -331,6 +345,7 @@ impl Aggregator {
             proxy: self.opts.proxy.clone(),
             namespaces,
             workloads,
+            cgroups: ids,
         }
     }
 }
