@@ -5,6 +5,7 @@
 mod connect;
 mod maps;
 mod origdst;
+mod sockstate;
 
 #[cfg(not(test))]
 #[panic_handler]
