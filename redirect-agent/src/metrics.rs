@@ -197,6 +197,19 @@ impl Collector for KernelCollector {
                 ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
             }
         }
+        if let Ok(inbound) = crate::bpf::inbound_maps::InboundMaps::open(&self.dir)
+            && let Ok(counters) = inbound.counters()
+        {
+            let mut e = encoder.encode_descriptor(
+                "inbound_decisions",
+                "sk_lookup decisions and listener events of the inbound program, by event",
+                None,
+                MetricType::Counter,
+            )?;
+            for (c, n) in counters {
+                ConstCounter::new(n).encode(e.encode_family(&[("event", c.name())])?)?;
+            }
+        }
         let mut e = encoder.encode_descriptor(
             "map_capacity",
             "max_entries of each pinned map",

@@ -20,6 +20,9 @@ pub struct ProxyConfig {
     pub mode: ProxyMode,
     #[serde(default = "default_outbound_port")]
     pub outbound_port: u16,
+    /// The proxy's inbound listener port (sk_lookup steers inbound connections to it).
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
     /// The proxy's uid: its connects are never redirected (istio-iptables' `-u`).
     #[serde(default)]
     pub uid: Option<u32>,
@@ -35,11 +38,19 @@ fn default_outbound_port() -> u16 {
     15001
 }
 
+/// Istio's and Kuma's inbound port; OSM/FSM use 15003, Linkerd 4143.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+
+fn default_inbound_port() -> u16 {
+    DEFAULT_INBOUND_PORT
+}
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             mode: ProxyMode::Sidecar,
             outbound_port: default_outbound_port(),
+            inbound_port: default_inbound_port(),
             uid: None,
             address: None,
             address6: None,

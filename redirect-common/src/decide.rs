@@ -123,6 +123,71 @@ pub fn decide_outbound(
     }
 }
 
+/// Which step of the inbound order decided (istio-iptables' ISTIO_INBOUND), first match wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InboundStep {
+    /// 1: arrived on lo (iptables PREROUTING never sees it): the normal lookup, the app.
+    Loopback,
+    /// 2: the destination port is excluded (the dialect's list or the proxy's own ports).
+    ExcludedPort,
+    /// 3: the source address is excluded.
+    ExcludedSource,
+    /// 4: the destination port is included (`*` = all): the proxy's listener.
+    IncludedPort,
+    /// 5: nothing included it: the app.
+    NotIncluded,
+}
+
+impl InboundStep {
+    #[inline(always)]
+    pub fn steers(self) -> bool {
+        matches!(self, InboundStep::IncludedPort)
+    }
+
+    /// The counter slot of this outcome (a steered connection counts `Steered` only once the
+    /// listener took it).
+    #[inline(always)]
+    pub fn counter(self) -> crate::inbound::InboundCounter {
+        use crate::inbound::InboundCounter as C;
+        match self {
+            InboundStep::Loopback => C::Loopback,
+            InboundStep::ExcludedPort => C::ExcludedPort,
+            InboundStep::ExcludedSource => C::ExcludedSource,
+            InboundStep::IncludedPort => C::Steered,
+            InboundStep::NotIncluded => C::NotIncluded,
+        }
+    }
+}
+
+/// The inbound decision for a new TCP connection into a meshed network namespace.
+///
+/// `port_rule` answers the inbound port trie for the destination port (one lookup serves steps
+/// 2 and 4); `source_rule` answers the source trie of the source's family. Both return an
+/// [`action`] value or [`NO_RULE`].
+#[inline(always)]
+pub fn decide_inbound(
+    from_loopback: bool,
+    source: &Dest,
+    port_rule: impl FnOnce() -> u32,
+    source_rule: impl FnOnce(&Dest) -> u32,
+) -> InboundStep {
+    if from_loopback {
+        return InboundStep::Loopback;
+    }
+    let port = port_rule();
+    if port == action::EXCLUDE {
+        return InboundStep::ExcludedPort;
+    }
+    if source_rule(source) == action::EXCLUDE {
+        return InboundStep::ExcludedSource;
+    }
+    if port == action::INCLUDE {
+        InboundStep::IncludedPort
+    } else {
+        InboundStep::NotIncluded
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +231,38 @@ mod tests {
         assert_eq!(
             decide_outbound(true, false, &d, || action::INCLUDE, |_| NO_RULE),
             OutboundStep::IncludedPort
+        );
+    }
+
+    #[test]
+    fn inbound_order() {
+        let s = Dest::V4([198, 18, 0, 1]);
+        let never = || -> u32 { panic!("looked up") };
+        let never_src = |_: &Dest| -> u32 { panic!("looked up") };
+        assert_eq!(
+            decide_inbound(true, &s, never, never_src),
+            InboundStep::Loopback
+        );
+        assert_eq!(
+            decide_inbound(false, &s, || action::EXCLUDE, never_src),
+            InboundStep::ExcludedPort
+        );
+        assert_eq!(
+            decide_inbound(false, &s, || action::INCLUDE, |_| action::EXCLUDE),
+            InboundStep::ExcludedSource
+        );
+        assert_eq!(
+            decide_inbound(false, &s, || NO_RULE, |_| action::EXCLUDE),
+            InboundStep::ExcludedSource
+        );
+        assert_eq!(
+            decide_inbound(false, &s, || action::INCLUDE, |_| NO_RULE),
+            InboundStep::IncludedPort
+        );
+        assert!(InboundStep::IncludedPort.steers());
+        assert_eq!(
+            decide_inbound(false, &s, || NO_RULE, |_| NO_RULE),
+            InboundStep::NotIncluded
         );
     }
 }

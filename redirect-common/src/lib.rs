@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod decide;
+pub mod inbound;
 
 /// Deepest cgroup level the connect programs look at when walking ancestors. Kubernetes pod
 /// cgroups sit at depth 3-4 (`kubepods.slice/kubepods-<qos>.slice/<pod>.slice/<container>`), and tests

@@ -1,8 +1,9 @@
-//! Kernel programs of redirect. See DESIGN.md §2 for the contract.
+//! Kernel programs of redirect. See docs/architecture.md for the contract.
 #![no_std]
 #![no_main]
 
 mod connect;
+mod inbound;
 mod maps;
 mod origdst;
 mod sockstate;

@@ -1,5 +1,5 @@
-//! The original destination of redirected connections (DESIGN §2), so that unmodified proxies
-//! work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
+//! The original destination of redirected connections (docs/architecture.md), so that
+//! unmodified proxies work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
 //! getpeername shows the destination it connected to.
 //!
 //! A record's life:
@@ -22,7 +22,8 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_ops,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_ops,
+        bpf_sockopt,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
@@ -43,6 +44,8 @@ const EINVAL: i32 = 22;
 const OK: i32 = 1;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
+/// The smallest PAGE_SIZE Linux runs with: the getsockopt buffer a program sees is capped there.
+const MIN_PAGE_SIZE: i32 = 4096;
 
 #[inline(always)]
 fn mapped(ip: [u8; 4]) -> [u8; 16] {
@@ -95,6 +98,7 @@ pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ops),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::on_listen(ops),
         BPF_SOCK_OPS_STATE_CB => {
             let new_state = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_1.args[1])) };
             if new_state == BPF_TCP_CLOSE {
@@ -277,23 +281,25 @@ fn ops_remote_port(ops: *mut bpf_sock_ops) -> [u8; 2] {
 /// a v4-mapped proxy address) is only expressible as a sockaddr_in6.
 #[cgroup_sockopt(getsockopt)]
 pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
+    // Every path that does not answer leaves through pass_through, which keeps the kernel's
+    // result intact even for buffers over a page (see there).
     let so = ctx.sockopt;
     if unsafe { read_volatile(addr_of!((*so).optname)) } != SO_ORIGINAL_DST {
-        return OK;
+        return pass_through(so);
     }
     let want_v6 = match unsafe { read_volatile(addr_of!((*so).level)) } {
         SOL_IP => false,
         SOL_IPV6 => true,
-        _ => return OK,
+        _ => return pass_through(so),
     };
     let sk = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_1.sk)) };
     if sk.is_null() {
-        return OK;
+        return pass_through(so);
     }
     let family = unsafe { read_volatile(addr_of!((*sk).family)) };
     // SOL_IPV6 on an AF_INET socket is the kernel's ENOPROTOOPT, as with netfilter.
     if want_v6 && family != AF_INET6 {
-        return OK;
+        return pass_through(so);
     }
     let mut key = sock_key(sk, family);
     key.netns = unsafe { bpf_get_netns_cookie(ctx.sockopt.cast()) };
@@ -303,13 +309,13 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
             key.netns = 0;
             match ORIG_TUPLE.get_ptr(key) {
                 Some(p) => unsafe { *p },
-                None => return OK,
+                None => return pass_through(so),
             }
         }
     };
     // An IPv6 destination has no sockaddr_in form (node mode may carry it over IPv4).
     if !want_v6 && rec.flags & orig_flags::V4 == 0 {
-        return OK;
+        return pass_through(so);
     }
 
     let start = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_2.optval)) } as usize;
@@ -340,6 +346,22 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
     orig_count(OrigEvent::Answered);
+    OK
+}
+
+/// Hands the kernel's own getsockopt result to the caller untouched. The program sees at most
+/// PAGE_SIZE bytes of the buffer; when optlen is larger, the kernel doc ("Large optval") requires
+/// the program to set it to 0, meaning "use the kernel's buffer and length as they are". Kernels
+/// without the later fallback (5.10, for one) fail such calls with EFAULT otherwise: every
+/// getsockopt with a buffer over 4 KiB under the attached cgroup (SO_PEERGROUPS, unknown options,
+/// SO_ORIGINAL_DST on an unredirected socket). Up to a page, the program's copy is the kernel's
+/// result and is left alone. 4096 is the smallest page size; a bigger page only means optlen 0
+/// is set where it was not required, which still means "unchanged".
+#[inline(always)]
+fn pass_through(so: *mut bpf_sockopt) -> i32 {
+    if unsafe { read_volatile(addr_of!((*so).optlen)) } > MIN_PAGE_SIZE {
+        unsafe { write_volatile(addr_of_mut!((*so).optlen), 0) };
+    }
     OK
 }
 

@@ -1,5 +1,5 @@
-//! The decision of DESIGN §2, answered twice: by a plain first-match walk over the effective
-//! policy's lists (the reference, and what `explain` shows), and from compiled tables by longest
+//! The decision (docs/architecture.md), answered twice: by a plain first-match walk over the
+//! effective policy's lists (the reference, and what `explain` shows), and from compiled tables by longest
 //! prefix match (what the kernel does). The property test holds the two equal.
 
 use std::net::{IpAddr, SocketAddr};

@@ -4,12 +4,13 @@
 //!
 //! - [`resolve`]: validation and precedence (docs/policy.md has the rules in one table);
 //! - [`compile`]: minimal LPM entries for the kernel's tries;
-//! - [`evaluate`] / [`evaluate_compiled`]: the decision of DESIGN §2, from the lists and from the
-//!   compiled tables.
+//! - [`evaluate`] / [`evaluate_compiled`]: the decision (docs/architecture.md), from the lists
+//!   and from the compiled tables.
 
 mod compile;
 mod dialect;
 mod evaluate;
+pub mod inbound;
 mod layer;
 mod mesh;
 mod resolve;

@@ -245,7 +245,7 @@ pub struct Compiled {
     pub ports: Vec<(PortPrefix, Action)>,
 }
 
-/// Decision steps of DESIGN §2, in order.
+/// Decision steps (docs/architecture.md, "Decision order"), in order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
@@ -290,7 +290,7 @@ impl Step {
         }
     }
 
-    /// The step number of DESIGN §2 (1-7); 0 for `Disabled`, which is checked before step 1.
+    /// The step number (1-7, docs/architecture.md); 0 for `Disabled`, checked before step 1.
     pub fn number(&self) -> u8 {
         match self {
             Step::Disabled => 0,

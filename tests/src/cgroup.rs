@@ -67,7 +67,8 @@ pub(crate) fn mounts() -> Result<Vec<MountEntry>> {
 }
 
 /// The cgroup v2 mount point, read from /proc/self/mountinfo (`/sys/fs/cgroup/unified` on hybrid
-/// hosts, `/sys/fs/cgroup` on pure v2 hosts). Never hard-coded, per DESIGN §2.
+/// hosts, `/sys/fs/cgroup` on pure v2 hosts). Never hard-coded
+/// (docs/architecture.md, "Where the programs attach").
 pub fn cgroup2_mount() -> Result<PathBuf> {
     let all = mounts()?;
     // Prefer a mount of the hierarchy root: a bind mount of a sub-cgroup would give paths that do

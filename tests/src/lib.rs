@@ -1,8 +1,8 @@
 //! Privileged fixtures for redirect's kernel integration tests, the demo and the benchmark.
 //!
 //! Everything a test touches in the kernel is private to it and removed afterwards
-//! (DESIGN §5): a [`Fixture`] owns a uniquely named cgroup v2 subtree, network namespace and
-//! bpffs pin directory. Processes are started in a cgroup of the subtree *and* in the netns
+//! (docs/architecture.md, "Verification"): a [`Fixture`] owns a uniquely named cgroup v2 subtree,
+//! network namespace and bpffs pin directory. Processes are started in a cgroup of the subtree *and* in the netns
 //! before they exec ([`Fixture::spawn_in`]), and in-process sockets can be made inside the netns
 //! with [`Fixture::in_netns`]. [`serve_identity`] runs a named TCP server there.
 //!
@@ -35,6 +35,7 @@
 mod agent;
 mod bpffs;
 mod cgroup;
+pub mod e2e;
 mod fixture;
 mod netns;
 mod origdst;

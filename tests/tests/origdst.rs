@@ -85,9 +85,10 @@ fn proxy_and_application_see_the_original_destination_v4_v6_and_mapped() {
         &ALWAYS_KERNEL,
     );
 
-    // One answer and one getpeername per connection; the proxy's own getpeername calls (on
-    // sockets without a cookie record) are not rewritten.
-    assert_eq!(orig_counter(&agent, "answered"), 3);
+    // Two answers (the probe asks with a 128-byte and an 8 KiB buffer) and one getpeername per
+    // connection; the proxy's own getpeername calls (on sockets without a cookie record) are
+    // not rewritten.
+    assert_eq!(orig_counter(&agent, "answered"), 6);
     assert_eq!(orig_counter(&agent, "peername"), 3);
 }
 
@@ -289,7 +290,8 @@ fn node_proxy_in_another_netns_reads_the_original_destination() {
     assert_eq!(v["peer"], "[fd00:198:18::10]:443", "getpeername: {v}");
     assert_eq!(p["local"], "[::ffff:198.19.1.1]:15001", "{v}");
     assert_eq!(p["origdst6"], answered("[fd00:198:18::10]:443", 28), "{v}");
-    assert_eq!(orig_counter(&agent, "answered"), 3);
+    // Two answers per connection: the probe asks with a 128-byte and an 8 KiB buffer.
+    assert_eq!(orig_counter(&agent, "answered"), 6);
 }
 
 #[test]

@@ -1,8 +1,6 @@
 //! `cargo xtask …`: set-up, build, demo and tests for redirect. Every command installs what it
 //! is missing first (see `setup`), so a fresh machine needs nothing else.
-mod bench;
 mod demo;
-mod e2e;
 mod fuzz;
 mod setup;
 mod util;
@@ -32,8 +30,8 @@ enum Command {
     Test,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
     Demo,
-    /// Benchmark eBPF redirection against iptables REDIRECT side by side (needs root); writes
-    /// REPORT.md, CSVs and PNGs.
+    /// Benchmark eBPF redirection against iptables REDIRECT side by side (needs root): builds and
+    /// runs the bench/ crate (redirect-bench), which writes REPORT.md, CSVs and PNGs.
     Bench {
         /// Smoke run (under 3 minutes): checks that the bench works, figures not meaningful.
         #[arg(long)]
@@ -47,20 +45,15 @@ enum Command {
     /// the MeshConfig CRD against an example instance, and the DaemonSet's least-privilege rules.
     ValidateDeploy,
     /// The e2e scenarios (FSM 000, ASM 003, Istio 001, bad annotation, agent rollout) on this
-    /// machine: real netns, cgroups, proxy and agent; a stand-in Kubernetes API (needs root).
+    /// machine: real netns, cgroups, proxy and agent; the fake Kubernetes API of the kube tests
+    /// (needs root). The same test runs in `cargo xtask test`.
     E2eLocal {
-        /// Run only the scenarios whose name contains this.
+        /// Run only the scenarios whose test name contains this (e.g. `agent_rollout`).
         filter: Option<String>,
     },
     /// The same scenarios in a kind cluster built from deploy/ and the Dockerfile (needs Docker
     /// and kind).
-    E2eKind(e2e::KindArgs),
-    /// (internal) A process of the benchmark: proxy, server or load client.
-    #[command(hide = true)]
-    BenchWorker {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
+    E2eKind(redirect_tests::e2e::kind::KindArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,11 +65,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test => test(),
         Command::Demo => demo::demo(),
-        Command::Bench { quick, out } => bench::bench(quick, out),
-        Command::BenchWorker { args } => bench::worker(args),
+        Command::Bench { quick, out } => bench(quick, out),
         Command::ValidateDeploy => validate::validate_deploy(),
-        Command::E2eLocal { filter } => e2e::local(filter.as_deref()),
-        Command::E2eKind(args) => e2e::kind(&args),
+        Command::E2eLocal { filter } => e2e_local(filter.as_deref()),
+        Command::E2eKind(args) => redirect_tests::e2e::kind::run(&args),
     }
 }
 
@@ -88,10 +80,55 @@ fn test() -> anyhow::Result<()> {
     util::step("running the test suite (unit, property and real-kernel tests)");
     // Two test threads per binary, one per core here; the binaries run one after another. Each
     // kernel test owns its fixture, so tests of one binary never share kernel state.
+    // This includes the e2e scenarios (tests/tests/e2e_local.rs).
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
-    util::step("e2e-local: the seed scenarios against a mocked Kubernetes API, real kernel");
-    e2e::local(None)?;
     util::step("bench --quick: the benchmark still works (figures not meaningful)");
-    bench::bench(true, None)?;
+    bench(true, None)?;
     fuzz::smoke()
+}
+
+/// The e2e scenarios are a test of their own (tests/tests/e2e_local.rs); this runs only that one.
+fn e2e_local(filter: Option<&str>) -> anyhow::Result<()> {
+    util::require_root("cargo xtask e2e-local")?;
+    let env = setup::setup(setup::Needs::default())?;
+    util::build(&env, false)?;
+    let mut args = vec!["test", "-p", "redirect-tests", "--test", "e2e_local", "--"];
+    args.extend(filter);
+    args.push("--test-threads=2");
+    util::cargo(&env, &args)
+}
+
+/// Builds redirect-bench with the agent and the test proxy it runs, then runs it. The smoke run
+/// (`--quick`) checks that the bench works, so it takes the debug build that `build`/`test`
+/// already made; a full run measures release builds.
+fn bench(quick: bool, out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    util::require_root("cargo xtask bench")?;
+    let env = setup::setup(setup::Needs { test_tools: true })?;
+    util::step(if quick {
+        "building the bench (debug: a smoke run)"
+    } else {
+        "building the agent and the bench processes (release)"
+    });
+    let mut args = vec![
+        "build",
+        "-p",
+        "redirect-agent",
+        "-p",
+        "redirect-tests",
+        "-p",
+        "redirect-bench",
+        "--bins",
+    ];
+    if !quick {
+        args.push("--release");
+    }
+    util::cargo(&env, &args)?;
+    let mut cmd = std::process::Command::new(util::target_bin("redirect-bench", !quick));
+    if quick {
+        cmd.arg("--quick");
+    }
+    if let Some(out) = out {
+        cmd.arg("--out").arg(out);
+    }
+    util::run(&mut cmd)
 }

@@ -1,12 +1,9 @@
 //! Installs what building and testing redirect needs, and says what it does. Idempotent and
 //! non-interactive (CI has no stdin).
 //!
-//! The eBPF crate needs a Rust toolchain that can build `core` for bpfel-unknown-none:
-//! - the usual route: a nightly toolchain with the rust-src component;
-//! - the route for machines whose rustup toolchains have no rust-src and cannot download it:
-//!   Debian's rustc-web + rust-web-src (sources in /usr/lib/rustlib/src), linked as the rustup
-//!   toolchain `debian`; redirect-agent's build.rs then sets RUSTC_BOOTSTRAP=1 for the nested
-//!   build only.
+//! The eBPF crate needs a Rust toolchain that can build `core` for bpfel-unknown-none. Which one
+//! is decided in redirect-agent/ebpf_toolchain.rs, shared with the build script; this module
+//! installs what that choice needs (for Debian's rustc-web: the packages and the rustup link).
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -17,8 +14,9 @@ use anyhow::{Context as _, bail};
 
 use crate::util::{run, step};
 
-/// The rustup toolchain name Debian's compiler is linked as (build.rs knows it too).
-const DEBIAN_TOOLCHAIN: &str = "debian";
+#[path = "../../redirect-agent/ebpf_toolchain.rs"]
+mod ebpf_toolchain;
+use ebpf_toolchain::DEBIAN as DEBIAN_TOOLCHAIN;
 const LLVM_BIN: &str = "/usr/lib/llvm-22/bin";
 const BPF_LINKER_VERSION: &str = "0.13";
 
@@ -30,14 +28,12 @@ pub struct Needs {
 
 /// What later cargo invocations need to know.
 pub struct Env {
-    pub ebpf_toolchain: String,
     path: String,
 }
 
 impl Env {
     pub fn apply(&self, cmd: &mut Command) {
-        cmd.env("REDIRECT_EBPF_TOOLCHAIN", &self.ebpf_toolchain)
-            .env("PATH", &self.path);
+        cmd.env("PATH", &self.path);
     }
 }
 
@@ -48,16 +44,15 @@ pub fn setup(needs: Needs) -> anyhow::Result<Env> {
         packages.extend(["haproxy", "iptables"]);
     }
 
-    let ebpf_toolchain = if nightly_has_rust_src() {
-        eprintln!("    eBPF toolchain: nightly with rust-src");
-        "nightly".to_string()
-    } else {
+    let ebpf_toolchain = ebpf_toolchain::choose();
+    if ebpf_toolchain == DEBIAN_TOOLCHAIN {
         eprintln!(
-            "    eBPF toolchain: nightly has no rust-src here; using Debian's rustc-web linked as rustup toolchain `{DEBIAN_TOOLCHAIN}`"
+            "    eBPF toolchain: Debian's rustc-web linked as rustup toolchain `{DEBIAN_TOOLCHAIN}` (nightly has no rust-src here)"
         );
         packages.extend(["rustc-web", "cargo-web", "rust-web-src"]);
-        DEBIAN_TOOLCHAIN.to_string()
-    };
+    } else {
+        eprintln!("    eBPF toolchain: {ebpf_toolchain}");
+    }
 
     let cargo_bin = cargo_home().join("bin");
     let path = format!(
@@ -103,10 +98,7 @@ pub fn setup(needs: Needs) -> anyhow::Result<Env> {
         eprintln!("    bpf-linker: present");
     }
     mount_bpffs()?;
-    Ok(Env {
-        ebpf_toolchain,
-        path,
-    })
+    Ok(Env { path })
 }
 
 fn cargo_home() -> PathBuf {
@@ -115,16 +107,6 @@ fn cargo_home() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
         })
-}
-
-fn nightly_has_rust_src() -> bool {
-    Command::new("rustup")
-        .args(["run", "nightly", "rustc", "--print", "sysroot"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .is_some_and(|s| s.join("lib/rustlib/src/rust/library/core").is_dir())
 }
 
 fn bpf_linker_ok(path: &str) -> bool {

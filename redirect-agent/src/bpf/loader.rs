@@ -1,6 +1,7 @@
 //! Loads the embedded object, pins its maps, and attaches its programs with pinned bpf_links.
 //!
-//! Restart story (DESIGN §3): maps are pinned, so a new agent reuses them with their contents;
+//! Restart story (docs/architecture.md, "Reconcile rules"): maps are pinned, so a new agent
+//! reuses them with their contents;
 //! links are pinned, so interception survives the agent's exit (even kill -9). On start the agent
 //! adopts a pinned link that already runs the same program on the same cgroup; otherwise it
 //! attaches the new link first and only then releases the old one, so there is no gap.
@@ -24,7 +25,7 @@ use tracing::{debug, info};
 use super::{BpfError, PinnedMaps};
 use crate::cgroup;
 
-static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
+pub(super) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect"));
 
 /// How a program attaches to the cgroup.
 #[derive(Clone, Copy, Debug)]
@@ -85,7 +86,10 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();
-    for name in map_names::ALL {
+    for name in map_names::ALL
+        .into_iter()
+        .chain(redirect_common::inbound::map_names::ALL)
+    {
         loader.map_pin_path(name, opts.bpffs_dir.join(name));
     }
     if let Some(n) = opts.max_rule_entries {
@@ -110,6 +114,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     for (program, hook) in PROGRAMS {
         load_program(&mut ebpf, program, hook)?;
     }
+    super::netns::load_program(&mut ebpf, &opts.bpffs_dir)?;
     for (program, hook) in PROGRAMS {
         attach_program(
             &mut ebpf,

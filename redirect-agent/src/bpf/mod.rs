@@ -1,6 +1,8 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
+pub mod inbound_maps;
 pub mod loader;
 pub mod maps;
+pub mod netns;
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! inotify on the kubepods tree: a pod's cgroup directory is seen the moment the kubelet creates
 //! it, so a pod already known from the API is registered before any of its processes can run
-//! (DESIGN §3: no startup race).
+//! (docs/architecture.md, "Reconcile rules": no startup race).
 //!
 //! Only the root and the tree directories (kubepods, QoS) are watched, never pod or container
 //! directories. A tree directory is scanned right after its watch is added, so children created

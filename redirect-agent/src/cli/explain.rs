@@ -26,9 +26,18 @@ pub struct ExplainArgs {
     /// NAMESPACE/NAME of the workload.
     #[arg(long, required_unless_present = "pod")]
     pub workload: Option<String>,
-    /// Destination IP:PORT ([v6]:port for IPv6).
-    #[arg(long)]
+    /// Destination IP:PORT ([v6]:port for IPv6); with --inbound, the workload's PORT.
+    #[arg(long, value_parser = parse_dest)]
     pub dest: SocketAddr,
+    /// Explain a new inbound connection to --dest PORT (sk_lookup) instead of a connect.
+    #[arg(long)]
+    pub inbound: bool,
+    /// With --inbound: the connection's source address.
+    #[arg(long, requires = "inbound")]
+    pub source: Option<std::net::IpAddr>,
+    /// With --inbound: the connection arrived on lo (from inside the pod).
+    #[arg(long, requires = "inbound")]
+    pub from_loopback: bool,
     /// Evaluate as a connect made by the proxy itself (its uid or cgroup).
     #[arg(long)]
     pub as_proxy: bool,
@@ -81,6 +90,9 @@ pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
         name,
         pod_annotations: &w.annotations,
     })?;
+    if args.inbound {
+        return super::explain_inbound::explain(&args, &config, w, &resolved.policy);
+    }
     let verdict = policy::evaluate(&resolved.policy, args.dest, args.as_proxy);
 
     let kernel = match &args.bpffs_dir {
@@ -216,4 +228,14 @@ fn kernel_decision(
             std::net::IpAddr::V6(a) => action(maps.lookup_v6(id, a.octets())),
         },
     )
+}
+
+/// IP:PORT, or a bare PORT (for --inbound, where only the port matters).
+fn parse_dest(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| {
+            s.parse::<u16>()
+                .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+        })
+        .map_err(|_| format!("{s:?}: expected IP:PORT, [IPv6]:PORT or (with --inbound) PORT"))
 }

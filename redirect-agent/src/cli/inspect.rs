@@ -63,6 +63,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "workloads": workloads,
                 "counters": counters,
                 "original_destinations": orig.json(),
+                "inbound": super::inspect_inbound::json(maps.dir()),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
@@ -72,6 +73,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 render_text(&maps, &policies, &entries, &counters, &paths)
             );
             print!("{}", orig.text());
+            print!("{}", super::inspect_inbound::text(maps.dir()));
         }
     }
     Ok(())

@@ -1,6 +1,8 @@
 //! Command line: `run`, `inspect`, `explain`, `cleanup`.
 mod explain;
+mod explain_inbound;
 mod inspect;
+mod inspect_inbound;
 mod run;
 
 use std::path::PathBuf;

@@ -128,6 +128,7 @@ impl RunArgs {
         Ok(ProxyConfig {
             mode,
             outbound_port: self.proxy_port,
+            inbound_port: crate::proxy::DEFAULT_INBOUND_PORT,
             uid: self.proxy_uid,
             address: self.proxy_address,
             address6: self.proxy_address6,

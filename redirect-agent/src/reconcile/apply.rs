@@ -60,6 +60,8 @@ pub struct Applier {
     next_id: u32,
     /// Set once `next_id` has wrapped: from then on a candidate id may still be in use.
     wrapped: bool,
+    /// Inbound (sk_lookup) state, in maps and an id space of its own.
+    pub inbound: super::inbound::InboundApplier,
 }
 
 impl Applier {
@@ -90,6 +92,7 @@ impl Applier {
             .unwrap_or(0)
             .wrapping_add(1);
         Ok(Self {
+            inbound: super::inbound::InboundApplier::adopt(maps.dir()),
             maps,
             applied,
             next_id,

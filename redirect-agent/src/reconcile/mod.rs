@@ -2,6 +2,7 @@
 //! [`Snapshot`]; this module alone turns it into kernel state.
 pub mod apply;
 mod desired;
+pub mod inbound;
 pub mod owner;
 
 use std::{
@@ -38,6 +39,9 @@ pub struct WorkloadSpec {
     /// This workload's proxy uid (Kubernetes: the sidecar container's runAsUser). An annotation
     /// (Linkerd `proxy-uid`, Kuma `sidecar-uid`) overrides it; it overrides `proxy.uid`.
     pub proxy_uid: Option<u32>,
+    /// The workload's network namespace (a netns file such as /run/netns/NAME or
+    /// /proc/PID/ns/net); None means no inbound interception.
+    pub netns: Option<PathBuf>,
     pub annotations: Annotations,
 }
 
@@ -57,13 +61,16 @@ pub struct Outcome {
     pub warnings: Vec<String>,
     /// Workloads whose cgroup does not exist (yet).
     pub pending: Vec<String>,
+    pub inbound: inbound::InboundReport,
 }
 
 /// Applies one snapshot.
 pub fn reconcile(applier: &mut Applier, snapshot: &Snapshot) -> Outcome {
     let built = build(snapshot, |cgroup_id| applier.is_applied(cgroup_id));
     let report = applier.apply(&built.desired, &built.keep);
+    let inbound = applier.inbound.apply(snapshot);
     Outcome {
+        inbound,
         report,
         issues: built.issues,
         warnings: built.warnings,

@@ -48,6 +48,10 @@ pub struct WorkloadConfig {
     /// The proxy container's cgroup; connects from it (or below it) are never redirected.
     #[serde(default)]
     pub proxy_cgroup: Option<PathBuf>,
+    /// The workload's network namespace file (`/run/netns/NAME`); without it, no inbound
+    /// interception.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
     #[serde(default)]
     pub annotations: Annotations,
 }
@@ -331,6 +335,7 @@ impl FileConfig {
                         .as_deref()
                         .map(|p| cgroup::resolve_path(cgroup_mount, p)),
                     proxy_uid: None,
+                    netns: w.netns.clone(),
                     annotations: w.annotations.clone(),
                 })
                 .collect(),

@@ -115,6 +115,47 @@ fn origdst(fd: RawFd, level: i32, buflen: usize) -> Value {
     })
 }
 
+/// A getsockopt with a buffer larger than a page (a cgroup getsockopt program sees only the
+/// first page): return code, errno, optlen, a digest of the bytes returned, untouched tail.
+fn large(fd: RawFd, level: i32, name: i32, buflen: usize) -> Value {
+    let (rc, errno, optlen, buf) = raw_getsockopt(fd, level, name, buflen);
+    let end = optlen.min(buflen);
+    let digest = buf[..end]
+        .iter()
+        .fold(0u64, |h, &b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+    json!({"rc": rc, "errno": errno, "optlen": optlen, "digest": digest,
+           "tail_untouched": buf[end..].iter().all(|&b| b == FILL)})
+}
+
+/// The large-buffer calls of the kernel doc's "Large optval" case, on `fd` and on a fresh unix
+/// socketpair (where SO_PEERGROUPS succeeds).
+fn large_report(fd: RawFd) -> Value {
+    const UNKNOWN_SOL_SOCKET: i32 = 0x7fff;
+    let mut pair = [0; 2];
+    // SAFETY: `pair` has room for the two fds.
+    let unix =
+        if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, pair.as_mut_ptr()) } == 0
+        {
+            let v = large(pair[0], libc::SOL_SOCKET, libc::SO_PEERGROUPS, 16 << 10);
+            // SAFETY: both fds were just created here.
+            unsafe {
+                libc::close(pair[0]);
+                libc::close(pair[1]);
+            }
+            v
+        } else {
+            json!({"socketpair_errno": io::Error::last_os_error().raw_os_error()})
+        };
+    json!({
+        "peergroups_16k": large(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, 16 << 10),
+        "peergroups_unix_16k": unix,
+        "unknown_sol_socket_16k": large(fd, libc::SOL_SOCKET, UNKNOWN_SOL_SOCKET, 16 << 10),
+        "origdst4_8k": large(fd, libc::SOL_IP, SO_ORIGINAL_DST, 8 << 10),
+        "origdst6_8k": large(fd, libc::SOL_IPV6, SO_ORIGINAL_DST, 8 << 10),
+        "tcp_info_8k": large(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 8 << 10),
+    })
+}
+
 /// Every getsockopt the tests look at, on one socket.
 fn report(fd: RawFd) -> Value {
     let tcp_info = |buflen| {
@@ -131,6 +172,7 @@ fn report(fd: RawFd) -> Value {
         "origdst6_short": origdst(fd, libc::SOL_IPV6, 20),
         "tcp_info": tcp_info(512),
         "tcp_info_short": tcp_info(8),
+        "large": large_report(fd),
         "so_error": {
             "rc": rc, "errno": errno, "optlen": optlen,
             "value": i32::from_ne_bytes(buf[0..4].try_into().unwrap()),

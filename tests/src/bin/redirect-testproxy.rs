@@ -1,6 +1,7 @@
 //! redirect-testproxy: a minimal transparent proxy, standing in for Envoy/Pipy/HAProxy.
 //!
-//! `redirect-testproxy [--listen ADDR]... [--v6] [--mode tag|forward] [--uid N]`
+//! `redirect-testproxy [--listen ADDR]... [--v6] [--mode tag|forward|close] [--uid N]
+//! [--fallback ADDR] [--stats]`
 //!
 //! Listens on 127.0.0.1:15001 by default (plus `[::1]:15001` with `--v6`; `--listen` replaces the
 //! defaults and may repeat). For each accepted connection it asks the kernel for the original
@@ -9,9 +10,16 @@
 //! - `--mode tag` (default) answers `proxy orig=<ip:port|unknown> peer=<ip:port>\n` and closes,
 //!   so a test sees both that the bytes reached the proxy and what the original destination was.
 //! - `--mode forward` connects to the original destination and splices bytes both ways
-//!   (splice(2) through a pipe: zero-copy, since the benchmark reuses this proxy).
+//!   (splice(2) through a pipe: zero-copy, since the benchmark reuses this proxy). With
+//!   `--fallback ADDR`, a connection without an original destination goes to ADDR (the
+//!   benchmark's direct-to-proxy mode, where nothing was redirected).
+//! - `--mode close` closes every accepted connection at once (the benchmark's interception-only
+//!   mode, where the proxy's own work must not hide the cost of intercepting).
 //!
 //! `--uid N` drops to uid N after binding, so a datapath can exempt the proxy by uid.
+//! `--stats` replaces the line per connection with a line of counters every 250 ms (when they
+//! changed): `stats accepted=… orig=… fallback=… no_orig=… upstream_failed=…`, so that a
+//! benchmark's connection rate does not depend on a pipe to the log.
 //! Once every listener is bound it prints one `listening <addr>` line per listener (the first
 //! line therefore means all are ready).
 
@@ -19,6 +27,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::thread;
 use std::time::Duration;
 
@@ -32,6 +41,8 @@ enum Mode {
     Tag,
     /// Forward to the original destination.
     Forward,
+    /// Close at once.
+    Close,
 }
 
 #[derive(Parser)]
@@ -54,6 +65,38 @@ struct Cli {
     /// Timeout for connecting to the original destination in forward mode.
     #[arg(long, default_value_t = 5000)]
     connect_timeout_ms: u64,
+    /// Forward mode: where connections without an original destination go.
+    #[arg(long)]
+    fallback: Option<SocketAddr>,
+    /// Log counters every 250 ms instead of one line per connection.
+    #[arg(long)]
+    stats: bool,
+}
+
+/// What `--stats` reports.
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+static ORIG: AtomicU64 = AtomicU64::new(0);
+static FALLBACK: AtomicU64 = AtomicU64::new(0);
+static NO_ORIG: AtomicU64 = AtomicU64::new(0);
+static UPSTREAM_FAILED: AtomicU64 = AtomicU64::new(0);
+
+fn report_stats() {
+    let mut last = String::new();
+    loop {
+        thread::sleep(Duration::from_millis(250));
+        let line = format!(
+            "stats accepted={} orig={} fallback={} no_orig={} upstream_failed={}",
+            ACCEPTED.load(Relaxed),
+            ORIG.load(Relaxed),
+            FALLBACK.load(Relaxed),
+            NO_ORIG.load(Relaxed),
+            UPSTREAM_FAILED.load(Relaxed),
+        );
+        if line != last {
+            log(&line);
+            last = line;
+        }
+    }
 }
 
 fn log(line: &str) {
@@ -131,15 +174,18 @@ fn pump(mut from: &TcpStream, mut to: &TcpStream) -> io::Result<()> {
     to.shutdown(Shutdown::Write)
 }
 
-fn forward(client: TcpStream, orig: Option<SocketAddr>, timeout: Duration) {
-    let Some(orig) = orig else {
+fn forward(client: TcpStream, dst: Option<SocketAddr>, timeout: Duration) {
+    let Some(dst) = dst else {
         // Nothing to forward to; closing tells the client.
+        NO_ORIG.fetch_add(1, Relaxed);
         return;
     };
-    let upstream = match TcpStream::connect_timeout(&orig, timeout) {
+    let upstream = match TcpStream::connect_timeout(&dst, timeout) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("redirect-testproxy: connect {orig}: {e}");
+            if UPSTREAM_FAILED.fetch_add(1, Relaxed) < 3 {
+                eprintln!("redirect-testproxy: connect {dst}: {e}");
+            }
             return;
         }
     };
@@ -161,13 +207,35 @@ fn forward(client: TcpStream, orig: Option<SocketAddr>, timeout: Duration) {
     });
 }
 
-fn handle(client: TcpStream, mode: Mode, timeout: Duration) {
+#[derive(Clone, Copy)]
+struct Opts {
+    mode: Mode,
+    timeout: Duration,
+    fallback: Option<SocketAddr>,
+    stats: bool,
+}
+
+fn handle(client: TcpStream, o: Opts) {
+    ACCEPTED.fetch_add(1, Relaxed);
     let orig = original_dst(&client).ok();
+    if orig.is_some() {
+        ORIG.fetch_add(1, Relaxed);
+    }
     let peer = client.peer_addr().ok();
-    log(&format!("orig={} peer={}", show(orig), show(peer)));
-    match mode {
+    if !o.stats {
+        log(&format!("orig={} peer={}", show(orig), show(peer)));
+    }
+    match o.mode {
         Mode::Tag => tag(client, orig, peer),
-        Mode::Forward => forward(client, orig, timeout),
+        Mode::Forward => {
+            let dst = orig.or_else(|| {
+                o.fallback.inspect(|_| {
+                    FALLBACK.fetch_add(1, Relaxed);
+                })
+            });
+            forward(client, dst, o.timeout)
+        }
+        Mode::Close => drop(client),
     }
 }
 
@@ -192,15 +260,28 @@ fn run(cli: Cli) -> Result<()> {
     for l in &listeners {
         log(&format!("listening {}", l.local_addr()?));
     }
-    let mode = cli.mode;
-    let timeout = Duration::from_millis(cli.connect_timeout_ms.max(1));
+    let o = Opts {
+        mode: cli.mode,
+        timeout: Duration::from_millis(cli.connect_timeout_ms.max(1)),
+        fallback: cli.fallback,
+        stats: cli.stats,
+    };
+    if o.stats {
+        thread::spawn(report_stats);
+    }
     thread::scope(|s| {
         for l in &listeners {
             s.spawn(move || {
                 for conn in l.incoming() {
                     match conn {
                         Ok(c) => {
-                            thread::spawn(move || handle(c, mode, timeout));
+                            if matches!(o.mode, Mode::Close) {
+                                // No thread: the point of this mode is that the proxy costs
+                                // next to nothing.
+                                handle(c, o);
+                            } else {
+                                thread::spawn(move || handle(c, o));
+                            }
                         }
                         Err(e) => eprintln!("redirect-testproxy: accept: {e}"),
                     }

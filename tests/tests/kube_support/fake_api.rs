@@ -2,7 +2,8 @@
 //! watch and create requests the agent makes with real API JSON, keeps a resourceVersion'd event
 //! log per resource (so watches resume, and a compacted log answers 410 Gone as the real server
 //! does), streams watch events as they happen, records every request, and can fail or cut off
-//! requests on demand.
+//! requests on demand. [`FakeApi::serve`] also serves it over HTTP on a socket, for an agent in
+//! its own process that finds the server through a kubeconfig (tests/e2e_local.rs).
 use std::{
     collections::{BTreeMap, VecDeque},
     convert::Infallible,
@@ -169,7 +170,26 @@ impl FakeApi {
         }
     }
 
-    async fn respond(&self, req: Request<kube::client::Body>) -> Response<RespBody> {
+    /// Serves the same state over HTTP/1.1 on `127.0.0.1`, on the current tokio runtime, and
+    /// returns the address. The server runs until the runtime shuts down.
+    pub async fn serve(&self) -> std::io::Result<std::net::SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = self.clone();
+        let app = axum::Router::new().fallback(move |req: Request<axum::body::Body>| {
+            let server = server.clone();
+            async move { server.respond(req).await }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(addr)
+    }
+
+    async fn respond<B>(&self, req: Request<B>) -> Response<RespBody>
+    where
+        B: http_body::Body<Data = Bytes>,
+    {
         let (parts, body) = req.into_parts();
         let path = parts.uri.path().to_string();
         let query: BTreeMap<String, String> = parts.uri.query().map(url_pairs).unwrap_or_default();
@@ -187,7 +207,11 @@ impl FakeApi {
             kind,
             watch,
         };
-        let body = body.collect_bytes().await.unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let mut inner = self.inner.lock().unwrap();
         inner.seen.push(seen);
         if parts.method == Method::POST && path.ends_with("/events") {
@@ -390,6 +414,15 @@ impl FakeApi {
     /// Whether the MeshConfig CRD exists (404 for its URLs otherwise).
     pub fn set_meshconfig_crd(&self, installed: bool) {
         self.inner.lock().unwrap().meshconfig_crd = installed;
+    }
+
+    /// The current object (`namespace` empty for a Namespace).
+    pub fn get(&self, kind: Kind, namespace: &str, name: &str) -> Option<Value> {
+        let inner = self.inner.lock().unwrap();
+        inner.logs[&kind]
+            .objects
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
     }
 
     pub fn seen(&self) -> Vec<Seen> {

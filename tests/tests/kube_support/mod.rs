@@ -1,7 +1,7 @@
 //! Shared pieces of the Kubernetes-source tests: the fake API server, the agent run in-process
 //! against it (real datapath, attached to the test's own cgroup subtree), real API JSON for
 //! the objects, and kubepods cgroup layouts built inside the Fixture.
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
 pub mod fake_api;
 

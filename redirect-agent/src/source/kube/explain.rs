@@ -130,6 +130,7 @@ pub async fn pod_config(
             namespace: namespace.to_string(),
             cgroup,
             proxy_cgroup: None,
+            netns: None,
             annotations: meshed.annotations,
         }],
     })

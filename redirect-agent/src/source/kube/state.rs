@@ -150,6 +150,7 @@ impl Aggregator {
                 name: p.name,
                 proxy_cgroup: None,
                 proxy_uid: p.proxy_uid,
+                netns: None,
                 annotations: p.annotations,
             })
             .collect();

@@ -2,11 +2,14 @@
 use std::time::Duration;
 
 use super::*;
-use crate::bench::results::{BulkSample, LoadSample, Machine, Params, ProgCost, Scale};
+use crate::results::{BulkSample, LoadSample, Machine, Params, ProgCost, Scale};
 
 fn fake() -> Results {
     let mut conn = vec![];
-    for n in [0, 10, 10_000, 100_000] {
+    for (kind, n) in [Kind::Proxied, Kind::Probe]
+        .into_iter()
+        .flat_map(|k| [0, 10, 10_000, 100_000].map(|n| (k, n)))
+    {
         for run in 0..3 {
             for threads in [1, 2] {
                 for (mode, base) in [
@@ -18,10 +21,12 @@ fn fake() -> Results {
                     if mode == Mode::Iptables && n == 100_000 {
                         continue;
                     }
-                    let x = base * threads as f64 * (1.0 + run as f64 / 100.0);
+                    let probe = if kind == Kind::Probe { 3.0 } else { 1.0 };
+                    let x = probe * base * threads as f64 * (1.0 + run as f64 / 100.0);
                     conn.push(ConnSample {
                         n,
                         run,
+                        kind,
                         mode,
                         threads,
                         conns_per_s: x,
@@ -80,7 +85,7 @@ fn ratios_are_taken_within_runs() {
 #[test]
 fn writes_report_csv_and_plots() {
     let r = fake();
-    let dir = std::env::temp_dir().join(format!("xtask-bench-report-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("redirect-bench-report-{}", std::process::id()));
     let md = write(&r, &dir).unwrap();
     // Medians over runs 0..3 (× 1.00, 1.01, 1.02): run 1.
     assert!(md.contains("| 10000 | 9\u{202f}090 |"), "{md}");
@@ -89,6 +94,16 @@ fn writes_report_csv_and_plots() {
         "{md}"
     );
     assert!(md.contains("| 0 | **total** | | | **2000** |"), "{md}");
+    // Probes: 3 × the proxied rates, ratios within runs as before.
+    assert!(
+        md.contains("| 10000 | 27\u{202f}270 | 12\u{202f}120 | 1\u{202f}102 | ")
+            && md.contains(" | 10.86 | 11.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("interception only: ebpf ≥ 0.97 × direct-to-proxy probes/s at every N (1 client thread) | lowest 0.98"),
+        "{md}"
+    );
     assert!(
         md.contains("iptables stops at N = 100000: too slow"),
         "{md}"

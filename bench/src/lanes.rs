@@ -19,13 +19,13 @@ use super::{
     Bins, PROXY_UID,
     agent::BenchAgent,
     iptables,
-    results::{ConnSample, Mode},
+    results::{ConnSample, Kind, Mode},
 };
 
 pub const SERVER: &str = "198.18.0.10:80";
 pub const PROXY: &str = "127.0.0.1:15001";
 
-/// A lane's persistent load client (`bench-worker client --serve`).
+/// A lane's persistent load client (`redirect-bench worker client --serve`).
 struct ClientProc {
     child: Child,
     stdin: ChildStdin,
@@ -47,6 +47,9 @@ pub struct Lane {
     /// The config the agent has applied (an identical rewrite would apply nothing).
     applied_config: String,
     proxy: Option<Spawned>,
+    /// What the proxy does with a connection: forward it (Proxied) or close it (Probe).
+    proxy_kind: Kind,
+    proxy_bin: PathBuf,
     _server: Spawned,
     pod: PathBuf,
     proxy_cg: PathBuf,
@@ -55,6 +58,25 @@ pub struct Lane {
     dst: SocketAddr,
     worker: PathBuf,
     pub fx: Fixture,
+}
+
+/// The tests' proxy, as uid 1337 in the pod's proxy cgroup: forwarding (`--stats` instead of a
+/// log line per connection), or for probes closing each connection once it has read the
+/// original destination.
+fn start_proxy(fx: &Fixture, cg: &Path, bin: &Path, mode: Mode, kind: Kind) -> Result<Spawned> {
+    let mut cmd = Command::new(bin);
+    let how = match kind {
+        Kind::Proxied => "forward",
+        Kind::Probe => "close",
+    };
+    cmd.args(["--mode", how, "--stats", "--listen", PROXY, "--uid"])
+        .arg(PROXY_UID.to_string());
+    if mode == Mode::DirectToProxy {
+        cmd.args(["--fallback", SERVER]);
+    }
+    let p = fx.spawn_logged(cg, &mut cmd)?;
+    wait_listening(&p, "the bench proxy")?;
+    Ok(p)
 }
 
 fn wait_listening(p: &Spawned, what: &str) -> Result<()> {
@@ -75,21 +97,19 @@ impl Lane {
         let worker = bins.worker.clone();
         let server = fx.spawn_logged(
             &server_cg,
-            Command::new(&worker).args(["bench-worker", "server", "--listen", SERVER]),
+            Command::new(&worker).args(["worker", "server", "--listen", SERVER]),
         )?;
         wait_listening(&server, "the bench server")?;
         let proxy = if mode == Mode::None {
             None
         } else {
-            let mut cmd = Command::new(&worker);
-            cmd.args(["bench-worker", "proxy", "--listen", PROXY, "--uid"])
-                .arg(PROXY_UID.to_string());
-            if mode == Mode::DirectToProxy {
-                cmd.args(["--fallback", SERVER]);
-            }
-            let p = fx.spawn_logged(&proxy_cg, &mut cmd)?;
-            wait_listening(&p, "the bench proxy")?;
-            Some(p)
+            Some(start_proxy(
+                &fx,
+                &proxy_cg,
+                &bins.proxy,
+                mode,
+                Kind::Proxied,
+            )?)
         };
         let dst = if mode == Mode::DirectToProxy {
             PROXY
@@ -102,6 +122,8 @@ impl Lane {
             agent: None,
             applied_config: String::new(),
             proxy,
+            proxy_kind: Kind::Proxied,
+            proxy_bin: bins.proxy.clone(),
             _server: server,
             pod,
             proxy_cg,
@@ -165,7 +187,7 @@ impl Lane {
             let mut child = self.fx.spawn_in(
                 &self.app,
                 Command::new(&self.worker)
-                    .args(["bench-worker", "client", "--serve", "--dst"])
+                    .args(["worker", "client", "--serve", "--dst"])
                     .arg(self.dst.to_string())
                     .arg("--cpu-stat")
                     .arg(cpu_stat)
@@ -258,6 +280,58 @@ impl Lane {
             .unwrap_or(0)
     }
 
+    /// Switches the proxy to what `kind` needs (a restart: the agent and the iptables rules know
+    /// the proxy by cgroup, uid and port, not by process).
+    pub fn set_kind(&mut self, kind: Kind) -> Result<()> {
+        if self.proxy_kind == kind {
+            return Ok(());
+        }
+        if self.proxy.take().is_some() {
+            self.proxy = Some(start_proxy(
+                &self.fx,
+                &self.proxy_cg,
+                &self.proxy_bin,
+                self.mode,
+                kind,
+            )?);
+        }
+        self.proxy_kind = kind;
+        Ok(())
+    }
+
+    /// For probes the client learns nothing about the path, so the proxy's counters must show
+    /// that it accepted connections, and read their original destination where the mode
+    /// intercepts (`before`: the counters before the sample).
+    pub fn check_probes(&self, before: (u64, u64)) -> Result<()> {
+        if self.proxy.is_none() {
+            return Ok(());
+        }
+        let intercepts = matches!(self.mode, Mode::Iptables | Mode::Ebpf);
+        // The proxy reports its counters every 250 ms.
+        for _ in 0..40 {
+            let (accepted, orig) = self.probe_counters();
+            if accepted > before.0 && (!intercepts || orig > before.1) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "{}: the proxy saw no probe{}{}",
+            self.mode.name(),
+            if intercepts {
+                " with an original destination"
+            } else {
+                ""
+            },
+            self.proxy_hint()
+        )
+    }
+
+    /// (accepted, original destination read) from the proxy's latest counters.
+    pub fn probe_counters(&self) -> (u64, u64) {
+        (self.proxy_stat("accepted"), self.proxy_stat("orig"))
+    }
+
     /// Connections per second with `threads` client threads.
     pub fn sample(
         &self,
@@ -267,18 +341,23 @@ impl Lane {
         warmup: Duration,
         duration: Duration,
     ) -> Result<ConnSample> {
-        let v = self.client(&[
-            "--threads",
-            &threads.to_string(),
-            "--warmup-ms",
-            &warmup.as_millis().to_string(),
-            "--duration-ms",
-            &duration.as_millis().to_string(),
-        ])?;
+        let mut args = vec![
+            "--threads".to_string(),
+            threads.to_string(),
+            "--warmup-ms".to_string(),
+            warmup.as_millis().to_string(),
+            "--duration-ms".to_string(),
+            duration.as_millis().to_string(),
+        ];
+        if self.proxy_kind == Kind::Probe {
+            args.push("--probe".into());
+        }
+        let v = self.client(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
         let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
         let s = ConnSample {
             n,
             run,
+            kind: self.proxy_kind,
             mode: self.mode,
             threads,
             conns_per_s: f("conns_per_s"),
@@ -297,6 +376,19 @@ impl Lane {
                 v["first_error"],
                 self.proxy_hint()
             );
+        }
+        if v["conns"].as_u64().unwrap_or(0) == 0 && self.proxy_kind == Kind::Probe {
+            // Reported as a gap (and the warning above), not fatal: the probes' failure mode
+            // on a loaded machine is dropped SYNs, which the proxied samples do not share.
+            eprintln!(
+                "    warning: {} N={n} run {run}: no probe completed{}",
+                self.mode.name(),
+                self.proxy_hint()
+            );
+            return Ok(ConnSample {
+                conns_per_s: f64::NAN,
+                ..s
+            });
         }
         if v["conns"].as_u64().unwrap_or(0) == 0 {
             bail!(

@@ -1,9 +1,10 @@
 //! The load client: blocking sockets, one OS thread per client thread, each opening, using and
-//! closing connections back to back. It runs as its own process in the workload's cgroup, so
+//! closing connections back to back (or, as a probe, opening and resetting them). It runs as its own process in the workload's cgroup, so
 //! the datapath under test sees its connects exactly as it would see an application's.
 use std::{
     io::{Read as _, Write as _},
     net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
     path::Path,
     sync::{Arc, Barrier},
     thread,
@@ -34,6 +35,39 @@ fn exchange(dst: SocketAddr, req: &[u8], reply: &mut Vec<u8>) -> Result<(Duratio
     Ok((t1 - t0, t0.elapsed()))
 }
 
+/// A connect-rate probe: connect, then close with a reset (SO_LINGER 0), so that neither side
+/// keeps TIME_WAIT and the connection costs little beyond its interception. Returns (connect
+/// time, connect time).
+fn probe(dst: SocketAddr) -> Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    // A dropped SYN costs a 1 s retransmit, which would stall a thread for a whole sample: it
+    // is counted as an error instead.
+    let s = TcpStream::connect_timeout(&dst, PROBE_CONNECT_TIMEOUT)
+        .with_context(|| format!("connect {dst}"))?;
+    let took = t0.elapsed();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on a socket we own, with a correctly sized struct linger.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    drop(s);
+    Ok((took, took))
+}
+
+const PROBE_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+
 fn request() -> Vec<u8> {
     let mut req = vec![b'x'; REQUEST_LEN];
     req[0] = b'R';
@@ -60,13 +94,14 @@ fn cpu_usage_us(cpu_stat: &Path) -> Option<u64> {
 /// Connections per second over `duration`, after `warmup`, with `threads` client threads. With
 /// `cpu_stat` (the mode's whole cgroup subtree: client, proxy, server), also the CPU time those
 /// processes spent per connection over the same window: the cost behind conn/s once the
-/// machine is saturated.
+/// machine is saturated. `probes`: each connection is a [`probe`] instead of an exchange.
 pub fn load(
     dst: SocketAddr,
     threads: usize,
     warmup: Duration,
     duration: Duration,
     cpu_stat: Option<&Path>,
+    probes: bool,
 ) -> Value {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
@@ -85,7 +120,12 @@ pub fn load(
                         break;
                     }
                     let counted = now >= begin;
-                    match exchange(dst, &req, &mut reply) {
+                    let result = if probes {
+                        probe(dst)
+                    } else {
+                        exchange(dst, &req, &mut reply)
+                    };
+                    match result {
                         Ok((c, t)) if counted => {
                             r.conns += 1;
                             r.connect_ns.push(c.as_nanos() as u64);

@@ -5,6 +5,7 @@
 //! `--keep`).
 mod kube;
 mod scenario;
+mod util;
 
 use std::process::Command;
 
@@ -15,7 +16,6 @@ use super::{
     engine, objects,
     scenario::{self as scenarios, Vars},
 };
-use crate::util;
 use kube::{ClusterGuard, Kube, ensure_bpffs, output, prerequisites};
 use scenario::KindScenario;
 

@@ -26,11 +26,34 @@ impl Mode {
     }
 }
 
+/// What each connection of a sample does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// One request and response through the proxy to the server, all closed.
+    Proxied,
+    /// Interception only: the client connects and closes with a reset, and the proxy accepts,
+    /// reads the original destination and closes (a connect-rate probe). The interception layer
+    /// is then a large share of each connection.
+    Probe,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 2] = [Kind::Proxied, Kind::Probe];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Proxied => "proxied",
+            Kind::Probe => "probe",
+        }
+    }
+}
+
 /// One client run of `seconds` against one lane.
 #[derive(Clone, Debug)]
 pub struct ConnSample {
     pub n: usize,
     pub run: usize,
+    pub kind: Kind,
     pub mode: Mode,
     pub threads: usize,
     pub conns_per_s: f64,

@@ -7,7 +7,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::util;
+use super::util;
 
 /// Checks every prerequisite and names all that are missing.
 pub fn prerequisites() -> Result<()> {

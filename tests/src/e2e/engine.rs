@@ -141,7 +141,7 @@ fn wanted(via: Via) -> Seen {
 }
 
 pub fn run(c: &mut dyn Cluster, s: &Scenario) -> Result<()> {
-    crate::util::step(&format!("scenario {}: {}", s.name, s.title));
+    eprintln!("\x1b[1m==> scenario {}: {}\x1b[0m", s.name, s.title);
     if let Some(seed) = &s.seed {
         println!("  (follows /work/shared/seeds/{seed})");
     }

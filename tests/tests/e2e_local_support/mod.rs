@@ -1,4 +1,4 @@
-//! `cargo xtask e2e-local`: the e2e scenarios on this machine, with no cluster.
+//! The e2e scenarios on this machine, with no cluster (tests/e2e_local.rs).
 //!
 //! Each scenario gets its own [`Fixture`] (cgroup subtree, netns, pin dir). In it:
 //! - the destinations (`api`, `db` in the "cluster" range 198.18.0.0/16, `external` in
@@ -9,10 +9,10 @@
 //!   there) and the proxy container (redirect-testproxy in forward mode as uid 1337, the stand-in
 //!   sidecar of the kind test);
 //! - the agent is the real binary, `run --source kubernetes`, with the DaemonSet's capabilities,
-//!   finding the pod cgroup the way it does on a node, and talking HTTP to [`api::FakeApi`],
-//!   which serves the Pod, Namespace and MeshConfig objects the kind test applies.
-mod agent;
-mod api;
+//!   finding the pod cgroup the way it does on a node, and talking HTTP to the fake API of
+//!   kube_support ([`FakeApi::serve`]), which holds the Pod, Namespace and MeshConfig objects the
+//!   kind test applies.
+pub mod agent;
 
 use std::{
     fs, net::SocketAddr, os::unix::fs::MetadataExt as _, path::PathBuf, process::Command,
@@ -20,17 +20,19 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use redirect_tests::{Fixture, Spawned, helper_bin};
+use redirect_tests::{
+    Fixture, Spawned,
+    e2e::{
+        engine::{self, ClientLoop, Cluster, Conn, EventSeen},
+        objects::{self, CLIENT_POD, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
+        scenario::{self, AnnotationPatch, Scenario, Vars},
+    },
+    helper_bin,
+};
 use serde_json::{Value, json};
 
-use super::{
-    engine::{self, ClientLoop, Cluster, Conn, EventSeen},
-    objects::{self, CLIENT_POD, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
-    scenario::{self, AnnotationPatch, Scenario, Vars},
-};
-use crate::{setup, util};
+use crate::kube_support::fake_api::{FakeApi, Kind};
 use agent::{AgentProc, NODE};
-use api::{FakeApi, Kind};
 
 /// The image name in the pod spec; locally nothing is pulled, it is only part of the object.
 const IMAGE: &str = "redirect-e2e:local";
@@ -47,39 +49,30 @@ fn vars() -> Vars {
     .collect()
 }
 
-pub fn run(filter: Option<&str>) -> Result<()> {
-    util::require_root("cargo xtask e2e-local")?;
-    let env = setup::setup(setup::Needs::default())?;
-    util::build(&env, false)?;
+/// The scenario names, in file order (each has its own test in e2e_local.rs).
+pub fn names() -> Result<Vec<String>> {
+    Ok(scenario::load(&vars(), None)?
+        .into_iter()
+        .map(|s| s.name)
+        .collect())
+}
+
+/// Runs the scenario called `name` in a world of its own.
+pub fn run(name: &str) -> Result<()> {
     let caps = agent::deployed_capabilities()?;
-    let scenarios = scenario::load(&vars(), filter)?;
-    let mut failed = Vec::new();
-    for s in &scenarios {
-        let result = Local::start(s, &caps).and_then(|mut c| {
-            let r = engine::run(&mut c, s);
-            if r.is_err() {
-                eprintln!("--- agent log (last 40 lines):\n{}", c.agent_log_tail(40));
-            }
-            r
-        });
-        match result {
-            Ok(()) => println!("  PASS {}", s.name),
-            Err(e) => {
-                eprintln!("  FAIL {}: {e:#}", s.name);
-                failed.push(s.name.clone());
-            }
-        }
+    let s = scenario::load(&vars(), Some(name))?
+        .into_iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no scenario named {name}"))?;
+    let mut world = Local::start(&s, &caps)?;
+    let result = engine::run(&mut world, &s);
+    if result.is_err() {
+        eprintln!(
+            "--- agent log (last 40 lines):\n{}",
+            world.agent_log_tail(40)
+        );
     }
-    util::step(&format!(
-        "e2e-local: {} of {} scenarios passed (agent capabilities: {})",
-        scenarios.len() - failed.len(),
-        scenarios.len(),
-        caps.join(", ")
-    ));
-    if !failed.is_empty() {
-        bail!("e2e-local scenarios failed: {}", failed.join(", "));
-    }
-    Ok(())
+    result
 }
 
 /// One scenario's world. Field order is drop order: processes before the fixture.
@@ -93,6 +86,8 @@ struct Local {
     proxy: Spawned,
     _servers: Spawned,
     api: FakeApi,
+    /// Serves `api`; dropped after the agent, so the agent never sees the API vanish mid-run.
+    _rt: tokio::runtime::Runtime,
     kubeconfig: PathBuf,
     caps: Vec<String>,
     workdir: PathBuf,
@@ -163,27 +158,36 @@ impl Local {
         )?;
         proxy.wait_for_prefix("listening ", Duration::from_secs(10))?;
 
-        let api = FakeApi::start()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let (_, api) = {
+            let _guard = rt.enter();
+            FakeApi::start()
+        };
+        let api_addr = rt.block_on(api.serve()).context("serving the fake API")?;
+        let api_url = format!("http://{api_addr}");
         api.put(
-            Kind::Namespace,
+            Kind::Namespaces,
             objects::namespace(&s.namespace.name, &s.namespace.annotations),
         );
         let mut pod = objects::client_pod(s, IMAGE);
         pod["metadata"]["uid"] = json!(uid);
         pod["spec"]["nodeName"] = json!(NODE);
         pod["status"] = json!({"phase": "Running"});
-        api.put(Kind::Pod, pod);
+        api.put(Kind::Pods, pod);
         if let Some(traffic) = &s.mesh_config {
             api.put(
-                Kind::Namespace,
+                Kind::Namespaces,
                 objects::namespace(MESH_CONFIG_NAMESPACE, &Default::default()),
             );
-            api.put(Kind::MeshConfig, objects::mesh_config(traffic));
+            api.put(Kind::MeshConfigs, objects::mesh_config(traffic));
         }
 
         let workdir = std::env::temp_dir().join(fx.name());
         fs::create_dir_all(&workdir)?;
-        let kubeconfig = agent::write_kubeconfig(&workdir, &api.url())?;
+        let kubeconfig = agent::write_kubeconfig(&workdir, &api_url)?;
         let agent = AgentProc::start(&fx, &kubeconfig, caps, workdir.join("agent-0.log"))?;
         println!(
             "  local world: netns {}, pod cgroup {}, agent pid {} (capabilities {}), API {}",
@@ -191,7 +195,7 @@ impl Local {
             pod_cgroup.display(),
             agent.pid(),
             caps.join(","),
-            api.url()
+            api_url
         );
         Ok(Local {
             vars,
@@ -203,6 +207,7 @@ impl Local {
             proxy,
             _servers: servers,
             api,
+            _rt: rt,
             kubeconfig,
             caps: caps.to_vec(),
             workdir,
@@ -263,27 +268,27 @@ impl Cluster for Local {
 
     fn set_mesh_traffic(&mut self, traffic: &Value) -> Result<()> {
         self.api
-            .put(Kind::MeshConfig, objects::mesh_config(traffic));
+            .put(Kind::MeshConfigs, objects::mesh_config(traffic));
         Ok(())
     }
 
     fn annotate_pod(&mut self, patch: &AnnotationPatch) -> Result<()> {
         let mut pod = self
             .api
-            .get(Kind::Pod, &self.namespace, CLIENT_POD)
+            .get(Kind::Pods, &self.namespace, CLIENT_POD)
             .context("the client pod is gone")?;
         objects::patch_annotations(&mut pod, patch);
-        self.api.put(Kind::Pod, pod);
+        self.api.put(Kind::Pods, pod);
         Ok(())
     }
 
     fn annotate_namespace(&mut self, patch: &AnnotationPatch) -> Result<()> {
         let mut ns = self
             .api
-            .get(Kind::Namespace, "", &self.namespace)
+            .get(Kind::Namespaces, "", &self.namespace)
             .context("the namespace is gone")?;
         objects::patch_annotations(&mut ns, patch);
-        self.api.put(Kind::Namespace, ns);
+        self.api.put(Kind::Namespaces, ns);
         Ok(())
     }
 
@@ -309,7 +314,7 @@ impl Cluster for Local {
     fn pod_events(&mut self) -> Result<Vec<EventSeen>> {
         Ok(self
             .api
-            .events()
+            .posted_events()
             .iter()
             .filter(|e| {
                 e["regarding"]["name"] == CLIENT_POD

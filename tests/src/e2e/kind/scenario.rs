@@ -6,8 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::Spawned;
 use anyhow::{Result, bail};
-use redirect_tests::Spawned;
 use serde_json::Value;
 
 use super::{

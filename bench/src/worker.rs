@@ -1,6 +1,5 @@
-//! `xtask bench-worker …`: the processes the benchmark starts inside its network namespaces
-//! (proxy, server, load client). They run from the release build of xtask so that the hot
-//! loops are optimised whatever profile `cargo xtask` itself was built with.
+//! `redirect-bench worker …`: the processes the benchmark starts inside its network namespaces
+//! (server, load client); the proxy is redirect-testproxy.
 use std::{
     io::{BufRead as _, Write as _},
     net::SocketAddr,
@@ -12,10 +11,10 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 
-use super::{client, proxy, server};
+use super::{client, server};
 
 #[derive(Parser)]
-#[command(name = "xtask bench-worker", no_binary_name = true)]
+#[command(name = "redirect-bench worker", no_binary_name = true)]
 struct WorkerCli {
     #[command(subcommand)]
     role: Role,
@@ -23,18 +22,6 @@ struct WorkerCli {
 
 #[derive(Subcommand)]
 enum Role {
-    /// The transparent proxy (SO_ORIGINAL_DST, splice).
-    Proxy {
-        #[arg(long, default_value = "127.0.0.1:15001")]
-        listen: SocketAddr,
-        /// Where to forward connections that have no original destination (direct-to-proxy).
-        #[arg(long)]
-        fallback: Option<SocketAddr>,
-        #[arg(long)]
-        uid: Option<u32>,
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-    },
     /// The destination server.
     Server {
         #[arg(long)]
@@ -71,6 +58,9 @@ struct Job {
     check: bool,
     #[arg(long)]
     bulk_bytes: Option<u64>,
+    /// Connect-rate probes (connect, reset) instead of exchanges.
+    #[arg(long)]
+    probe: bool,
 }
 
 impl Job {
@@ -86,6 +76,7 @@ impl Job {
                 Duration::from_millis(self.warmup_ms),
                 Duration::from_millis(self.duration_ms),
                 cpu_stat,
+                self.probe,
             )
         }
     }
@@ -109,17 +100,6 @@ fn serve(dst: SocketAddr, cpu_stat: Option<&Path>) -> Result<()> {
 
 pub fn main(args: Vec<String>) -> Result<()> {
     match WorkerCli::try_parse_from(args)?.role {
-        Role::Proxy {
-            listen,
-            fallback,
-            uid,
-            threads,
-        } => proxy::run(proxy::ProxyArgs {
-            listen,
-            fallback,
-            uid,
-            threads,
-        }),
         Role::Server { listen, threads } => server::run(listen, threads),
         Role::Client {
             dst,

@@ -6,17 +6,41 @@ use anyhow::{Context as _, Result};
 
 use super::{
     plot,
-    results::{ConnSample, Mode, Results},
+    results::{ConnSample, Kind, Mode, Results},
     stats::median,
 };
 
 const TABLE_MODES: [Mode; 4] = [Mode::None, Mode::DirectToProxy, Mode::Iptables, Mode::Ebpf];
 
+/// The proxied samples of one N, thread count and mode.
 pub fn samples(r: &Results, n: usize, threads: usize, mode: Mode) -> Vec<&ConnSample> {
+    samples_of(r, Kind::Proxied, n, threads, mode)
+}
+
+pub fn samples_of(
+    r: &Results,
+    kind: Kind,
+    n: usize,
+    threads: usize,
+    mode: Mode,
+) -> Vec<&ConnSample> {
     r.conn
         .iter()
-        .filter(|s| s.n == n && s.threads == threads && s.mode == mode)
+        .filter(|s| s.kind == kind && s.n == n && s.threads == threads && s.mode == mode)
         .collect()
+}
+
+/// Median over runs of num/den conn/s of `kind`, each ratio taken within one run.
+pub fn kind_ratio(r: &Results, kind: Kind, n: usize, threads: usize, num: Mode, den: Mode) -> f64 {
+    let dens = samples_of(r, kind, n, threads, den);
+    median(
+        samples_of(r, kind, n, threads, num)
+            .into_iter()
+            .filter_map(|a| {
+                let b = dens.iter().find(|b| b.run == a.run)?;
+                Some(a.conns_per_s / b.conns_per_s)
+            }),
+    )
 }
 
 /// Median over runs of `f`.
@@ -104,6 +128,42 @@ fn conn_table(r: &Results, threads: usize, md: &mut String) {
             "{row}| {} | {} |",
             num(ratio(r, n, threads, Mode::Ebpf, Mode::DirectToProxy), 3),
             num(ratio(r, n, threads, Mode::Ebpf, Mode::Iptables), 2)
+        );
+    }
+    md.push('\n');
+}
+
+fn probe_table(r: &Results, threads: usize, md: &mut String) {
+    if !r.conn.iter().any(|s| s.kind == Kind::Probe) {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Interception only: connect-rate probes per second, {threads} client thread{}\n\nThe client connects and resets; the proxy accepts, reads the original destination and closes. Median over {} runs; ratios are medians of the ratios taken within each run. direct-to-proxy / iptables is the most any interception can gain over iptables.\n",
+        if threads == 1 { "" } else { "s" },
+        r.params.runs
+    );
+    let _ = writeln!(
+        md,
+        "| N | none | direct-to-proxy | iptables | ebpf | ebpf / direct-to-proxy | ebpf / iptables | direct-to-proxy / iptables |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for n in sizes(r) {
+        let mut row = format!("| {n} ");
+        for m in TABLE_MODES {
+            let x = median(
+                samples_of(r, Kind::Probe, n, threads, m)
+                    .into_iter()
+                    .map(|s| s.conns_per_s),
+            );
+            let _ = write!(row, "| {} ", thousands(x));
+        }
+        let ratio = |a, b| kind_ratio(r, Kind::Probe, n, threads, a, b);
+        let _ = writeln!(
+            md,
+            "{row}| {} | {} | {} |",
+            num(ratio(Mode::Ebpf, Mode::DirectToProxy), 3),
+            num(ratio(Mode::Ebpf, Mode::Iptables), 2),
+            num(ratio(Mode::DirectToProxy, Mode::Iptables), 2)
         );
     }
     md.push('\n');
@@ -341,12 +401,14 @@ pub fn markdown(r: &Results) -> String {
     );
     md.push_str(super::METHOD);
     md.push('\n');
-    super::findings::targets(r, &mut md);
-    super::findings::analysis(r, &mut md);
+    super::targets::targets(r, &mut md);
     for &t in &r.params.threads {
         conn_table(r, t, &mut md);
     }
     md.push_str("![connections per second against N](conn_per_s.png)\n\n");
+    for &t in &r.params.threads {
+        probe_table(r, t, &mut md);
+    }
     cpu_table(r, &mut md);
     latency_table(r, &mut md);
     md.push_str("![connect latency against N](latency.png)\n\n");
@@ -361,7 +423,7 @@ pub fn markdown(r: &Results) -> String {
 /// Writes REPORT.md, the CSVs and the PNGs into `dir`.
 pub fn write(r: &Results, dir: &Path) -> Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
-    super::csv::write(r, dir)?;
+    super::raw::write_all(r, dir)?;
     plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
     plot::latency(r, &dir.join("latency.png"))?;
     let md = markdown(r);

@@ -1,20 +1,23 @@
-//! `cargo xtask bench`: eBPF redirection against iptables REDIRECT, side by side, on the same
-//! proxy, server, client and workload, inside network namespaces the bench creates
-//! (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
+//! redirect-bench (`cargo xtask bench`): eBPF redirection against iptables REDIRECT, side by
+//! side, on the same proxy, server, client and workload, inside network namespaces the bench
+//! creates (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
+//!
+//! `redirect-bench [--quick] [--out DIR] [--agent PATH]`, as root. The proxy is the tests'
+//! redirect-testproxy, found next to this binary; the server and the load client are this binary
+//! (`redirect-bench worker …`).
 mod agent;
 mod client;
-mod csv;
-mod findings;
 mod iptables;
 mod lanes;
 mod plot;
 mod profile;
-mod proxy;
+mod raw;
 mod report;
 mod results;
 mod scale;
 mod server;
 mod stats;
+mod targets;
 mod worker;
 
 use std::{
@@ -26,12 +29,73 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-
-use crate::{setup, util};
+use clap::{Parser, Subcommand};
 use lanes::Lane;
-use results::{BulkSample, LoadSample, Machine, Mode, Params, ProgCost, Results};
+use results::{BulkSample, Kind, LoadSample, Machine, Mode, Params, ProgCost, Results};
 
-pub use worker::main as worker;
+#[derive(Parser)]
+#[command(
+    name = "redirect-bench",
+    about = "Benchmark eBPF redirection against iptables REDIRECT side by side (needs root)"
+)]
+struct Cli {
+    /// Smoke run (under 3 minutes): checks that the bench works, figures not meaningful.
+    #[arg(long)]
+    quick: bool,
+    /// Results directory (default: target/bench/<timestamp>/; a full run without --out also
+    /// refreshes docs/bench/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// The redirect-agent binary (default: next to this one).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    #[command(subcommand)]
+    worker: Option<Worker>,
+}
+
+#[derive(Subcommand)]
+enum Worker {
+    /// (internal) A process of the benchmark: server or load client.
+    #[command(hide = true)]
+    Worker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Some(Worker::Worker { args }) = cli.worker {
+        return worker::main(args);
+    }
+    let here = std::env::current_exe().context("locating the redirect-bench binary")?;
+    let dir = here.parent().context("redirect-bench has a directory")?;
+    let bins = Bins {
+        agent: cli.agent.unwrap_or_else(|| dir.join("redirect-agent")),
+        proxy: dir.join("redirect-testproxy"),
+        worker: here.clone(),
+    };
+    for b in [&bins.agent, &bins.proxy] {
+        if !b.is_file() {
+            bail!(
+                "{} is missing: build redirect-agent and redirect-tests first (cargo xtask bench does)",
+                b.display()
+            );
+        }
+    }
+    bench(cli.quick, cli.out, &bins)
+}
+
+fn step(msg: &str) {
+    eprintln!("\x1b[1m==> {msg}\x1b[0m");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("bench lives in the workspace")
+        .to_path_buf()
+}
 
 /// The proxy's uid, exempted by uid in both the iptables rules and the agent's policy.
 pub const PROXY_UID: u32 = 1337;
@@ -42,14 +106,20 @@ pub const METHOD: &str = "\
 Everything runs inside network namespaces and cgroups the bench creates (one per mode, so no \
 mode's kernel state leaks into another's); destinations are 198.18.0.10:80 on the namespace's `lo`.
 
-- **Proxy**: one program for every mode (`xtask bench-worker proxy`, tokio/epoll, 2 worker \
-  threads): accepts on 127.0.0.1:15001, reads the original destination with \
-  `getsockopt(SO_ORIGINAL_DST)` exactly as Envoy does under iptables, connects there and splices \
-  both directions (splice(2) through pooled pipes). It runs as uid 1337 in the pod's proxy cgroup.
+- **Proxy**: one program for every mode, the tests' `redirect-testproxy --mode forward`: accepts \
+  on 127.0.0.1:15001, reads the original destination with `getsockopt(SO_ORIGINAL_DST)` exactly \
+  as Envoy does under iptables, connects there and splices both directions (splice(2) through a \
+  pipe), one thread per direction of each connection. It runs as uid 1337 in the pod's proxy \
+  cgroup.
 - **Server**: answers a 64-byte request with 64 bytes and closes first (HTTP/1.0 style); for the \
   long transfer it counts an upload until EOF.
 - **Client**: blocking sockets, one OS thread per client thread; each connection is opened, used \
   (one request/response) and closed. It runs as its own process in the pod's app cgroup.
+- **Interception only** (probes): the same modes with the proxy in close mode \
+  (`redirect-testproxy --mode close`: accept, read the original destination, close) and the \
+  client connecting and closing with a reset (SO_LINGER 0), as a connect-rate probe does, so \
+  that the interception layer is a large share of each connection. Measured right after the \
+  proxied samples of each N, with the same runs and threads.
 - **Modes**: `none` (client → server, no proxy: reference); `direct-to-proxy` (client → \
   127.0.0.1:15001, no interception: the physical limit; the proxy forwards to the server because \
   there is no original destination to read); `iptables` (nat OUTPUT, istio-iptables' layout: \
@@ -80,7 +150,7 @@ cargo xtask bench --out DIR  # results into DIR instead of target/bench/<timesta
 
 It installs what is missing (iptables, bpftool, the eBPF toolchain), builds the agent and the \
 bench processes in release mode, and removes every namespace, cgroup and pin it created, also on \
-Ctrl-C. Raw samples: `conn.csv` (one row per mode × N × run × client threads), `bulk.csv`, \
+Ctrl-C. Raw samples: `conn.csv` (one row per kind × mode × N × run × client threads), `bulk.csv`, \
 `loads.csv`, `scale.csv`, `progs.csv`.
 ";
 
@@ -93,44 +163,22 @@ pub fn check_interrupt() -> Result<()> {
     Ok(())
 }
 
-/// The release binaries the bench runs.
+/// The binaries the bench runs.
 pub struct Bins {
     pub agent: PathBuf,
+    /// redirect-testproxy, in forward (or close) mode.
+    pub proxy: PathBuf,
+    /// This binary, for `worker server|client`.
     pub worker: PathBuf,
 }
 
-pub fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
-    util::require_root("cargo xtask bench")?;
-    let env = setup::setup(setup::Needs { test_tools: true })?;
-    let bins = if quick {
-        // The smoke run checks that the bench works, so it takes the debug build that `cargo
-        // xtask build`/`test` already made, and this very binary as the bench processes.
-        util::build(&env, false)?;
-        Bins {
-            agent: util::target_bin("redirect-agent", false),
-            worker: std::env::current_exe().context("locating the xtask binary")?,
-        }
-    } else {
-        util::step("building the agent and the bench processes (release)");
-        util::cargo(
-            &env,
-            &[
-                "build",
-                "--release",
-                "-p",
-                "redirect-agent",
-                "-p",
-                "redirect-tests",
-                "-p",
-                "xtask",
-                "--bins",
-            ],
-        )?;
-        Bins {
-            agent: util::target_bin("redirect-agent", true),
-            worker: util::target_bin("xtask", true),
-        }
-    };
+fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "redirect-bench needs root (it loads eBPF programs and creates cgroups and network namespaces)"
+        );
+    }
     // Ctrl-C reaches the whole process group: the bench processes die, this one notices the
     // flag (or a failed sample), unwinds, and the fixtures' Drop removes everything.
     ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))?;
@@ -140,11 +188,11 @@ pub fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
     let dir = out.unwrap_or_else(|| {
         std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(|| util::workspace_root().join("target"))
+            .unwrap_or_else(|| workspace_root().join("target"))
             .join("bench")
             .join(utc_stamp(false))
     });
-    let results = measure(&bins, params);
+    let results = measure(bins, params);
     let results = match results {
         Ok(r) => r,
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
@@ -157,15 +205,15 @@ pub fn bench(quick: bool, out: Option<PathBuf>) -> Result<()> {
     };
     let md = report::write(&results, &dir)?;
     println!("{md}");
-    util::step(&format!(
+    step(&format!(
         "results in {} ({:.0} s)",
         dir.display(),
         started.elapsed().as_secs_f64()
     ));
-    if !quick && !dir.starts_with(util::workspace_root().join("docs")) {
-        let docs = util::workspace_root().join("docs/bench");
+    if !quick && !dir.starts_with(workspace_root().join("docs")) {
+        let docs = workspace_root().join("docs/bench");
         publish(&dir, &docs)?;
-        util::step(&format!("copied to {}", docs.display()));
+        step(&format!("copied to {}", docs.display()));
     }
     Ok(())
 }
@@ -198,14 +246,14 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         scale: None,
     };
     let p = r.params.clone();
-    util::step("starting one namespace per mode: server, proxy, iptables rules, agent");
+    step("starting one namespace per mode: server, proxy, iptables rules, agent");
     let mut lanes = Mode::ALL
         .iter()
         .map(|&m| Lane::new(m, bins))
         .collect::<Result<Vec<_>>>()?;
     configure(&mut lanes, &mut r, 0)?;
 
-    util::step(&format!(
+    step(&format!(
         "long transfer: {} MiB upload per mode, {} run(s)",
         p.bulk_bytes >> 20,
         p.bulk_runs
@@ -231,36 +279,45 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         if n > 0 {
             configure(&mut lanes, &mut r, n)?;
         }
-        util::step(&format!(
+        step(&format!(
             "N = {n}: {} run(s) × {:?} client threads × {} s per mode",
             p.runs,
             p.threads,
             p.duration.as_secs_f64()
         ));
-        let active: Vec<&Lane> = lanes
-            .iter()
-            .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
-            .collect();
-        for run in 0..p.runs {
-            let mut line = format!("    run {run}:");
-            let k = active.len();
-            for i in 0..k {
-                let lane = active[(i + run) % k];
-                for &t in &p.threads {
-                    check_interrupt()?;
-                    let s = lane.sample(n, run, t, p.warmup, p.duration)?;
-                    line.push_str(&format!(" {}/{t}t {:.0}", lane.mode.name(), s.conns_per_s));
-                    r.conn.push(s);
-                }
+        for kind in Kind::ALL {
+            for lane in lanes.iter_mut() {
+                lane.set_kind(kind)?;
             }
-            eprintln!("{line}");
+            let active: Vec<&Lane> = lanes
+                .iter()
+                .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
+                .collect();
+            for run in 0..p.runs {
+                let mut line = format!("    {} run {run}:", kind.name());
+                let k = active.len();
+                for i in 0..k {
+                    let lane = active[(i + run) % k];
+                    for &t in &p.threads {
+                        check_interrupt()?;
+                        let before = lane.probe_counters();
+                        let s = lane.sample(n, run, t, p.warmup, p.duration)?;
+                        if kind == Kind::Probe && run == 0 {
+                            lane.check_probes(before)?;
+                        }
+                        line.push_str(&format!(" {}/{t}t {:.0}", lane.mode.name(), s.conns_per_s));
+                        r.conn.push(s);
+                    }
+                }
+                eprintln!("{line}");
+            }
         }
     }
 
     profile_pass(&mut lanes, &mut r)?;
     drop(lanes);
 
-    util::step(&format!(
+    step(&format!(
         "agent at scale: {} workloads × {} CIDRs, {} edits",
         p.scale_workloads, p.scale_cidrs, p.scale_edits
     ));
@@ -318,6 +375,8 @@ fn configure(lanes: &mut [Lane], r: &mut Results, n: usize) -> Result<()> {
             }
             Err(e) => return Err(e),
         }
+        // The check is one exchange through the forwarding proxy.
+        lane.set_kind(Kind::Proxied)?;
         lane.verify()?;
     }
     Ok(())
@@ -332,7 +391,8 @@ fn profile_pass(lanes: &mut [Lane], r: &mut Results) -> Result<()> {
     let (Some(&first), Some(&last)) = (r.params.sizes.first(), r.params.sizes.last()) else {
         return Ok(());
     };
-    util::step("eBPF per-program cost (kernel BPF stats)");
+    step("eBPF per-program cost (kernel BPF stats)");
+    lane.set_kind(Kind::Proxied)?;
     let stats = profile::enable_stats()?;
     for n in [last, first] {
         check_interrupt()?;
@@ -374,7 +434,7 @@ fn machine() -> Machine {
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
-            .current_dir(util::workspace_root())
+            .current_dir(workspace_root())
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default()

@@ -1,4 +1,4 @@
-//! The real `redirect-agent run --source kubernetes` for `e2e-local`: pointed at the stand-in API
+//! The real `redirect-agent run --source kubernetes` for the e2e scenarios: pointed at the fake API
 //! server through a kubeconfig (as `kubectl` would be), attached to the fixture's cgroup subtree,
 //! and started with exactly the capabilities the DaemonSet grants (read from
 //! deploy/base/daemonset.yaml), so the local run also exercises the deployed privilege set.
@@ -21,7 +21,8 @@ pub const NODE: &str = "e2e-node";
 /// The `capabilities.add` list of the agent container in deploy/base/daemonset.yaml, lower-cased
 /// for setpriv (`BPF` → `bpf`).
 pub fn deployed_capabilities() -> Result<Vec<String>> {
-    let path = crate::util::workspace_root().join("deploy/base/daemonset.yaml");
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/daemonset.yaml");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let ds: serde_yaml::Value = serde_yaml::from_str(&text)?;
     let add =

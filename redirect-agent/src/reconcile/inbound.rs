@@ -1,0 +1,242 @@
+//! Inbound (sk_lookup) state per workload network namespace: the netns link, the record keyed by
+//! the netns cookie, and the rule entries, written make-before-break with an id space of their
+//! own. Called once per reconcile pass, after the outbound applier.
+//!
+//! Order of a change: link the netns (adopting a pinned link), write the new entries under a
+//! fresh id, swap the record, delete the old entries. A removal deletes the record and then
+//! releases the link and the entries. A workload whose policy was rejected keeps its inbound
+//! state exactly as it is (the last good policy), as outbound does.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
+
+use redirect_common::inbound::InboundRecord;
+use tracing::warn;
+
+use super::{Snapshot, desired::entries};
+use crate::{
+    bpf::{PolicyEntries, inbound_maps::InboundMaps, netns},
+    policy::{self, Annotations, WorkloadInputs, inbound},
+};
+
+#[derive(Clone, Debug)]
+struct Applied {
+    workload: String,
+    record: InboundRecord,
+    entries: PolicyEntries,
+}
+
+/// What one pass did, for logs and tests.
+#[derive(Debug, Default)]
+pub struct InboundReport {
+    pub applied: usize,
+    pub removed: usize,
+    /// Workloads whose inbound state could not be written, with the reason.
+    pub errors: Vec<String>,
+}
+
+pub struct InboundApplier {
+    dir: PathBuf,
+    maps: Option<InboundMaps>,
+    applied: BTreeMap<u64, Applied>,
+    next_id: u32,
+}
+
+struct Want {
+    workload: String,
+    path: PathBuf,
+    inode: u64,
+    record: InboundRecord,
+    entries: PolicyEntries,
+}
+
+impl InboundApplier {
+    /// Takes over the pinned records (a restart): they stay until a snapshot says otherwise.
+    pub fn adopt(dir: &Path) -> Self {
+        let mut applied = BTreeMap::new();
+        let maps = match InboundMaps::open(dir) {
+            Ok(mut m) => {
+                let mut by_id = m.entries().unwrap_or_default();
+                for (cookie, record) in m.records().unwrap_or_default() {
+                    let entries = by_id.remove(&record.policy_id).unwrap_or_default();
+                    let workload = format!("(adopted netns cookie {cookie})");
+                    applied.insert(
+                        cookie,
+                        Applied {
+                            workload,
+                            record,
+                            entries,
+                        },
+                    );
+                }
+                for (id, orphan) in &by_id {
+                    m.remove_entries(*id, orphan);
+                }
+                Some(m)
+            }
+            Err(e) => {
+                warn!(error = %e, "inbound maps not available; no inbound interception");
+                None
+            }
+        };
+        let next_id = applied
+            .values()
+            .map(|a| a.record.policy_id)
+            .max()
+            .unwrap_or(0)
+            .wrapping_add(1)
+            .max(1);
+        Self {
+            dir: dir.to_path_buf(),
+            maps,
+            applied,
+            next_id,
+        }
+    }
+
+    pub fn maps(&self) -> Option<&InboundMaps> {
+        self.maps.as_ref()
+    }
+
+    /// Applies the inbound part of a snapshot.
+    pub fn apply(&mut self, snapshot: &Snapshot) -> InboundReport {
+        let mut report = InboundReport::default();
+        let (want, keep) = self.desired(snapshot, &mut report);
+        if self.maps.is_none() {
+            return report;
+        }
+        for (cookie, w) in &want {
+            if let Err(e) = self.apply_one(*cookie, w) {
+                report
+                    .errors
+                    .push(format!("workload {}: inbound: {e}", w.workload));
+            } else {
+                report.applied += 1;
+            }
+        }
+        let gone: Vec<u64> = self
+            .applied
+            .keys()
+            .filter(|c| !want.contains_key(c) && !keep.contains_key(c))
+            .copied()
+            .collect();
+        let maps = self.maps.as_mut().expect("checked");
+        for cookie in gone {
+            if let Some(old) = self.applied.remove(&cookie) {
+                maps.remove_record(cookie);
+                maps.remove_entries(old.record.policy_id, &old.entries);
+                report.removed += 1;
+            }
+        }
+        // Links whose netns is no longer wanted (or gone): released after their records.
+        let inodes: BTreeSet<u64> = want
+            .values()
+            .map(|w| w.inode)
+            .chain(keep.into_values())
+            .collect();
+        for inode in netns::linked(&self.dir) {
+            if !inodes.contains(&inode) {
+                netns::release(&self.dir, inode);
+            }
+        }
+        for e in &report.errors {
+            warn!("{e}");
+        }
+        report
+    }
+
+    /// Desired state by netns cookie, and the cookies (with their inodes) to keep as they are.
+    fn desired(
+        &self,
+        s: &Snapshot,
+        report: &mut InboundReport,
+    ) -> (BTreeMap<u64, Want>, BTreeMap<u64, u64>) {
+        let (mut want, mut keep) = (BTreeMap::new(), BTreeMap::new());
+        let empty = Annotations::new();
+        for w in &s.workloads {
+            let Some(path) = &w.netns else { continue };
+            let ids = netns::netns_inode(path).and_then(|i| Ok((i, netns::netns_cookie(path)?)));
+            let (inode, cookie) = match ids {
+                Ok(v) => v,
+                Err(e) => {
+                    report.errors.push(format!("workload {}: {e}", w.id()));
+                    continue;
+                }
+            };
+            let resolved = policy::resolve(&WorkloadInputs {
+                mesh: &s.mesh,
+                namespace: &w.namespace,
+                namespace_annotations: s.namespaces.get(&w.namespace).unwrap_or(&empty),
+                name: &w.name,
+                pod_annotations: &w.annotations,
+            });
+            let Ok(r) = resolved else {
+                // The outbound reconcile reports the bad value; inbound keeps its last good state.
+                if self.applied.contains_key(&cookie) {
+                    keep.insert(cookie, inode);
+                }
+                continue;
+            };
+            let own =
+                inbound::own_ports(s.proxy.inbound_port, s.proxy.outbound_port, &w.annotations);
+            want.insert(
+                cookie,
+                Want {
+                    workload: w.id(),
+                    path: path.clone(),
+                    inode,
+                    record: InboundRecord {
+                        policy_id: 0,
+                        proxy_port: s.proxy.inbound_port,
+                        _pad: 0,
+                    },
+                    entries: entries(&inbound::compile_inbound(&r.policy, &own)),
+                },
+            );
+        }
+        (want, keep)
+    }
+
+    fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<(), crate::bpf::BpfError> {
+        // The link first: adopting an existing one is a no-op.
+        netns::attach(&self.dir, &w.path, cookie)?;
+        if let Some(old) = self.applied.get_mut(&cookie)
+            && old.record.proxy_port == w.record.proxy_port
+            && old.entries == w.entries
+        {
+            old.workload = w.workload.clone();
+            return Ok(());
+        }
+        let id = self.allocate_id();
+        let maps = self.maps.as_mut().expect("checked by apply");
+        maps.insert_entries(id, &w.entries)?;
+        let record = InboundRecord {
+            policy_id: id,
+            ..w.record
+        };
+        if let Err(e) = maps.set_record(cookie, &record) {
+            maps.remove_entries(id, &w.entries);
+            return Err(e);
+        }
+        let new = Applied {
+            workload: w.workload.clone(),
+            record,
+            entries: w.entries.clone(),
+        };
+        if let Some(old) = self.applied.insert(cookie, new) {
+            maps.remove_entries(old.record.policy_id, &old.entries);
+        }
+        Ok(())
+    }
+
+    fn allocate_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_id;
+            self.next_id = self.next_id.wrapping_add(1);
+            if id != 0 && !self.applied.values().any(|a| a.record.policy_id == id) {
+                return id;
+            }
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Kernel types of inbound interception (sk_lookup, docs/architecture.md, "Inbound"): the per-netns record,
+//! the listener key and the counters. The rule tries reuse the outbound key layouts
+//! ([`crate::PortKey`], [`crate::CidrV4Key`], [`crate::CidrV6Key`]) in maps of their own, with their
+//! own policy-id space, so inbound and outbound entries never meet.
+
+/// Map names, also the pin file names (15 characters at most).
+pub mod map_names {
+    /// Network namespace cookie → [`super::InboundRecord`].
+    pub const INBOUND: &str = "INBOUND";
+    /// {inbound policy id, port prefix} → exclude/include.
+    pub const IN_PORTS: &str = "IN_PORTS";
+    /// {inbound policy id, IPv4 source prefix} → exclude.
+    pub const IN_SRC_V4: &str = "IN_SRC_V4";
+    /// {inbound policy id, IPv6 source prefix} → exclude.
+    pub const IN_SRC_V6: &str = "IN_SRC_V6";
+    /// SOCKHASH of TCP listeners keyed by [`super::ListenerKey`].
+    pub const IN_LISTEN: &str = "IN_LISTEN";
+    /// Per-CPU counters indexed by [`super::InboundCounter`].
+    pub const IN_STATS: &str = "IN_STATS";
+    pub const ALL: [&str; 6] = [INBOUND, IN_PORTS, IN_SRC_V4, IN_SRC_V6, IN_LISTEN, IN_STATS];
+}
+
+/// The sk_lookup program's function name (also its pin name suffix).
+pub const SK_LOOKUP_PROGRAM: &str = "redirect_sk_lookup";
+
+/// Value of `INBOUND`, keyed by the network namespace cookie of the workload's netns.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct InboundRecord {
+    /// Namespaces this workload's entries in `IN_PORTS`, `IN_SRC_V4`, `IN_SRC_V6`; swapped whole
+    /// on a change, like `Policy::policy_id`.
+    pub policy_id: u32,
+    /// The proxy's inbound listener port (host byte order), e.g. 15006.
+    pub proxy_port: u16,
+    pub _pad: u16,
+}
+
+/// `ListenerKey::family` values.
+pub const LISTEN_V4: u16 = 4;
+pub const LISTEN_V6: u16 = 6;
+
+/// Key of the `IN_LISTEN` SOCKHASH: a listening TCP socket by its netns, port and family. An
+/// AF_INET6 listener is `LISTEN_V6` whether or not it is dual stack (sk_assign refuses a v6-only
+/// one for an IPv4 packet, which is then counted and refused).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct ListenerKey {
+    pub netns: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Index into the per-CPU `IN_STATS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InboundCounter {
+    /// Steered to the proxy's listener.
+    Steered = 0,
+    /// Arrived on lo: the normal lookup (step 1).
+    Loopback = 1,
+    /// Excluded destination port (step 2).
+    ExcludedPort = 2,
+    /// Excluded source (step 3).
+    ExcludedSource = 3,
+    /// No included port matched (step 5).
+    NotIncluded = 4,
+    /// To be steered, but no listener on the proxy port: refused (SK_DROP).
+    NoListener = 5,
+    /// The listener refused the assignment (e.g. a v6-only listener for IPv4): refused.
+    AssignFailed = 6,
+    /// A lookup in a netns with no record (not meshed): the normal lookup.
+    NotInMesh = 7,
+    /// A listener was recorded in `IN_LISTEN`.
+    ListenerAdded = 8,
+    /// Recording a listener failed (map full).
+    ListenerFailed = 9,
+}
+
+pub const INBOUND_COUNTER_COUNT: u32 = 10;
+
+impl InboundCounter {
+    pub const ALL: [InboundCounter; INBOUND_COUNTER_COUNT as usize] = [
+        InboundCounter::Steered,
+        InboundCounter::Loopback,
+        InboundCounter::ExcludedPort,
+        InboundCounter::ExcludedSource,
+        InboundCounter::NotIncluded,
+        InboundCounter::NoListener,
+        InboundCounter::AssignFailed,
+        InboundCounter::NotInMesh,
+        InboundCounter::ListenerAdded,
+        InboundCounter::ListenerFailed,
+    ];
+
+    /// Stable name used in `inspect` and metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            InboundCounter::Steered => "steered",
+            InboundCounter::Loopback => "loopback",
+            InboundCounter::ExcludedPort => "excluded_port",
+            InboundCounter::ExcludedSource => "excluded_source",
+            InboundCounter::NotIncluded => "not_included",
+            InboundCounter::NoListener => "no_listener",
+            InboundCounter::AssignFailed => "assign_failed",
+            InboundCounter::NotInMesh => "not_in_mesh",
+            InboundCounter::ListenerAdded => "listener_added",
+            InboundCounter::ListenerFailed => "listener_failed",
+        }
+    }
+}
+
+/// Capacity of `INBOUND` (meshed network namespaces per node).
+pub const MAX_INBOUND_NETNS: u32 = 16384;
+/// Capacity of `IN_LISTEN`: every TCP listener in the attached cgroup tree is recorded (so that a
+/// proxy that listens before the agent writes its record is still found); entries leave when the
+/// socket closes.
+pub const MAX_LISTENERS: u32 = 65536;
+/// Capacity of each inbound rule trie.
+pub const MAX_INBOUND_RULES: u32 = 1 << 18;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for InboundRecord {}
+    unsafe impl aya::Pod for ListenerKey {}
+}
