@@ -6,6 +6,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cgroup;
 pub mod cli;
+pub mod lock;
 pub mod metrics;
 /// The pure policy core lives in its own crate (no kube, no aya, no tokio); re-exported so the
 /// layers keep one path to it.

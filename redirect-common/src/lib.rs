@@ -28,7 +28,9 @@ pub mod map_names {
     pub const ORIG_TUPLE: &str = "ORIG_TUPLE";
     /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
     pub const ORIG_STATS: &str = "ORIG_STATS";
-    pub const ALL: [&str; 8] = [
+    /// Socket-local storage: the socket's owner uid and where a redirect sent it (`SockState`).
+    pub const SOCK_STATE: &str = "SOCK_STATE";
+    pub const ALL: [&str; 9] = [
         POLICY,
         CIDR_V4,
         CIDR_V6,
@@ -37,6 +39,7 @@ pub mod map_names {
         ORIG_COOKIE,
         ORIG_TUPLE,
         ORIG_STATS,
+        SOCK_STATE,
     ];
 }
 
@@ -201,6 +204,32 @@ pub struct OrigDst {
     pub port: [u8; 2],
     /// [`orig_flags`].
     pub flags: u16,
+}
+
+/// Per-socket state in socket-local storage (`SOCK_STATE`), freed by the kernel with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SockState {
+    /// The uid of the task that created the socket (cgroup/sock_create): the socket's owner, as
+    /// iptables' `--uid-owner` sees it, not whoever calls connect() later.
+    pub owner_uid: u32,
+    /// [`sock_state_flags`].
+    pub flags: u32,
+    /// Where the last redirecting connect sent the socket (the proxy), in IPv6 form (IPv4
+    /// v4-mapped): getpeername answers from the original-destination record only while the
+    /// socket's real peer is this.
+    pub peer_addr: [u8; 16],
+    /// Big-endian port of `peer_addr`.
+    pub peer_port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// `SockState::flags` bits.
+pub mod sock_state_flags {
+    /// `owner_uid` is set.
+    pub const HAS_OWNER: u32 = 1 << 0;
+    /// `peer_addr`/`peer_port` are set.
+    pub const HAS_PEER: u32 = 1 << 1;
 }
 
 /// Key of `ORIG_TUPLE`: a connection as the proxy's accepted socket sees it. Addresses are in IPv6

@@ -5,10 +5,8 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid},
-    macros::cgroup_sock_addr,
+    bindings::bpf_sock_addr, btf_maps::lpm_trie::Key,
+    helpers::generated::bpf_get_current_ancestor_cgroup_id, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use redirect_common::{
@@ -33,7 +31,7 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
         return ALLOW;
     }
-    let Some((policy, is_proxy)) = lookup_policy() else {
+    let Some((policy, is_proxy)) = lookup_policy(sa) else {
         count(Decision::NotInMesh);
         return ALLOW;
     };
@@ -46,6 +44,11 @@ pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     let at_proxy = ip == policy.proxy_addr4 && port == policy.proxy_port.to_be_bytes();
     if step.redirects() && !at_proxy {
         crate::origdst::record_v4(sa, ip, port, &policy);
+        let mut target = [0u8; 16];
+        target[10] = 0xff;
+        target[11] = 0xff;
+        target[12..].copy_from_slice(&policy.proxy_addr4);
+        crate::sockstate::set_peer(sa, target, policy.proxy_port.to_be_bytes());
         unsafe {
             write_volatile(
                 addr_of_mut!((*sa).user_ip4),
@@ -70,7 +73,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
     if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
         return ALLOW;
     }
-    let Some((policy, is_proxy)) = lookup_policy() else {
+    let Some((policy, is_proxy)) = lookup_policy(sa) else {
         count(Decision::NotInMesh);
         return ALLOW;
     };
@@ -100,6 +103,7 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
             Dest::V6(_) => policy.proxy_addr6,
         };
         write_ip6(sa, &target);
+        crate::sockstate::set_peer(sa, target, policy.proxy_port.to_be_bytes());
         unsafe {
             write_volatile(
                 addr_of_mut!((*sa).user_port),
@@ -116,8 +120,11 @@ pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
 ///
 /// The record is copied to the stack: POLICY is a preallocated hash, and an update of the same
 /// key may recycle the slot a pointer refers to while this program still reads it.
+///
+/// The proxy uid is compared with the socket's owner (its creator, recorded at sock_create),
+/// as iptables' `--uid-owner` does, not with whoever calls connect().
 #[inline(always)]
-pub(crate) fn lookup_policy() -> Option<(Policy, bool)> {
+pub(crate) fn lookup_policy(sa: *mut bpf_sock_addr) -> Option<(Policy, bool)> {
     let mut found: Option<Policy> = None;
     let mut in_proxy_cgroup = false;
     for level in 1..=MAX_CGROUP_DEPTH {
@@ -139,7 +146,7 @@ pub(crate) fn lookup_policy() -> Option<(Policy, bool)> {
     let policy = found?;
     let is_proxy = in_proxy_cgroup
         || (policy.flags & flags::HAS_PROXY_UID != 0
-            && unsafe { bpf_get_current_uid_gid() } as u32 == policy.proxy_uid);
+            && crate::sockstate::owner_uid(sa) == policy.proxy_uid);
     Some((policy, is_proxy))
 }
 

@@ -78,11 +78,11 @@ fn set_port(sa: *mut bpf_sock_addr, port_be: [u8; 2]) {
 
 /// The policy and decision for a port-53 call of the current task, counted. `None` = leave it.
 #[inline(always)]
-fn capture(port: [u8; 2]) -> Option<Policy> {
+fn capture(sa: *mut bpf_sock_addr, port: [u8; 2]) -> Option<Policy> {
     if u16::from_be_bytes(port) != DNS_PORT {
         return None;
     }
-    let Some((policy, is_proxy)) = lookup_policy() else {
+    let Some((policy, is_proxy)) = lookup_policy(sa) else {
         count(DnsEvent::NotInMesh);
         return None;
     };
@@ -128,7 +128,7 @@ fn record(ctx: &SockAddrContext) -> Option<DnsOrig> {
 fn capture4(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
     let port = ctx_port(sa);
-    let Some(policy) = capture(port) else {
+    let Some(policy) = capture(sa, port) else {
         return false;
     };
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
@@ -159,7 +159,7 @@ fn capture4(ctx: &SockAddrContext) -> bool {
 fn capture6(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
     let port = ctx_port(sa);
-    let Some(policy) = capture(port) else {
+    let Some(policy) = capture(sa, port) else {
         return false;
     };
     let ip = read_ip6(sa);

@@ -7,6 +7,7 @@ mod dns;
 mod inbound;
 mod maps;
 mod origdst;
+mod sockstate;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -415,6 +415,12 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     if rec.flags & orig_flags::V4 == 0 {
         return OK;
     }
+    // The kernel's answer: only while it is the redirect target is the record this socket's.
+    let peer = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let peer_port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
+    if !crate::sockstate::peer_is_target(sa, &mapped(peer), peer_port) {
+        return OK;
+    }
     let ip = [rec.addr[12], rec.addr[13], rec.addr[14], rec.addr[15]];
     unsafe {
         write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(ip));
@@ -435,6 +441,11 @@ pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     let Some(rec) = cookie_record(sa) else {
         return OK;
     };
+    let peer = read_ip6!(sa, user_ip6);
+    let peer_port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
+    if !crate::sockstate::peer_is_target(sa, &peer, peer_port) {
+        return OK;
+    }
     let a = &rec.addr;
     let word = |i: usize| u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
     // Constant offsets, one 4-byte store each (see read_ip6!).

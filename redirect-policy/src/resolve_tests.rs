@@ -317,3 +317,21 @@ fn inbound_lists() {
     );
     assert!(p.exclude_cidrs.is_empty());
 }
+
+#[test]
+fn a_huge_bad_value_is_cut_in_the_message_which_says_how_long_it_was() {
+    let e = run(
+        &MeshTraffic::default(),
+        &[],
+        &[(
+            istio::EXCLUDE_OUTBOUND_PORTS,
+            &format!("{}x", "9".repeat(20_000_000)),
+        )],
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.len() < 1_000, "{} bytes", msg.len());
+    assert!(msg.contains("pod demo/app"), "{msg}");
+    assert!(msg.contains(istio::EXCLUDE_OUTBOUND_PORTS), "{msg}");
+    assert!(msg.contains("the value is 20000001 bytes"), "{msg}");
+}

@@ -151,7 +151,7 @@ pub struct EffectivePolicy {
 /// A bad value. Display names the object, the key and the value, e.g.
 /// `pod demo/app: annotation traffic.sidecar.istio.io/excludeOutboundPorts: bad value "70000": port out of range 1-65535`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{object}: {kind} {key}: bad value {value:?}: {reason}", kind = key_kind(.key))]
+#[error("{object}: {kind} {key}: bad value {}: {reason}", Shown(.value), kind = key_kind(.key))]
 pub struct PolicyError {
     /// `pod ns/name`, `namespace ns` or `mesh config`.
     pub object: String,
@@ -159,6 +159,28 @@ pub struct PolicyError {
     /// The offending element (one list item, not the whole list) as written, trimmed.
     pub value: String,
     pub reason: String,
+}
+
+/// Values longer than this many characters are cut in messages: a 20 MB annotation must not
+/// become a 20 MB log line or Event. The message then says how long the value was.
+pub const SHOWN_VALUE_CHARS: usize = 256;
+
+/// A value as messages show it: quoted, cut after [`SHOWN_VALUE_CHARS`] characters with its
+/// length in bytes.
+pub struct Shown<'a>(pub &'a str);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.char_indices().nth(SHOWN_VALUE_CHARS) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(
+                f,
+                "{:?}... (cut; the value is {} bytes)",
+                &self.0[..cut],
+                self.0.len()
+            ),
+        }
+    }
 }
 
 /// MeshConfig keys are field paths (`spec.traffic.…`); everything else is an annotation.

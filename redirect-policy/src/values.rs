@@ -41,9 +41,10 @@ impl<'a> Ctx<'a> {
             "annotation"
         };
         format!(
-            "{}: {kind} {}: value {value:?}: {what}",
+            "{}: {kind} {}: value {}: {what}",
             self.origin.object(),
-            self.key
+            self.key,
+            crate::types::Shown(value)
         )
     }
 }

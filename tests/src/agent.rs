@@ -146,6 +146,40 @@ impl Agent {
         bail!("no log line containing {needle:?}:\n{}", self.log())
     }
 
+    /// The agent's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// True while the agent process has not exited.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Sends `signal` and waits up to `timeout` for the agent to exit; its exit status.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let child = self.child.as_mut().context("agent not running")?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "redirect-agent did not exit within {timeout:?} of {signal}:\n{}",
+            self.log()
+        )
+    }
+
     /// SIGKILL: no chance to clean anything up, as after an OOM kill or a node-agent crash.
     pub fn kill9(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {

@@ -14,8 +14,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, ProgramError, ProgramInfo,
-        SockOps,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError,
+        ProgramInfo, SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -31,6 +31,7 @@ pub(super) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR")
 #[derive(Clone, Copy, Debug)]
 enum Hook {
     SockAddr,
+    Sock,
     SockOps,
     GetSockopt,
 }
@@ -38,7 +39,8 @@ enum Hook {
 /// The programs, by their function names in redirect-ebpf, in attach order: the programs that
 /// keep and answer original destinations go first, so that the first redirected connect already
 /// finds them in place.
-const PROGRAMS: [(&str, Hook); 12] = [
+const PROGRAMS: [(&str, Hook); 13] = [
+    ("redirect_sock_create", Hook::Sock),
     ("redirect_sockops", Hook::SockOps),
     ("redirect_getsockopt", Hook::GetSockopt),
     ("redirect_getpeername4", Hook::SockAddr),
@@ -158,6 +160,7 @@ where
 fn load_program(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {
     let loaded = match hook {
         Hook::SockAddr => typed::<CgroupSockAddr>(ebpf, program)?.load(),
+        Hook::Sock => typed::<CgroupSock>(ebpf, program)?.load(),
         Hook::SockOps => typed::<SockOps>(ebpf, program)?.load(),
         Hook::GetSockopt => typed::<CgroupSockopt>(ebpf, program)?.load(),
     };
@@ -209,6 +212,14 @@ fn attach_program(
         match hook {
             Hook::SockAddr => {
                 let prog: &mut CgroupSockAddr = typed(ebpf, program)?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_err(program))?;
+                let link = prog.take_link(id).map_err(program_err(program))?;
+                pin_fd_link(program, link.try_into(), &pin)?;
+            }
+            Hook::Sock => {
+                let prog: &mut CgroupSock = typed(ebpf, program)?;
                 let id = prog
                     .attach(cgroup, CgroupAttachMode::Single)
                     .map_err(program_err(program))?;

@@ -13,6 +13,8 @@ use std::{
 pub enum CgroupError {
     #[error("no cgroup2 mount found in /proc/self/mountinfo")]
     NoCgroup2Mount,
+    #[error("{} is not a directory on the cgroup2 filesystem", .0.display())]
+    NotCgroup2(PathBuf),
     #[error("reading {path}: {source}")]
     Io {
         path: PathBuf,
@@ -72,15 +74,94 @@ pub fn resolve_path(mount: &Path, configured: &Path) -> PathBuf {
     }
 }
 
+/// cgroup2's statfs magic (CGROUP2_SUPER_MAGIC).
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
 /// The cgroup id the kernel reports (bpf_get_current_cgroup_id) is the inode number of the
-/// cgroup's directory in the cgroup2 filesystem.
+/// cgroup's directory in the cgroup2 filesystem. Anything else (a regular file, a directory on
+/// another filesystem) has an inode number too, which could collide with a real cgroup's id, so
+/// it is refused: the path is opened once and both checks are made on that descriptor.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
-    fs::metadata(path)
-        .map(|m| m.ino())
-        .map_err(|source| CgroupError::Io {
-            path: path.into(),
-            source,
-        })
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| CgroupError::Io {
+        path: path.into(),
+        source,
+    };
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(io)?;
+    let st = nix::sys::statfs::fstatfs(&dir).map_err(|e| io(e.into()))?;
+    if st.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(CgroupError::NotCgroup2(path.into()));
+    }
+    dir.metadata().map(|m| m.ino()).map_err(io)
+}
+
+/// Why a configured workload cgroup path is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("is not under --cgroup-root {}", .0.display())]
+    OutsideRoot(PathBuf),
+    #[error("has a `.` or `..` component")]
+    NotNormal,
+    #[error(
+        "is {depth} levels below the cgroup2 root; the datapath walks {max} levels (MAX_CGROUP_DEPTH), \
+         so connects from it would never be intercepted"
+    )]
+    TooDeep { depth: usize, max: u32 },
+    #[error("exists but is not a directory on the cgroup2 filesystem")]
+    NotCgroup2,
+}
+
+/// Checks a resolved workload cgroup path before it is ever registered: under `cgroup_root`
+/// (lexically and, once it exists, after resolving symlinks), within the datapath's ancestor
+/// walk, and, if it exists, a cgroup2 directory. A path that does not exist yet passes: the
+/// workload waits for it.
+///
+/// The depth is counted from the cgroup2 mount: bpf_get_current_ancestor_cgroup_id numbers
+/// levels from the hierarchy's root (level 0), not from the attach root.
+pub fn check_workload_path(mount: &Path, root: &Path, path: &Path) -> Result<(), PathError> {
+    use std::path::Component;
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(PathError::NotNormal);
+    }
+    if !path.starts_with(root) {
+        return Err(PathError::OutsideRoot(root.into()));
+    }
+    let depth = path
+        .strip_prefix(mount)
+        .map(|rel| rel.components().count())
+        .map_err(|_| PathError::OutsideRoot(root.into()))?;
+    if depth > redirect_common::MAX_CGROUP_DEPTH as usize {
+        return Err(PathError::TooDeep {
+            depth,
+            max: redirect_common::MAX_CGROUP_DEPTH,
+        });
+    }
+    match fs::symlink_metadata(path) {
+        Err(_) => Ok(()),
+        Ok(_) => {
+            let real = fs::canonicalize(path).map_err(|_| PathError::NotCgroup2)?;
+            let real_root = fs::canonicalize(root).unwrap_or_else(|_| root.into());
+            if !real.starts_with(&real_root) {
+                return Err(PathError::OutsideRoot(root.into()));
+            }
+            match cgroup_id(path) {
+                Ok(_) => Ok(()),
+                Err(CgroupError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    Ok(())
+                }
+                Err(_) => Err(PathError::NotCgroup2),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +187,32 @@ mod tests {
             parse_cgroup2_mount(text),
             Some(PathBuf::from("/sys/fs/my cgroup"))
         );
+    }
+
+    #[test]
+    fn paths_outside_the_root_with_dots_or_too_deep_are_refused() {
+        let (m, root) = (Path::new("/cg"), Path::new("/cg/kube"));
+        let check = |p: &str| check_workload_path(m, root, Path::new(p));
+        assert_eq!(check("/cg/kube/a/b"), Ok(()));
+        assert_eq!(check("/cg/kube/../../tmp/x"), Err(PathError::NotNormal));
+        assert_eq!(check("/cg/other"), Err(PathError::OutsideRoot(root.into())));
+        let deep = format!("/cg/kube{}", "/d".repeat(15));
+        assert_eq!(check(&deep), Ok(()));
+        let deeper = format!("{deep}/d");
+        assert_eq!(
+            check(&deeper),
+            Err(PathError::TooDeep { depth: 17, max: 16 })
+        );
+    }
+
+    #[test]
+    fn a_regular_file_or_a_non_cgroup_directory_has_no_cgroup_id() {
+        let file = std::env::temp_dir().join(format!("redirect-cg-{}", std::process::id()));
+        fs::write(&file, "x").unwrap();
+        assert!(cgroup_id(&file).is_err());
+        fs::remove_file(&file).unwrap();
+        let err = cgroup_id(&std::env::temp_dir()).unwrap_err();
+        assert!(matches!(err, CgroupError::NotCgroup2(_)), "{err}");
     }
 
     #[test]

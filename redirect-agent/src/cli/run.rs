@@ -47,8 +47,10 @@ pub struct RunArgs {
     /// KUBERNETES_SERVICE_HOST is set), file otherwise.
     #[arg(long, value_enum, env = "REDIRECT_SOURCE")]
     pub source: Option<SourceKind>,
-    /// Standalone YAML config (mesh, proxy, namespaces, workloads) for the file source;
-    /// re-applied within a second of any change.
+    /// Standalone YAML config (mesh, proxy, namespaces, workloads) for the file source. Watched
+    /// with inotify: applied 10 ms after a writer closes (or renames) it, or once unchanged for
+    /// 1 s; SIGHUP re-reads it. Unknown keys, a missing `workloads` key (write `workloads: []` to
+    /// remove all), non-regular files, files over 16 MiB and bad cgroup paths are refused whole.
     #[arg(long, env = "REDIRECT_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
@@ -144,6 +146,15 @@ impl RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Until the runtime's handler is installed below, a SIGHUP would kill the agent (exit 129).
+    // SAFETY: setting a signal's disposition to SIG_IGN runs no handler code.
+    unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGHUP,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    }
+    .context("ignoring SIGHUP")?;
     let source = args.source();
     // Check the arguments before touching the kernel.
     let kube_opts = match source {
@@ -173,6 +184,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     // Before touching the kernel: a missing capability is named, not left to a bare EPERM.
     crate::caps::require_for_run()?;
+    // Before adopting anything: a second agent on this pin dir would delete the first one's
+    // workloads. Held until the process exits; the kernel releases it even after kill -9.
+    let _lock = crate::lock::lock_pin_dir(&args.bpffs.bpffs_dir)?;
     let mount = cgroup::cgroup2_mount()?;
     let cgroup_root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let maps = bpf::load_and_attach(&AttachOptions {
@@ -198,6 +212,23 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // SIGHUP (a closed terminal, or an operator's reload) must never stop interception.
+        let reread = Arc::new(tokio::sync::Notify::new());
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        let kube_source = kube_opts.is_some();
+        tokio::spawn({
+            let reread = reread.clone();
+            async move {
+                while hup.recv().await.is_some() {
+                    if kube_source {
+                        info!("SIGHUP received; ignored (the kubernetes source is always live)");
+                    } else {
+                        reread.notify_one();
+                    }
+                }
+            }
+        });
         let (owner, thread) = Owner::spawn(applier, metrics.clone())?;
         // Interception matters more than observability: a taken port is logged, not fatal.
         let admin = match admin::serve(args.admin_addr, metrics.clone(), owner.health()).await {
@@ -212,9 +243,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             None => {
                 let config = args.config.clone().expect("checked above");
                 let (tx, mut rx) = mpsc::unbounded_channel();
-                let waiting = owner.health().waiting_flag();
+                let file_source = source::watch::FileSource {
+                    path: config,
+                    cgroup_mount: mount,
+                    cgroup_root: cgroup_root.clone(),
+                    tx,
+                    pending: owner.health().waiting_flag(),
+                    reread: reread.clone(),
+                };
                 tasks.spawn(async move {
-                    source::watch::follow_file(config, mount, tx, waiting).await;
+                    source::watch::follow_file(file_source).await;
                     Ok(())
                 });
                 let owner = owner.clone();

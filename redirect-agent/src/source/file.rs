@@ -7,6 +7,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+mod alias;
+
 use crate::{
     cgroup,
     policy::{Annotations, MeshTraffic},
@@ -61,6 +63,12 @@ fn default_namespace() -> String {
     "default".into()
 }
 
+/// The largest config file read (16 MiB): a symlink to a huge file, or a runaway generator,
+/// must not make the agent read gigabytes. A larger file is refused and changes nothing.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+/// Values are cut to this many characters in error messages (the message says how long they were).
+const SHOWN_CHARS: usize = 120;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
@@ -68,32 +76,205 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("config {path} is a {kind}, not a regular file; only regular files are read")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("config {path} is {len} bytes; the limit is {MAX_CONFIG_BYTES} bytes (16 MiB)")]
+    TooLarge { path: PathBuf, len: u64 },
     #[error("config {path}: {source}")]
     Parse {
         path: PathBuf,
         source: serde_yaml::Error,
     },
+    #[error(
+        "config {path}: unknown key {}; nothing was applied (a typo of a known key would \
+         otherwise be silently ignored)",
+        .keys.join(", ")
+    )]
+    UnknownKeys { path: PathBuf, keys: Vec<String> },
+    #[error(
+        "config {path}: YAML aliases expand to more than {limit} nodes (the file's size in bytes \
+         plus 4096); refused as an alias bomb"
+    )]
+    AliasBomb { path: PathBuf, limit: usize },
+    #[error(
+        "config {path}: no `workloads` key, which would remove every workload; the applied \
+         state is kept. Write `workloads: []` to remove every workload on purpose"
+    )]
+    NoWorkloads { path: PathBuf },
     #[error("config {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+/// The file as written, before the checks that need the whole of it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawFile {
+    #[serde(default)]
+    mesh: MeshTraffic,
+    #[serde(default)]
+    proxy: ProxyConfig,
+    #[serde(default)]
+    dns: crate::policy::DnsDefault,
+    #[serde(default)]
+    namespaces: BTreeMap<String, NamespaceConfig>,
+    /// None (absent or null) is refused: only an explicit `[]` removes every workload.
+    #[serde(default)]
+    workloads: Option<Vec<WorkloadConfig>>,
+}
+
+/// `value` for an error message: at most [`SHOWN_CHARS`] characters, and its length when cut.
+pub fn shown(value: &str) -> String {
+    let n = value.chars().count();
+    if n <= SHOWN_CHARS {
+        value.to_string()
+    } else {
+        let head: String = value.chars().take(SHOWN_CHARS).collect();
+        format!("{head}... ({n} characters)")
+    }
+}
+
+/// Reads the config file's bytes, refusing what is not a regular file or is larger than
+/// [`MAX_CONFIG_BYTES`]. The open is non-blocking, so a FIFO (or a device) at the path cannot
+/// block the source, or the agent's shutdown with it: it is opened, seen not to be a regular
+/// file, and closed.
+pub fn read_config(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let read_err = |source| ConfigError::Read {
+        path: path.into(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt as _;
+        let kind = if ft.is_fifo() {
+            "FIFO"
+        } else if ft.is_char_device() {
+            "character device"
+        } else if ft.is_block_device() {
+            "block device"
+        } else if ft.is_socket() {
+            "socket"
+        } else if ft.is_dir() {
+            "directory"
+        } else {
+            "special file"
+        };
+        return Err(ConfigError::NotRegular {
             path: path.into(),
-            source,
-        })?;
-        Self::parse(path, &text)
+            kind,
+        });
+    }
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.into(),
+            len: meta.len(),
+        });
+    }
+    // The size can grow between fstat and read: never read past the limit.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.into(),
+            len: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+impl FileConfig {
+    /// Reads and parses the file (see [`read_config`] for which files are read).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let bytes = read_config(path)?;
+        Self::parse(path, &String::from_utf8_lossy(&bytes))
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let config: FileConfig =
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+        let parse_err = |source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        };
+        // serde_yaml 0.9 bounds alias jumps (100 per event) but not what each jump expands, so
+        // a small file can expand to gigabytes. Walk the document once, counting nodes as the
+        // aliases expand them, and stop at the bound: that walk allocates nothing.
+        if text.contains('*') {
+            let limit = text.len() + 4096;
+            let budget = alias::Budget::new(limit);
+            if let Err(e) = budget.walk(serde_yaml::Deserializer::from_str(text)) {
+                return Err(if budget.exhausted() {
+                    ConfigError::AliasBomb {
+                        path: path.into(),
+                        limit,
+                    }
+                } else {
+                    parse_err(e)
+                });
+            }
+        }
+        let mut unknown = Vec::new();
+        let raw: RawFile =
+            serde_ignored::deserialize(serde_yaml::Deserializer::from_str(text), |p| {
+                // serde_ignored shows an Option level as `?`: not part of the key as written.
+                unknown.push(format!("`{}`", p.to_string().replace(".?", "")))
+            })
+            .map_err(parse_err)?;
+        if !unknown.is_empty() {
+            return Err(ConfigError::UnknownKeys {
                 path: path.into(),
-                source,
-            })?;
+                keys: unknown,
+            });
+        }
+        let Some(workloads) = raw.workloads else {
+            return Err(ConfigError::NoWorkloads { path: path.into() });
+        };
+        let config = FileConfig {
+            mesh: raw.mesh,
+            proxy: raw.proxy,
+            dns: raw.dns,
+            namespaces: raw.namespaces,
+            workloads,
+        };
         config.validate(path)?;
         Ok(config)
+    }
+
+    /// Checks every workload's `cgroup` and `proxyCgroup` against the cgroup2 mount and
+    /// `--cgroup-root` ([`cgroup::check_workload_path`]). One bad path refuses the whole file,
+    /// like a syntax error: dropping just that workload would remove its policy.
+    pub fn check_paths(
+        &self,
+        path: &Path,
+        mount: &Path,
+        cgroup_root: &Path,
+    ) -> Result<(), ConfigError> {
+        for (i, w) in self.workloads.iter().enumerate() {
+            let paths = std::iter::once(("cgroup", &w.cgroup))
+                .chain(w.proxy_cgroup.iter().map(|p| ("proxyCgroup", p)));
+            for (key, configured) in paths {
+                let resolved = cgroup::resolve_path(mount, configured);
+                if let Err(e) = cgroup::check_workload_path(mount, cgroup_root, &resolved) {
+                    return Err(ConfigError::Invalid {
+                        path: path.into(),
+                        message: format!(
+                            "workload {}/{}: workloads[{i}].{key}: bad value {} (resolved to {}): {e}",
+                            w.namespace,
+                            w.name,
+                            shown(&configured.display().to_string()),
+                            resolved.display()
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks what serde cannot: a mode that needs an address has one, and workload names are
@@ -117,7 +298,8 @@ impl FileConfig {
             if !seen.insert((&w.namespace, &w.name)) {
                 return Err(invalid(format!(
                     "workload {}/{} is listed twice",
-                    w.namespace, w.name
+                    shown(&w.namespace),
+                    shown(&w.name)
                 )));
             }
         }
@@ -213,7 +395,8 @@ workloads:
 
     #[test]
     fn node_mode_needs_an_address() {
-        let err = FileConfig::parse(Path::new("x.yaml"), "proxy: {mode: node}\n").unwrap_err();
+        let err = FileConfig::parse(Path::new("x.yaml"), "proxy: {mode: node}\nworkloads: []\n")
+            .unwrap_err();
         assert!(err.to_string().contains("proxy.address"), "{err}");
     }
 
@@ -228,5 +411,98 @@ workloads:
     fn syntax_errors_name_the_file() {
         let err = FileConfig::parse(Path::new("/etc/r.yaml"), "workloads: [").unwrap_err();
         assert!(err.to_string().contains("/etc/r.yaml"), "{err}");
+    }
+
+    fn parse_err(text: &str) -> String {
+        FileConfig::parse(Path::new("/etc/r.yaml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_naming_the_file_and_the_key() {
+        let e = parse_err("workload:\n - {name: a, cgroup: x}\nworkloads: []\n");
+        assert!(e.contains("/etc/r.yaml") && e.contains("`workload`"), "{e}");
+        let e = parse_err("workloads:\n - {name: a, cgroup: x, annotatons: {}}\n");
+        assert!(e.contains("`workloads.0.annotatons`"), "{e}");
+        let e = parse_err("mesh: {outboundIPRangeExclusionLst: []}\nworkloads: []\n");
+        assert!(e.contains("`mesh.outboundIPRangeExclusionLst`"), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_workloads_is_refused_unless_it_says_so() {
+        for text in [
+            "",
+            "\n",
+            "# nothing\n",
+            "mesh: {}\n",
+            "workloads:\n",
+            "workloads: ~\n",
+        ] {
+            let e = parse_err(text);
+            assert!(e.contains("workloads: []"), "{text:?}: {e}");
+        }
+        let c = FileConfig::parse(Path::new("x"), "workloads: []\n").unwrap();
+        assert!(c.workloads.is_empty());
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_quickly() {
+        let mut s = String::from("a0: &a0 [\"lol\"]\n");
+        for i in 1..=9 {
+            let refs = vec![format!("*a{}", i - 1); 10].join(",");
+            s.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+        }
+        s.push_str("workloads: []\n");
+        let e = parse_err(&s);
+        assert!(e.contains("alias bomb"), "{e}");
+        // Ordinary anchors still work.
+        let ok = "namespaces:\n  a: &n {annotations: {x: \"1\"}}\n  b: *n\nworkloads: []\n";
+        FileConfig::parse(Path::new("x"), ok).unwrap();
+    }
+
+    #[test]
+    fn long_values_are_cut_in_messages_with_their_length() {
+        let long = "x".repeat(100_000);
+        let e = parse_err(&format!(
+            "workloads:\n - {{name: {long}, cgroup: a}}\n - {{name: {long}, cgroup: b}}\n"
+        ));
+        assert!(e.len() < 1000, "{} bytes", e.len());
+        assert!(e.contains("(100000 characters)"), "{e}");
+    }
+
+    #[test]
+    fn only_regular_files_of_bounded_size_are_read() {
+        let dir = std::env::temp_dir().join(format!("redirect-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // Returns at once (a blocking open would wait for a writer forever).
+        let e = read_config(&fifo).unwrap_err().to_string();
+        assert!(e.contains("FIFO"), "{e}");
+        let e = read_config(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("character device"), "{e}");
+        let big = dir.join("big.yaml");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_CONFIG_BYTES + 1).unwrap();
+        let e = read_config(&big).unwrap_err().to_string();
+        assert!(e.contains("16 MiB"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_cgroup_paths_refuse_the_file_naming_workload_key_and_value() {
+        let c = FileConfig::parse(
+            Path::new("/etc/r.yaml"),
+            "workloads:\n - {name: a, namespace: n, cgroup: ../../tmp/x}\n",
+        )
+        .unwrap();
+        let e = c
+            .check_paths(Path::new("/etc/r.yaml"), Path::new("/cg"), Path::new("/cg"))
+            .unwrap_err()
+            .to_string();
+        for part in ["/etc/r.yaml", "n/a", "workloads[0].cgroup", "../../tmp/x"] {
+            assert!(e.contains(part), "{part}: {e}");
+        }
     }
 }
