@@ -21,6 +21,9 @@ use serde_json::Value;
 mod common;
 
 /// setpriv names and kernel names of the capabilities the agent needs.
+/// Programs the agent links to the --cgroup-root (redirect-agent/src/bpf/loader.rs `PROGRAMS`).
+const CGROUP_PROGRAMS: usize = 13;
+
 const NEEDED: [(&str, &str, u32); 3] = [
     ("bpf", "CAP_BPF", 39),
     ("net_admin", "CAP_NET_ADMIN", 12),
@@ -75,6 +78,13 @@ impl CappedAgent {
                 let (cg, bpf) = (host.join("sys/fs/cgroup"), host.join("sys/fs/bpf"));
                 fs::create_dir_all(&cg).unwrap();
                 fs::create_dir_all(&bpf).unwrap();
+                // The agent sees the cgroups through its own bind mount (as a DaemonSet sees the
+                // host's), and refuses workload paths outside its --cgroup-root: name them there.
+                fs::write(
+                    &agent.config,
+                    config.replace(mount.to_str().unwrap(), cg.to_str().unwrap()),
+                )
+                .unwrap();
                 // The mounts are made as full root; then setpriv drops to `caps` and execs.
                 let mut c = Command::new("unshare");
                 c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
@@ -250,10 +260,11 @@ fn exactly_bpf_net_admin_perfmon_load_attach_and_reconcile() {
     assert_eq!(eff, want, "CapEff {eff:016x}, expected exactly {want:016x}");
     assert_eq!(bnd, want, "CapBnd {bnd:016x}, expected exactly {want:016x}");
 
-    // Loaded and attached: all six programs have pinned links on the fixture's cgroup.
+    // Loaded and attached: every cgroup program (sock_create, sockops, getsockopt, getpeername
+    // 4/6, DNS recvmsg/getpeername/sendmsg 4/6, connect 4/6) has a pinned link on the cgroup.
     assert_eq!(
         link_pins(fx.pin_dir()).len(),
-        6,
+        CGROUP_PROGRAMS,
         "{:?}",
         link_pins(fx.pin_dir())
     );
@@ -294,7 +305,7 @@ fn exactly_bpf_net_admin_perfmon_load_attach_and_reconcile() {
     }
     assert_eq!(
         again.log().matches("adopted pinned link").count(),
-        6,
+        CGROUP_PROGRAMS,
         "{}",
         again.log()
     );
@@ -387,7 +398,12 @@ fn daemonset_mount_layout_read_only_cgroup2_and_bpffs_below_host() {
     agent.wait_generation(1);
     // The pins are in the real bpffs (seen here through /sys/fs/bpf), the links on the real
     // cgroup, and the workload is redirected.
-    assert_eq!(link_pins(fx.pin_dir()).len(), 6, "{}", agent.log());
+    assert_eq!(
+        link_pins(fx.pin_dir()).len(),
+        CGROUP_PROGRAMS,
+        "{}",
+        agent.log()
+    );
     assert_eq!(
         probe(&fx, &app, "198.18.0.10:80", &[]).unwrap(),
         Reached::Proxy {

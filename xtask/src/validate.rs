@@ -46,7 +46,7 @@ const RBAC: [(&str, &str, &str); 11] = [
     ("config.flomesh.io", "meshconfigs", "list"),
     ("config.flomesh.io", "meshconfigs", "watch"),
     ("events.k8s.io", "events", "create"),
-    ("events.k8s.io", "events", "patch"),
+    ("events.k8s.io", "events", "list"),
 ];
 
 const PY_PACKAGES: [&str; 3] = ["kubernetes-validate", "jsonschema", "pyyaml"];

@@ -96,11 +96,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();
-    for name in map_names::ALL
-        .into_iter()
-        .chain(redirect_common::dns::map_names::ALL)
-        .chain(redirect_common::inbound::map_names::ALL)
-    {
+    for name in all_map_names() {
         loader.map_pin_path(name, opts.bpffs_dir.join(name));
     }
     if let Some(n) = opts.max_rule_entries {
@@ -423,13 +419,20 @@ pub struct CleanupReport {
     pub left: Vec<PathBuf>,
 }
 
+/// Every map this build pins: the outbound/original-destination maps, DNS capture's and inbound's.
+pub(crate) fn all_map_names() -> impl Iterator<Item = &'static str> {
+    map_names::ALL
+        .into_iter()
+        .chain(redirect_common::dns::map_names::ALL)
+        .chain(redirect_common::inbound::map_names::ALL)
+}
+
 /// Whether a pin name is one this project creates: a map of this build, or a link/program pin
 /// of a redirect program (any build's: a renamed program's pins are still ours to remove). Other
 /// software's pins in the same directory (`--bpffs-dir /sys/fs/bpf`) never match.
 fn owned_name(name: &str) -> bool {
     let name = name.strip_suffix("_new").unwrap_or(name);
-    map_names::ALL.contains(&name)
-        || redirect_common::inbound::map_names::ALL.contains(&name)
+    all_map_names().any(|m| m == name)
         // The per-netns sk_lookup links (bpf/netns.rs).
         || name.starts_with("link_sk_lookup_")
         || name.starts_with(&format!("{LINK_PREFIX}{OWN_PROGRAM_PREFIX}"))

@@ -15,7 +15,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{ProgramInfo, SkLookup, links::FdLink},
 };
-use redirect_common::{inbound::SK_LOOKUP_PROGRAM, map_names};
+use redirect_common::inbound::SK_LOOKUP_PROGRAM;
 use tracing::info;
 
 use super::BpfError;
@@ -94,10 +94,7 @@ pub fn attach(dir: &Path, netns: &Path, cookie: u64) -> Result<u64, BpfError> {
     }
     let file = fs::File::open(netns).map_err(|e| BpfError::io("opening netns", netns, e))?;
     let mut loader = EbpfLoader::new();
-    let names: Vec<&str> = map_names::ALL
-        .into_iter()
-        .chain(redirect_common::inbound::map_names::ALL)
-        .collect();
+    let names: Vec<&str> = super::loader::all_map_names().collect();
     for name in &names {
         loader.map_pin_path(*name, dir.join(name));
     }

@@ -34,13 +34,42 @@ pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
 }
 
 fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // Fields: id parent major:minor root mountpoint options [optional...] - fstype source opts
-        let (pre, post) = line.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        let mountpoint = pre.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape(mountpoint)))
-    })
+    parse_cgroup2_mounts(mountinfo).into_iter().next()
+}
+
+fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // Fields: id parent major:minor root mountpoint options [optional...] - fstype ...
+            let (pre, post) = line.split_once(" - ")?;
+            let fstype = post.split_whitespace().next()?;
+            let mountpoint = pre.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape(mountpoint)))
+        })
+        .collect()
+}
+
+/// The cgroup2 mount that `root` lies on: the longest cgroup2 mount point that is a prefix of it.
+/// A DaemonSet sees two (its own at /sys/fs/cgroup and the host's bind-mounted elsewhere), and
+/// depths and paths must be counted on the one `--cgroup-root` names. Without a root, the first.
+pub fn cgroup2_mount_for(root: Option<&Path>) -> Result<PathBuf, CgroupError> {
+    let Some(root) = root else {
+        return cgroup2_mount();
+    };
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(|source| CgroupError::Io {
+        path: path.into(),
+        source,
+    })?;
+    mount_for(&text, root).ok_or(CgroupError::NoCgroup2Mount)
+}
+
+fn mount_for(mountinfo: &str, root: &Path) -> Option<PathBuf> {
+    parse_cgroup2_mounts(mountinfo)
+        .into_iter()
+        .filter(|m| root.starts_with(m))
+        .max_by_key(|m| m.components().count())
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -177,6 +206,22 @@ mod tests {
             parse_cgroup2_mount(text),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
+    }
+
+    #[test]
+    fn picks_the_cgroup2_mount_that_holds_the_root() {
+        // A DaemonSet: its own cgroup2 first, the host's bind-mounted below /host.
+        let text = "41 31 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+                    52 31 0:38 / /host/sys/fs/cgroup ro - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            mount_for(text, Path::new("/host/sys/fs/cgroup/kubepods.slice")),
+            Some(PathBuf::from("/host/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            mount_for(text, Path::new("/sys/fs/cgroup/x")),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(mount_for(text, Path::new("/tmp")), None);
     }
 
     #[test]

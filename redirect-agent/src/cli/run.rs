@@ -187,7 +187,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Before adopting anything: a second agent on this pin dir would delete the first one's
     // workloads. Held until the process exits; the kernel releases it even after kill -9.
     let _lock = crate::lock::lock_pin_dir(&args.bpffs.bpffs_dir)?;
-    let mount = cgroup::cgroup2_mount()?;
+    let mount = cgroup::cgroup2_mount_for(args.cgroup_root.as_deref())?;
     let cgroup_root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
     let maps = bpf::load_and_attach(&AttachOptions {
         bpffs_dir: args.bpffs.bpffs_dir.clone(),
