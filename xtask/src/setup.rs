@@ -41,7 +41,19 @@ pub fn setup(needs: Needs) -> anyhow::Result<Env> {
     step("checking the build and test prerequisites");
     let mut packages: Vec<&str> = vec!["bpftool", "iproute2"];
     if needs.test_tools {
-        packages.extend(["haproxy", "iptables"]);
+        // HAProxy and iptables: the original-destination and bench comparisons; dnsmasq and python3:
+        // the DNS-capture tests; qemu, static busybox, cpio and a static libc: test-kernels.
+        packages.extend([
+            "haproxy",
+            "iptables",
+            "dnsmasq-base",
+            "python3",
+            "qemu-system-x86",
+            "busybox-static",
+            "cpio",
+            "gcc",
+            "libc6-dev",
+        ]);
     }
 
     let ebpf_toolchain = ebpf_toolchain::choose();
