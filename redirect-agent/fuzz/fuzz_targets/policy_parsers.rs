@@ -165,6 +165,8 @@ fn mesh(m: &Mesh) -> Option<MeshTraffic> {
                 network_interface_exclusion_list: interfaces.clone(),
                 enable_egress: *egress,
                 interception_mode: mode.clone(),
+                // DNS capture is fuzzed through its annotations; the mesh default stays off.
+                ..MeshTraffic::default()
             })
         }
     }
