@@ -63,7 +63,7 @@ fn expect_who(w: &World, addr: &str, want: &str) {
 #[test]
 fn a_pods_netns_is_found_from_its_sandbox_and_its_inbound_follows_the_pod() {
     let w = world("kube");
-    let _apps = w.apps(&[8080, 8081]);
+    let _apps = w.apps(&[8080, 8081, 7001, 7002, 7005]);
     let u = uid(41);
     let rel = pod_cgroup_rel(Driver::Cgroupfs, "besteffort", &u);
     let _pod_cg = w.fx.cgroup(&rel).unwrap();
@@ -101,12 +101,19 @@ fn a_pods_netns_is_found_from_its_sandbox_and_its_inbound_follows_the_pod() {
     expect_who(&w, &format!("{POD4}:8080"), "proxy");
     assert_eq!(w.who(&format!("[{POD6}]:8081")), "proxy");
 
-    // A live annotation change flips 8080 to the app and back, with no restart.
-    agent.api.put(Res::Pods, mk(json!({EXCLUDE: "8080"})));
-    expect_who(&w, &format!("{POD4}:8080"), "app-8080");
-    assert_eq!(w.who(&format!("{POD4}:8081")), "proxy");
+    // ASM's "exclude inbound ports" (seed 003: 7001,7002,7005), added to the running pod: those
+    // ports reach the app directly, others still the proxy; removed again: back to the proxy.
+    // Live, with no restart.
+    assert_eq!(w.who(&format!("{POD4}:7001")), "proxy");
+    agent
+        .api
+        .put(Res::Pods, mk(json!({EXCLUDE: "7001,7002,7005"})));
+    expect_who(&w, &format!("{POD4}:7001"), "app-7001");
+    assert_eq!(w.who(&format!("{POD4}:7002")), "app-7002");
+    assert_eq!(w.who(&format!("[{POD6}]:7005")), "app-7005");
+    assert_eq!(w.who(&format!("{POD4}:8080")), "proxy");
     agent.api.put(Res::Pods, mk(json!({})));
-    expect_who(&w, &format!("{POD4}:8080"), "proxy");
+    expect_who(&w, &format!("{POD4}:7001"), "proxy");
 
     // The sandbox process goes away while the proxy still runs: the netns is read again from
     // the proxy (pidfd), and the link stays.
