@@ -335,3 +335,66 @@ fn a_huge_bad_value_is_cut_in_the_message_which_says_how_long_it_was() {
     assert!(msg.contains(istio::EXCLUDE_OUTBOUND_PORTS), "{msg}");
     assert!(msg.contains("the value is 20000001 bytes"), "{msg}");
 }
+
+/// A typo in an inbound key fails only the inbound part: the outbound policy stands, and the
+/// inbound fields fall back to the layers below the bad object (the mesh default).
+#[test]
+fn a_bad_inbound_value_leaves_the_outbound_policy_alone() {
+    let ns = [(istio::EXCLUDE_INBOUND_PORTS, "9000")];
+    let pod = [
+        (istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8"),
+        (istio::EXCLUDE_INBOUND_PORTS, "70O1"),
+        (kuma::EXCLUDE_INBOUND_IPS, "10.9.0.0/16"),
+    ];
+    let r = run(&MeshTraffic::default(), &ns, &pod).unwrap();
+    assert_eq!(cidrs(&r.policy.exclude_cidrs), vec!["10.0.0.0/8"]);
+    let e = r.inbound_error.expect("the bad inbound value is reported");
+    assert_eq!(e.key, istio::EXCLUDE_INBOUND_PORTS);
+    assert_eq!(e.value, "70O1");
+    assert!(e.to_string().contains("pod demo/app"), "{e}");
+    // The namespace's inbound list, none of the pod's (its good Kuma key is dropped with it).
+    assert_eq!(ports(&r.policy.inbound_exclude_ports), vec!["9000"]);
+    assert!(r.policy.inbound_exclude_cidrs.is_empty());
+
+    // A bad namespace inbound value drops the pod's inbound keys too: the mesh's lists remain.
+    let ns = [(linkerd::SKIP_INBOUND_PORTS, "x")];
+    let pod = [(istio::EXCLUDE_INBOUND_PORTS, "7001")];
+    let r = run(&MeshTraffic::default(), &ns, &pod).unwrap();
+    assert_eq!(r.inbound_error.unwrap().object, "namespace demo");
+    assert!(r.policy.inbound_exclude_ports.is_empty());
+    assert!(r.policy.enabled);
+
+    // A bad outbound value still fails the whole workload.
+    let pod = [(istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")];
+    assert!(run(&MeshTraffic::default(), &[], &pod).is_err());
+    // Good inbound values: no error.
+    let pod = [(istio::EXCLUDE_INBOUND_PORTS, "7001")];
+    assert!(run(&MeshTraffic::default(), &[], &pod)
+        .unwrap()
+        .inbound_error
+        .is_none());
+}
+
+#[test]
+fn inbound_keys_are_known_as_such() {
+    use crate::dialect::keys::is_inbound_key;
+    for k in [
+        istio::INCLUDE_INBOUND_PORTS,
+        istio::EXCLUDE_INBOUND_PORTS,
+        linkerd::SKIP_INBOUND_PORTS,
+        linkerd::SKIP_SUBNETS,
+        kuma::EXCLUDE_INBOUND_PORTS,
+        kuma::EXCLUDE_INBOUND_IPS,
+        "flomesh.io/inbound-port-exclusion-list",
+        "openservicemesh.io/inbound-port-exclusion-list",
+    ] {
+        assert!(is_inbound_key(k), "{k}");
+    }
+    for k in [
+        istio::EXCLUDE_OUTBOUND_PORTS,
+        linkerd::SKIP_OUTBOUND_PORTS,
+        "flomesh.io/outbound-port-exclusion-list",
+    ] {
+        assert!(!is_inbound_key(k), "{k}");
+    }
+}

@@ -25,6 +25,9 @@ struct Applied {
     workload: String,
     record: InboundRecord,
     entries: PolicyEntries,
+    /// From the workload's own good inbound policy (or adopted, so unknown): kept when a later
+    /// inbound value is bad. A mesh-default fallback is not kept: it follows the mesh.
+    own: bool,
 }
 
 /// What one pass did, for logs and tests.
@@ -49,6 +52,7 @@ struct Want {
     inode: u64,
     record: InboundRecord,
     entries: PolicyEntries,
+    own: bool,
 }
 
 impl InboundApplier {
@@ -67,6 +71,7 @@ impl InboundApplier {
                             workload,
                             record,
                             entries,
+                            own: true,
                         },
                     );
                 }
@@ -171,14 +176,21 @@ impl InboundApplier {
                 name: &w.name,
                 pod_annotations: &w.annotations,
             });
-            let Ok(r) = resolved else {
-                // The outbound reconcile reports the bad value; inbound keeps its last good state.
-                if self.applied.contains_key(&cookie) {
-                    keep.insert(cookie, inode);
+            // The outbound reconcile reports the bad value. Inbound keeps its last good state;
+            // a workload without one gets the mesh default's inbound lists, which `resolve`
+            // leaves in the policy when only an inbound key was bad.
+            let kept_own = self.applied.get(&cookie).is_some_and(|a| a.own);
+            let r = match resolved {
+                Ok(r) if r.inbound_error.is_none() || !kept_own => r,
+                _ => {
+                    if self.applied.contains_key(&cookie) {
+                        keep.insert(cookie, inode);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let own =
+            let own = r.inbound_error.is_none();
+            let own_ports =
                 inbound::own_ports(s.proxy.inbound_port, s.proxy.outbound_port, &w.annotations);
             want.insert(
                 cookie,
@@ -191,7 +203,8 @@ impl InboundApplier {
                         proxy_port: s.proxy.inbound_port,
                         _pad: 0,
                     },
-                    entries: entries(&inbound::compile_inbound(&r.policy, &own)),
+                    entries: entries(&inbound::compile_inbound(&r.policy, &own_ports)),
+                    own,
                 },
             );
         }
@@ -206,6 +219,7 @@ impl InboundApplier {
             && old.entries == w.entries
         {
             old.workload = w.workload.clone();
+            old.own = w.own;
             return Ok(());
         }
         let id = self.allocate_id();
@@ -223,6 +237,7 @@ impl InboundApplier {
             workload: w.workload.clone(),
             record,
             entries: w.entries.clone(),
+            own: w.own,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
             maps.remove_entries(old.record.policy_id, &old.entries);

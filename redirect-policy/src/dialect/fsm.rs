@@ -13,7 +13,7 @@ pub const OSM_PREFIX: &str = "openservicemesh.io/";
 const EXCLUDE_IPS: &str = "outbound-ip-range-exclusion-list";
 const INCLUDE_IPS: &str = "outbound-ip-range-inclusion-list";
 const EXCLUDE_PORTS: &str = "outbound-port-exclusion-list";
-const INBOUND_EXCLUDE_PORTS: &str = "inbound-port-exclusion-list";
+pub const INBOUND_EXCLUDE_PORTS: &str = "inbound-port-exclusion-list";
 /// The key names after the prefix.
 pub const UNION_KEYS: [&str; 4] = [
     EXCLUDE_IPS,
