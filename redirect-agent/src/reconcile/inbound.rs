@@ -3,12 +3,14 @@
 //! own. Called once per reconcile pass, after the outbound applier.
 //!
 //! Order of a change: link the netns (adopting a pinned link), write the new entries under a
-//! fresh id, swap the record, delete the old entries. A removal deletes the record and then
+//! fresh id, swap the record, and delete the old entries after the same grace period as outbound
+//! (an sk_lookup run that read the old id a moment before the swap still finds its rules). A removal deletes the record and then
 //! releases the link and the entries. A workload whose policy was rejected keeps its inbound
 //! state exactly as it is (the last good policy), as outbound does.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use redirect_common::inbound::InboundRecord;
@@ -44,6 +46,9 @@ pub struct InboundApplier {
     maps: Option<InboundMaps>,
     applied: BTreeMap<u64, Applied>,
     next_id: u32,
+    /// Replaced entry sets, deleted `grace` after their swap.
+    retired: Vec<(Instant, u32, PolicyEntries)>,
+    grace: Duration,
 }
 
 struct Want {
@@ -97,7 +102,29 @@ impl InboundApplier {
             maps,
             applied,
             next_id,
+            retired: Vec::new(),
+            grace: super::apply::GRACE,
         }
+    }
+
+    /// When the next retired entry set is due for deletion.
+    pub fn next_collect(&self) -> Option<Instant> {
+        self.retired.iter().map(|(t, _, _)| *t + self.grace).min()
+    }
+
+    /// Deletes the entry sets retired at least the grace period before `now`.
+    pub fn collect(&mut self, now: Instant) {
+        let Some(maps) = self.maps.as_mut() else {
+            return;
+        };
+        let grace = self.grace;
+        self.retired.retain(|(t, id, entries)| {
+            let due = *t + grace <= now;
+            if due {
+                maps.remove_entries(*id, entries);
+            }
+            !due
+        });
     }
 
     pub fn maps(&self) -> Option<&InboundMaps> {
@@ -130,7 +157,8 @@ impl InboundApplier {
         for cookie in gone {
             if let Some(old) = self.applied.remove(&cookie) {
                 maps.remove_record(cookie);
-                maps.remove_entries(old.record.policy_id, &old.entries);
+                self.retired
+                    .push((Instant::now(), old.record.policy_id, old.entries));
                 report.removed += 1;
             }
         }
@@ -240,7 +268,8 @@ impl InboundApplier {
             own: w.own,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
-            maps.remove_entries(old.record.policy_id, &old.entries);
+            self.retired
+                .push((Instant::now(), old.record.policy_id, old.entries));
         }
         Ok(())
     }
@@ -249,7 +278,8 @@ impl InboundApplier {
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1);
-            if id != 0 && !self.applied.values().any(|a| a.record.policy_id == id) {
+            let retired = self.retired.iter().any(|(_, r, _)| *r == id);
+            if id != 0 && !retired && !self.applied.values().any(|a| a.record.policy_id == id) {
                 return id;
             }
         }
