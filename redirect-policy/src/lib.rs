@@ -21,7 +21,7 @@ mod values;
 #[cfg(test)]
 mod proptests;
 
-pub use compile::compile;
+pub use compile::{Overlay, compile, overlay::Layered, overlay_of};
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{
