@@ -2,7 +2,10 @@
 //! has the rule in prose). Pure functions over `k8s_openapi` types.
 use k8s_openapi::api::core::v1::{Container, Pod};
 
-use crate::policy::Annotations;
+use crate::policy::{
+    Annotations,
+    inbound::{LINKERD_INBOUND_PORT, OSM_INBOUND_PORT},
+};
 
 /// Sidecar container names recognised by default: Istio, FSM, Linkerd, Kuma.
 pub const DEFAULT_SIDECARS: [&str; 4] = ["istio-proxy", "sidecar", "linkerd-proxy", "kuma-sidecar"];
@@ -146,11 +149,11 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
 pub const DIALECT_INBOUND_PORTS: [(&str, u16); 8] = [
     ("istio-proxy", 15006),
     ("sidecar.istio.io/", 15006),
-    ("sidecar", 15003),
-    ("flomesh.io/", 15003),
-    ("openservicemesh.io/", 15003),
-    ("linkerd-proxy", 4143),
-    ("linkerd.io/", 4143),
+    ("sidecar", OSM_INBOUND_PORT),
+    ("flomesh.io/", OSM_INBOUND_PORT),
+    ("openservicemesh.io/", OSM_INBOUND_PORT),
+    ("linkerd-proxy", LINKERD_INBOUND_PORT),
+    ("linkerd.io/", LINKERD_INBOUND_PORT),
     ("kuma", 15006),
 ];
 
