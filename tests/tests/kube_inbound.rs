@@ -16,7 +16,7 @@ use std::{
 
 use inbound_support::{POD4, POD6, World, spawn_in_netns, start_proxy, world};
 use kube_support::{
-    Agent, Driver, NODE, Res, fake_api::wait_for, inbound_options, pod, pod_cgroup_rel,
+    Agent, Driver, NODE, Res, fake_api::wait_for, inbound_options, pod, pod_cgroup_rel, poll_until,
     put_defaults, uid,
 };
 use serde_json::{Value, json};
@@ -92,9 +92,15 @@ fn a_pods_netns_is_found_from_its_sandbox_and_its_inbound_follows_the_pod() {
     assert_eq!(w.who(&format!("{POD4}:8080")), "app-8080");
 
     // The sandbox starts: its netns is linked with no API event (inotify on cgroup.events).
+    let started = std::time::Instant::now();
     let mut pause = sleeper(&sandbox_cg, w.fx.netns_file());
-    wait_for(Duration::from_secs(10), || link.exists().then_some(()))
+    let linked = poll_until(Duration::from_secs(10), || link.exists())
         .expect("the pod's netns was not linked after its sandbox started");
+    // Printed, never asserted (timing belongs to the bench).
+    println!(
+        "sandbox process started -> sk_lookup link pinned: {:?}",
+        linked - started
+    );
     // The proxy is not listening yet: refused, never the app (fail closed).
     expect_who(&w, &format!("{POD4}:8080"), "failed");
     let _proxy = start_proxy(&proxy_cg, w.fx.netns_file(), &["[::]:15006"], false);
