@@ -75,9 +75,12 @@ struct Key {
     pod_annotations: Annotations,
 }
 
+/// A workload's resolved policy, its compiled rules and the resolution's warnings.
+type Resolved = (Arc<EffectivePolicy>, Arc<Rules>, Vec<String>);
+
 #[derive(Clone, Debug)]
 struct Entry {
-    resolved: Result<(Arc<EffectivePolicy>, Arc<Rules>, Vec<String>), PolicyError>,
+    resolved: Result<Resolved, PolicyError>,
 }
 
 /// The memo of resolution and compilation, kept across passes; entries unused in a pass are

@@ -189,36 +189,41 @@ pub fn test_kernels() -> Result<()> {
         let initrd = kernel_initrd(&work, &initrd, &f.veth, &f.release)?;
         vms.push((k, f, initrd));
     }
-    // The VMs run side by side, one per core: each is one single-threaded TCG vCPU.
+    // The VMs run side by side, one per core (each is one single-threaded TCG vCPU), taking the
+    // next kernel from a shared queue: the kernels that run every check (slow) go first, so that
+    // the quick refusals fill the gaps.
     let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut table: Vec<(String, Results)> = Vec::new();
+    let mut order: Vec<usize> = (0..vms.len()).collect();
+    order.sort_by_key(|&i| vms[i].0.expect == "refuse");
+    let next = std::sync::Mutex::new(order.into_iter());
+    let done = std::sync::Mutex::new(BTreeMap::new());
     let work_dir = work.as_path();
-    for batch in vms.chunks(at_once) {
-        let done: Vec<Result<(String, Results)>> = std::thread::scope(|s| {
-            let running: Vec<_> = batch
-                .iter()
-                .map(|(k, f, initrd)| {
-                    s.spawn(move || {
-                        util::step(&format!(
-                            "test-kernels: booting {} (expect {})",
-                            f.release, k.expect
-                        ));
-                        let t = Instant::now();
-                        let log = work_dir.join(format!("console-{}.log", f.release));
-                        let r = boot(&f.vmlinuz, initrd, &k.expect, &log)?;
-                        println!("test-kernels: {} done in {}", f.release, secs(t.elapsed()));
-                        Ok((format!("{} {} ({})", k.archive, f.release, k.expect), r))
-                    })
-                })
-                .collect();
-            running
-                .into_iter()
-                .map(|h| h.join().expect("a boot thread panicked"))
-                .collect()
-        });
-        for r in done {
-            table.push(r?);
+    std::thread::scope(|s| {
+        for _ in 0..at_once.min(vms.len()) {
+            s.spawn(|| {
+                loop {
+                    // Not `while let`: its guard would hold the queue's lock through the boot.
+                    let Some(i) = next.lock().unwrap().next() else {
+                        break;
+                    };
+                    let (k, f, initrd) = &vms[i];
+                    util::step(&format!(
+                        "test-kernels: booting {} (expect {})",
+                        f.release, k.expect
+                    ));
+                    let t = Instant::now();
+                    let log = work_dir.join(format!("console-{}.log", f.release));
+                    let r = boot(&f.vmlinuz, initrd, &k.expect, &log);
+                    println!("test-kernels: {} done in {}", f.release, secs(t.elapsed()));
+                    done.lock().unwrap().insert(i, r);
+                }
+            });
         }
+    });
+    let mut table: Vec<(String, Results)> = Vec::new();
+    for (i, r) in done.into_inner().unwrap() {
+        let (k, f, _) = &vms[i];
+        table.push((format!("{} {} ({})", k.archive, f.release, k.expect), r?));
     }
     let failed = print_table(&table);
     println!("test-kernels: {} in total", secs(started.elapsed()));
