@@ -214,6 +214,13 @@ fn glibc_queries_go_to_the_proxy_v4_and_v6_but_not_the_proxys_own() {
         }
     }
     assert!(dns_counter(&agent, "peername") >= 4);
+    // /metrics reads the same pinned counters at scrape time.
+    let page = redirect_agent::metrics::Metrics::new(Some(agent.bpffs())).encode();
+    let line = format!(
+        "redirect_dns_events_total{{event=\"peername\"}} {}",
+        dns_counter(&agent, "peername")
+    );
+    assert!(page.contains(&line), "/metrics lacks {line}:\n{page}");
     // explain asks the kernel's record and agrees with the config.
     let mut args: Vec<&std::ffi::OsStr> = [
         "explain",

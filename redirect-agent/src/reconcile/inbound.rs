@@ -3,12 +3,14 @@
 //! own. Called once per reconcile pass, after the outbound applier.
 //!
 //! Order of a change: link the netns (adopting a pinned link), write the new entries under a
-//! fresh id, swap the record, delete the old entries. A removal deletes the record and then
+//! fresh id, swap the record, and delete the old entries after the same grace period as outbound
+//! (an sk_lookup run that read the old id a moment before the swap still finds its rules). A removal deletes the record and then
 //! releases the link and the entries. A workload whose policy was rejected keeps its inbound
 //! state exactly as it is (the last good policy), as outbound does.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use redirect_common::inbound::InboundRecord;
@@ -25,6 +27,9 @@ struct Applied {
     workload: String,
     record: InboundRecord,
     entries: PolicyEntries,
+    /// From the workload's own good inbound policy (or adopted, so unknown): kept when a later
+    /// inbound value is bad. A mesh-default fallback is not kept: it follows the mesh.
+    own: bool,
 }
 
 /// What one pass did, for logs and tests.
@@ -41,6 +46,9 @@ pub struct InboundApplier {
     maps: Option<InboundMaps>,
     applied: BTreeMap<u64, Applied>,
     next_id: u32,
+    /// Replaced entry sets, deleted `grace` after their swap.
+    retired: Vec<(Instant, u32, PolicyEntries)>,
+    grace: Duration,
 }
 
 struct Want {
@@ -49,6 +57,7 @@ struct Want {
     inode: u64,
     record: InboundRecord,
     entries: PolicyEntries,
+    own: bool,
 }
 
 impl InboundApplier {
@@ -67,6 +76,7 @@ impl InboundApplier {
                             workload,
                             record,
                             entries,
+                            own: true,
                         },
                     );
                 }
@@ -92,7 +102,29 @@ impl InboundApplier {
             maps,
             applied,
             next_id,
+            retired: Vec::new(),
+            grace: super::apply::GRACE,
         }
+    }
+
+    /// When the next retired entry set is due for deletion.
+    pub fn next_collect(&self) -> Option<Instant> {
+        self.retired.iter().map(|(t, _, _)| *t + self.grace).min()
+    }
+
+    /// Deletes the entry sets retired at least the grace period before `now`.
+    pub fn collect(&mut self, now: Instant) {
+        let Some(maps) = self.maps.as_mut() else {
+            return;
+        };
+        let grace = self.grace;
+        self.retired.retain(|(t, id, entries)| {
+            let due = *t + grace <= now;
+            if due {
+                maps.remove_entries(*id, entries);
+            }
+            !due
+        });
     }
 
     pub fn maps(&self) -> Option<&InboundMaps> {
@@ -125,7 +157,8 @@ impl InboundApplier {
         for cookie in gone {
             if let Some(old) = self.applied.remove(&cookie) {
                 maps.remove_record(cookie);
-                maps.remove_entries(old.record.policy_id, &old.entries);
+                self.retired
+                    .push((Instant::now(), old.record.policy_id, old.entries));
                 report.removed += 1;
             }
         }
@@ -171,14 +204,21 @@ impl InboundApplier {
                 name: &w.name,
                 pod_annotations: &w.annotations,
             });
-            let Ok(r) = resolved else {
-                // The outbound reconcile reports the bad value; inbound keeps its last good state.
-                if self.applied.contains_key(&cookie) {
-                    keep.insert(cookie, inode);
+            // The outbound reconcile reports the bad value. Inbound keeps its last good state;
+            // a workload without one gets the mesh default's inbound lists, which `resolve`
+            // leaves in the policy when only an inbound key was bad.
+            let kept_own = self.applied.get(&cookie).is_some_and(|a| a.own);
+            let r = match resolved {
+                Ok(r) if r.inbound_error.is_none() || !kept_own => r,
+                _ => {
+                    if self.applied.contains_key(&cookie) {
+                        keep.insert(cookie, inode);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let own =
+            let own = r.inbound_error.is_none();
+            let own_ports =
                 inbound::own_ports(s.proxy.inbound_port, s.proxy.outbound_port, &w.annotations);
             want.insert(
                 cookie,
@@ -191,7 +231,8 @@ impl InboundApplier {
                         proxy_port: s.proxy.inbound_port,
                         _pad: 0,
                     },
-                    entries: entries(&inbound::compile_inbound(&r.policy, &own)),
+                    entries: entries(&inbound::compile_inbound(&r.policy, &own_ports)),
+                    own,
                 },
             );
         }
@@ -206,6 +247,7 @@ impl InboundApplier {
             && old.entries == w.entries
         {
             old.workload = w.workload.clone();
+            old.own = w.own;
             return Ok(());
         }
         let id = self.allocate_id();
@@ -223,9 +265,11 @@ impl InboundApplier {
             workload: w.workload.clone(),
             record,
             entries: w.entries.clone(),
+            own: w.own,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
-            maps.remove_entries(old.record.policy_id, &old.entries);
+            self.retired
+                .push((Instant::now(), old.record.policy_id, old.entries));
         }
         Ok(())
     }
@@ -234,7 +278,8 @@ impl InboundApplier {
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1);
-            if id != 0 && !self.applied.values().any(|a| a.record.policy_id == id) {
+            let retired = self.retired.iter().any(|(_, r, _)| *r == id);
+            if id != 0 && !retired && !self.applied.values().any(|a| a.record.policy_id == id) {
                 return id;
             }
         }
