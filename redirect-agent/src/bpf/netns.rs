@@ -96,7 +96,7 @@ pub fn attach(dir: &Path, netns: &Path, cookie: u64) -> Result<u64, BpfError> {
     let mut loader = EbpfLoader::new();
     let names: Vec<&str> = super::loader::all_map_names().collect();
     for name in &names {
-        loader.map_pin_path(*name, dir.join(name));
+        loader.map_pin_path(name, dir.join(name));
     }
     loader.override_global("INBOUND_NETNS_COOKIE", &cookie, true);
     let mut ebpf = loader.load(super::loader::OBJECT)?;
