@@ -28,12 +28,12 @@ struct Applied {
     workload: String,
     record: InboundRecord,
     entries: PolicyEntries,
-    /// The cgroup whose processes were searched for a listener that predates the agent
-    /// ([`netns::backfill`]), once per agent life and proxy cgroup.
-    backfilled: Option<PathBuf>,
     /// From the workload's own good inbound policy (or adopted, so unknown): kept when a later
     /// inbound value is bad. A mesh-default fallback is not kept: it follows the mesh.
     own: bool,
+    /// The cgroup whose processes were searched for a listener that predates the agent
+    /// ([`netns::backfill`]), once per agent life and proxy cgroup.
+    backfilled: Option<PathBuf>,
 }
 
 /// What one pass did, for logs and tests.
@@ -82,8 +82,8 @@ impl InboundApplier {
                             workload,
                             record,
                             entries,
-                            backfilled: None,
                             own: true,
+                            backfilled: None,
                         },
                     );
                 }
@@ -224,8 +224,8 @@ impl InboundApplier {
                     continue;
                 }
             };
-            let port = w.inbound_port.unwrap_or(s.proxy.inbound_port);
             let own = r.inbound_error.is_none();
+            let port = w.inbound_port.unwrap_or(s.proxy.inbound_port);
             let own_ports = inbound::own_ports(port, s.proxy.outbound_port, &w.annotations);
             want.insert(
                 cookie,
@@ -256,8 +256,8 @@ impl InboundApplier {
             && old.entries == w.entries
         {
             old.workload = w.workload.clone();
-            old.backfilled = backfilled;
             old.own = w.own;
+            old.backfilled = backfilled;
             return Ok(());
         }
         let id = self.allocate_id();
@@ -275,8 +275,8 @@ impl InboundApplier {
             workload: w.workload.clone(),
             record,
             entries: w.entries.clone(),
-            backfilled,
             own: w.own,
+            backfilled,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
             self.retired
