@@ -9,15 +9,10 @@ mod origdst_support;
 use std::time::Duration;
 
 use origdst_support::*;
-use redirect_tests::{Agent, Fixture, Reached, helper_bin, probe};
-use serde_json::json;
+use redirect_tests::{Agent, Fixture, Reached, helper_bin, probe, veth_pair};
 
 const PROXY_UID: u32 = 1337;
 const BOTH_LOOPBACKS: [&str; 2] = ["127.0.0.1:15001", "[::1]:15001"];
-
-fn answered(addr: &str, optlen: u64) -> serde_json::Value {
-    json!({"rc": 0, "errno": 0, "optlen": optlen, "addr": addr, "tail_untouched": true})
-}
 
 #[test]
 fn proxy_and_application_see_the_original_destination_v4_v6_and_mapped() {
@@ -238,25 +233,11 @@ fn node_proxy_in_another_netns_reads_the_original_destination() {
     // accepted sockets live in the node's netns.
     let fx = Fixture::new("origdst-node-pod").unwrap();
     let node = Fixture::new("origdst-node").unwrap();
-    fx.ip(&[
-        "link",
-        "add",
-        "vpod",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vnode",
-        "netns",
-        node.netns_name(),
-    ])
-    .unwrap();
+    veth_pair(&fx, "vpod", &node, "vnode").unwrap();
     fx.ip(&["addr", "add", "198.19.1.2/24", "dev", "vpod"])
         .unwrap();
-    fx.ip(&["link", "set", "vpod", "up"]).unwrap();
     node.ip(&["addr", "add", "198.19.1.1/24", "dev", "vnode"])
         .unwrap();
-    node.ip(&["link", "set", "vnode", "up"]).unwrap();
 
     let pod = fx.cgroup("pod1").unwrap();
     let app = fx.cgroup("pod1/app").unwrap();
