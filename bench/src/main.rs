@@ -1,18 +1,22 @@
 //! redirect-bench (`cargo xtask bench`): eBPF redirection against iptables REDIRECT, side by
 //! side, on the same proxy, server, client and workload, inside network namespaces the bench
-//! creates (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
+//! creates (destinations in 198.18.0.0/15), outbound and inbound ([`inbound`]), and the agent at
+//! node scale ([`scale`]). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
 //!
 //! `redirect-bench [--quick] [--out DIR] [--agent PATH]`, as root. The proxy is the tests'
 //! redirect-testproxy, found next to this binary; the server and the load client are this binary
 //! (`redirect-bench worker …`).
 mod agent;
 mod client;
+mod inbound;
 mod iptables;
 mod lanes;
 mod plot;
 mod profile;
+mod publish;
 mod raw;
 mod report;
+mod report_inbound;
 mod report_scale;
 mod results;
 mod scale;
@@ -105,7 +109,8 @@ pub const METHOD: &str = "\
 ## Method
 
 Everything runs inside network namespaces and cgroups the bench creates (one per mode, so no \
-mode's kernel state leaks into another's); destinations are 198.18.0.10:80 on the namespace's `lo`.
+mode's kernel state leaks into another's); outbound destinations are 198.18.0.10:80 on the \
+namespace's `lo` (inbound: see its section).
 
 - **Proxy**: one program for every mode, the tests' `redirect-testproxy --mode forward`: accepts \
   on 127.0.0.1:15001, reads the original destination with `getsockopt(SO_ORIGINAL_DST)` exactly \
@@ -213,24 +218,8 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
     ));
     if !quick && !dir.starts_with(workspace_root().join("docs")) {
         let docs = workspace_root().join("docs/bench");
-        publish(&dir, &docs)?;
+        publish::publish(&dir, &docs)?;
         step(&format!("copied to {}", docs.display()));
-    }
-    Ok(())
-}
-
-/// Copies a full run's report, CSVs and PNGs to the committed docs/bench/.
-fn publish(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let path = entry?.path();
-        if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("md" | "csv" | "png")
-        ) {
-            fs::copy(&path, to.join(path.file_name().expect("a file")))
-                .with_context(|| format!("copy {} to {}", path.display(), to.display()))?;
-        }
     }
     Ok(())
 }
@@ -295,29 +284,14 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
                 .iter()
                 .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
                 .collect();
-            for run in 0..p.runs {
-                let mut line = format!("    {} run {run}:", kind.name());
-                let k = active.len();
-                for i in 0..k {
-                    let lane = active[(i + run) % k];
-                    for &t in &p.threads {
-                        check_interrupt()?;
-                        let before = lane.probe_counters();
-                        let s = lane.sample(n, run, t, p.warmup, p.duration)?;
-                        if kind == Kind::Probe && run == 0 {
-                            lane.check_probes(before)?;
-                        }
-                        line.push_str(&format!(" {}/{t}t {:.0}", lane.mode.name(), s.conns_per_s));
-                        r.conn.push(s);
-                    }
-                }
-                eprintln!("{line}");
-            }
+            sample_kind(&active, &mut r, n, kind, p.runs)?;
         }
     }
 
     profile_pass(&mut lanes, &mut r)?;
     drop(lanes);
+
+    inbound::measure(bins, &mut r)?;
 
     step(&format!(
         "agent at scale: {} workloads × {} CIDRs, {} edits",
@@ -347,6 +321,34 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
     );
     r.harness = Some(h);
     Ok(r)
+}
+
+/// `runs` runs of every lane × client thread count at N = `n`, the lanes in rotating order.
+fn sample_kind(lanes: &[&Lane], r: &mut Results, n: usize, kind: Kind, runs: usize) -> Result<()> {
+    let p = r.params.clone();
+    for run in 0..runs {
+        let mut line = format!("    {} run {run}:", kind.name());
+        let k = lanes.len();
+        for i in 0..k {
+            let lane = lanes[(i + run) % k];
+            for &t in &p.threads {
+                check_interrupt()?;
+                let before = lane.probe_counters();
+                let s = lane.sample(n, run, t, p.warmup, p.duration)?;
+                if kind.probe() && run == 0 {
+                    lane.check_probes(before)?;
+                }
+                line.push_str(&format!(
+                    " {}/{t}t {:.0}",
+                    lane.mode.label(kind),
+                    s.conns_per_s
+                ));
+                r.conn.push(s);
+            }
+        }
+        eprintln!("{line}");
+    }
+    Ok(())
 }
 
 /// Lanes in this run's rotated order (A B C D, B C D A, …).

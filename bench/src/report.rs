@@ -77,7 +77,7 @@ pub(super) fn num(x: f64, digits: usize) -> String {
     }
 }
 
-fn thousands(x: f64) -> String {
+pub(super) fn thousands(x: f64) -> String {
     if !x.is_finite() {
         return "–".to_string();
     }
@@ -96,8 +96,18 @@ pub(super) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
+/// The outbound samples' N (excluded CIDRs).
 pub fn sizes(r: &Results) -> Vec<usize> {
-    let mut v: Vec<usize> = r.conn.iter().map(|s| s.n).collect();
+    sizes_of(r, &Kind::ALL)
+}
+
+pub fn sizes_of(r: &Results, kinds: &[Kind]) -> Vec<usize> {
+    let mut v: Vec<usize> = r
+        .conn
+        .iter()
+        .filter(|s| kinds.contains(&s.kind))
+        .map(|s| s.n)
+        .collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -357,12 +367,16 @@ pub fn markdown(r: &Results) -> String {
     cpu_table(r, &mut md);
     latency_table(r, &mut md);
     md.push_str("![connect latency against N](latency.png)\n\n");
+    super::report_inbound::section(r, &mut md);
     bulk_table(r, &mut md);
     load_table(r, &mut md);
     super::report_scale::scale_section(r, &mut md);
     super::report_scale::harness_section(r, &mut md);
     prog_section(r, &mut md);
     md.push_str(super::REPRODUCE);
+    md.push('\n');
+    md.push_str(super::publish::GENERATED_END);
+    md.push('\n');
     md
 }
 
