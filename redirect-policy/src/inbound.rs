@@ -32,11 +32,17 @@ pub const LINKERD_INBOUND_PORT: u16 = 4143;
 /// the kubelet's probes and Prometheus reach the proxy).
 pub const LINKERD_OWN_PORTS: [u16; 2] = [4190, 4191];
 /// Linkerd's per-pod overrides of those two ports, excluded as well.
-pub const LINKERD_PORT_KEYS: [&str; 2] =
-    ["config.linkerd.io/admin-port", "config.linkerd.io/control-port"];
+pub const LINKERD_PORT_KEYS: [&str; 2] = [
+    "config.linkerd.io/admin-port",
+    "config.linkerd.io/control-port",
+];
 
 /// The annotations that name one of the proxy's own ports (a watcher must not ignore them).
-pub const OWN_PORT_KEYS: [&str; 3] = [ISTIO_STATUS_PORT, LINKERD_PORT_KEYS[0], LINKERD_PORT_KEYS[1]];
+pub const OWN_PORT_KEYS: [&str; 3] = [
+    ISTIO_STATUS_PORT,
+    LINKERD_PORT_KEYS[0],
+    LINKERD_PORT_KEYS[1],
+];
 
 /// The proxy's own ports for a workload, never captured inbound: its inbound and outbound
 /// listeners, plus the fixed ports of the mesh whose inbound port is configured (4143: Linkerd's

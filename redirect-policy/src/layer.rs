@@ -56,8 +56,11 @@ pub(crate) struct Layer {
 impl Layer {
     /// Takes the inbound fields of `other` (a layer parsed from the same object's inbound keys).
     pub fn absorb_inbound(&mut self, other: Layer) {
-        self.inbound_exclude_ports.extend(other.inbound_exclude_ports);
-        self.inbound_include_ports.extend(other.inbound_include_ports);
-        self.inbound_exclude_cidrs.extend(other.inbound_exclude_cidrs);
+        self.inbound_exclude_ports
+            .extend(other.inbound_exclude_ports);
+        self.inbound_include_ports
+            .extend(other.inbound_include_ports);
+        self.inbound_exclude_cidrs
+            .extend(other.inbound_exclude_cidrs);
     }
 }

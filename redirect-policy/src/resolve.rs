@@ -32,7 +32,10 @@ pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
     // The namespace's inbound keys first: when they are bad, the pod's (which override them)
     // are dropped too, leaving the mesh's.
     let mut inbound_error = None;
-    for (layer, origin, ann) in [(&mut ns, &ns_origin, &ns_in), (&mut pod, &pod_origin, &pod_in)] {
+    for (layer, origin, ann) in [
+        (&mut ns, &ns_origin, &ns_in),
+        (&mut pod, &pod_origin, &pod_in),
+    ] {
         match dialect::layer(origin, ann, &mut warnings) {
             Ok(l) => layer.absorb_inbound(l),
             Err(e) => {

@@ -189,6 +189,7 @@ pub fn snapshot(cfg: &ScaleConfig) -> Snapshot {
             proxy_cgroup: None,
             proxy_uid: None,
             netns: None,
+            inbound_port: None,
             annotations,
         });
     }

@@ -22,6 +22,7 @@ fn spec(name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
         proxy_cgroup: None,
         proxy_uid: None,
         netns: None,
+        inbound_port: None,
         annotations: annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -189,7 +190,10 @@ fn a_bad_inbound_value_does_not_stop_the_outbound_policy() {
     assert_eq!((i.key.as_str(), i.value.as_str()), (inbound, "70O1"));
     assert!(i.error.contains("pod demo/a"), "{}", i.error);
     let e = entries_of(&r, 100);
-    assert!(e.v4.contains_key(&(16, [10, 2, 0, 0])), "outbound edit applied");
+    assert!(
+        e.v4.contains_key(&(16, [10, 2, 0, 0])),
+        "outbound edit applied"
+    );
     assert!(!e.v4.contains_key(&(16, [10, 1, 0, 0])));
 }
 

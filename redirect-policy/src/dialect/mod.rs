@@ -5,6 +5,7 @@ mod fsm;
 mod istio;
 mod kuma;
 mod linkerd;
+mod read;
 
 /// Every annotation key the policy core reads, by dialect.
 pub mod keys {
@@ -62,10 +63,11 @@ pub(crate) fn layer(
     warnings: &mut Vec<String>,
 ) -> Result<Layer, PolicyError> {
     let mut layer = Layer::default();
-    istio::parse(origin, annotations, &mut layer, warnings)?;
-    fsm::parse(origin, annotations, &mut layer, warnings)?;
-    linkerd::parse(origin, annotations, &mut layer, warnings)?;
-    kuma::parse(origin, annotations, &mut layer, warnings)?;
+    let mut r = read::Reader::new(origin, annotations, warnings, super::layer::Merge::Override);
+    istio::parse(&mut r, &mut layer)?;
+    fsm::parse(&mut r, &mut layer)?;
+    linkerd::parse(&mut r, &mut layer)?;
+    kuma::parse(&mut r, &mut layer)?;
     Ok(layer)
 }
 
