@@ -54,8 +54,21 @@ struct Cli {
     /// The redirect-agent binary (default: next to this one).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Only these parts (repeatable; default: all). A partial run never refreshes docs/bench/.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
     #[command(subcommand)]
     worker: Option<Worker>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Outbound conn/s, probes, the long transfer, loads and the per-program cost.
+    Outbound,
+    /// Inbound conn/s.
+    Inbound,
+    /// The agent at scale (real agent and harness).
+    Scale,
 }
 
 #[derive(Subcommand)]
@@ -88,7 +101,7 @@ fn main() -> Result<()> {
             );
         }
     }
-    bench(cli.quick, cli.out, &bins)
+    bench(cli.quick, cli.out, &bins, &cli.only)
 }
 
 fn step(msg: &str) {
@@ -149,7 +162,7 @@ pub const REPRODUCE: &str = "\
 As root on a Debian machine with rustup, from a clone of the repository:
 
 ```sh
-cargo xtask bench            # full run (about 15 min on 2 cores); also refreshes docs/bench/
+cargo xtask bench            # full run (about 20 min on 2 cores); also refreshes docs/bench/
 cargo xtask bench --quick    # smoke run on the debug build (< 3 min), figures not meaningful
 cargo xtask bench --out DIR  # results into DIR instead of target/bench/<timestamp>/
 ```
@@ -178,7 +191,7 @@ pub struct Bins {
     pub worker: PathBuf,
 }
 
-fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
+fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins, only: &[Part]) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -198,7 +211,7 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
             .join("bench")
             .join(utc_stamp(false))
     });
-    let results = measure(bins, params);
+    let results = measure(bins, params, only);
     let results = match results {
         Ok(r) => r,
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
@@ -216,7 +229,7 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
         dir.display(),
         started.elapsed().as_secs_f64()
     ));
-    if !quick && !dir.starts_with(workspace_root().join("docs")) {
+    if !quick && only.is_empty() && !dir.starts_with(workspace_root().join("docs")) {
         let docs = workspace_root().join("docs/bench");
         publish::publish(&dir, &docs)?;
         step(&format!("copied to {}", docs.display()));
@@ -224,7 +237,8 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
     Ok(())
 }
 
-fn measure(bins: &Bins, params: Params) -> Result<Results> {
+fn measure(bins: &Bins, params: Params, only: &[Part]) -> Result<Results> {
+    let want = |p: Part| only.is_empty() || only.contains(&p);
     let mut r = Results {
         machine: machine(),
         params,
@@ -236,13 +250,28 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         scale: None,
         harness: None,
     };
+    if want(Part::Outbound) {
+        outbound(bins, &mut r)?;
+    }
+    if want(Part::Inbound) {
+        inbound::measure(bins, &mut r)?;
+    }
+    if want(Part::Scale) {
+        scale_part(bins, &mut r)?;
+    }
+    Ok(r)
+}
+
+/// Outbound: every mode's lane, the long transfer, conn/s and probes at every N, the
+/// per-program cost.
+fn outbound(bins: &Bins, r: &mut Results) -> Result<()> {
     let p = r.params.clone();
     step("starting one namespace per mode: server, proxy, iptables rules, agent");
     let mut lanes = Mode::ALL
         .iter()
         .map(|&m| Lane::new(m, bins))
         .collect::<Result<Vec<_>>>()?;
-    configure(&mut lanes, &mut r, 0)?;
+    configure(&mut lanes, r, 0)?;
 
     step(&format!(
         "long transfer: {} MiB upload per mode, {} run(s)",
@@ -268,7 +297,7 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
 
     for &n in &p.sizes {
         if n > 0 {
-            configure(&mut lanes, &mut r, n)?;
+            configure(&mut lanes, r, n)?;
         }
         step(&format!(
             "N = {n}: {} run(s) × {:?} client threads × {} s per mode",
@@ -284,14 +313,17 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
                 .iter()
                 .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
                 .collect();
-            sample_kind(&active, &mut r, n, kind, p.runs)?;
+            sample_kind(&active, r, n, kind, p.runs)?;
         }
     }
 
-    profile_pass(&mut lanes, &mut r)?;
-    drop(lanes);
+    profile_pass(&mut lanes, r)?;
+    Ok(())
+}
 
-    inbound::measure(bins, &mut r)?;
+/// The agent at scale: the real agent, then the harness.
+fn scale_part(bins: &Bins, r: &mut Results) -> Result<()> {
+    let p = r.params.clone();
 
     step(&format!(
         "agent at scale: {} workloads × {} CIDRs, {} edits",
@@ -320,7 +352,7 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         h.mesh_edit_us as f64 / 1e3
     );
     r.harness = Some(h);
-    Ok(r)
+    Ok(())
 }
 
 /// `runs` runs of every lane × client thread count at N = `n`, the lanes in rotating order.

@@ -384,8 +384,11 @@ pub fn markdown(r: &Results) -> String {
 pub fn write(r: &Results, dir: &Path) -> Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     super::raw::write_all(r, dir)?;
-    plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
-    plot::latency(r, &dir.join("latency.png"))?;
+    // A run without the outbound part (`--only`) has nothing to plot.
+    if !sizes(r).is_empty() {
+        plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
+        plot::latency(r, &dir.join("latency.png"))?;
+    }
     let md = markdown(r);
     fs::write(dir.join("REPORT.md"), &md)?;
     Ok(md)
