@@ -59,7 +59,10 @@ impl BenchAgent {
             .arg(fx.cgroup_root())
             // The owner's debug level adds "applied, no change", so that an edit that changes
             // nothing is reported instead of waited for.
-            .env("RUST_LOG", "info,redirect_agent::reconcile::owner=debug")
+            .env(
+                "REDIRECT_LOG",
+                "info,redirect_agent::reconcile::owner=debug",
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -127,13 +130,25 @@ impl BenchAgent {
     /// Replaces the config as an editor or a ConfigMap update would (write + rename) and waits
     /// for it to be applied. Returns the applied line and the change-to-applied latency.
     pub fn reconfigure(&mut self, config: &str, timeout: Duration) -> Result<(Applied, Duration)> {
+        self.reconfigure_as(config, timeout, true)
+    }
+
+    /// [`Self::reconfigure`]; `outbound_change: false` for an edit that changes only inbound
+    /// state, which the agent applies in the same pass but reports as "applied, no change" (its
+    /// counts are the outbound records').
+    pub fn reconfigure_as(
+        &mut self,
+        config: &str,
+        timeout: Duration,
+        outbound_change: bool,
+    ) -> Result<(Applied, Duration)> {
         let next = self.generation() + 1;
         let tmp = self.workdir.join("config.yaml.tmp");
         fs::write(&tmp, config)?;
         let written = now_us();
         fs::rename(&tmp, &self.config)?;
         let a = self.wait_applied(next, timeout)?;
-        if !a.changed {
+        if outbound_change && !a.changed {
             bail!(
                 "generation {} of the bench's config edit changed nothing",
                 a.generation

@@ -1,5 +1,5 @@
 //! The iptables side: N exclusion CIDRs, and istio-iptables' nat OUTPUT layout loaded with one
-//! iptables-restore into a lane's netns.
+//! iptables-restore into a lane's netns; inbound, N excluded ports and its ISTIO_INBOUND layout.
 use std::{
     io::Write as _,
     net::Ipv4Addr,
@@ -48,6 +48,42 @@ pub fn ruleset(exclusions: &[String]) -> String {
     }
     s.push_str("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n");
     s.push_str("-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n");
+    s
+}
+
+/// The `i`-th excluded inbound port: every other port from 20000 (20000, 20002, …), so that
+/// neither side can merge them into ranges: iptables gets one rule per port, as istio-iptables
+/// writes them, and the agent one trie entry per port.
+pub fn inbound_exclusion(i: usize) -> String {
+    assert!(i < 20_000, "excluded inbound port index {i} beyond 60000");
+    (20_000 + 2 * i).to_string()
+}
+
+pub fn inbound_exclusions(n: usize) -> Vec<String> {
+    (0..n).map(inbound_exclusion).collect()
+}
+
+/// The proxy's own ports istio-iptables always exempts from inbound capture (15008 HBONE, and
+/// the injector's default excludeInboundPorts: 15090 metrics, 15021 health, 15020 status); the
+/// agent exempts the same ports by itself.
+const ISTIO_OWN_INBOUND: [u16; 4] = [15008, 15090, 15021, 15020];
+
+/// istio-iptables' inbound capture, as `iptables-save` prints it after `istio-iptables -b '*'
+/// -d <ports>` (its outbound half left out): PREROUTING → ISTIO_INBOUND, a RETURN per excluded
+/// port (the proxy's own, then the `ports`), then ISTIO_IN_REDIRECT → REDIRECT to 15006.
+pub fn inbound_ruleset(ports: &[String]) -> String {
+    let mut s = String::with_capacity(64 * ports.len() + 512);
+    s.push_str("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    s.push_str(":POSTROUTING ACCEPT [0:0]\n:ISTIO_INBOUND - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n");
+    s.push_str("-A PREROUTING -p tcp -j ISTIO_INBOUND\n");
+    let own = ISTIO_OWN_INBOUND.iter().map(u16::to_string);
+    for p in own.chain(ports.iter().cloned()) {
+        s.push_str(&format!(
+            "-A ISTIO_INBOUND -p tcp -m tcp --dport {p} -j RETURN\n"
+        ));
+    }
+    s.push_str("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT\n");
+    s.push_str("-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006\nCOMMIT\n");
     s
 }
 
@@ -120,5 +156,16 @@ mod tests {
         assert_eq!(rules.matches(" -j RETURN\n").count(), 3 + 3);
         assert!(rules.contains("-A ISTIO_OUTPUT -d 10.0.1.0/27 -j RETURN\n"));
         assert!(rules.ends_with("--to-ports 15001\nCOMMIT\n"));
+    }
+
+    #[test]
+    fn inbound_exclusions_are_separate_ports_and_the_layout_is_istio_inbound() {
+        assert_eq!(inbound_exclusions(3), ["20000", "20002", "20004"]);
+        assert_eq!(inbound_exclusion(999), "21998");
+        let rules = inbound_ruleset(&inbound_exclusions(2));
+        assert_eq!(rules.matches(" -j RETURN\n").count(), 4 + 2);
+        assert!(rules.contains("-A ISTIO_INBOUND -p tcp -m tcp --dport 20002 -j RETURN\n"));
+        assert!(rules.contains("-A PREROUTING -p tcp -j ISTIO_INBOUND\n"));
+        assert!(rules.ends_with("--to-ports 15006\nCOMMIT\n"));
     }
 }

@@ -15,6 +15,8 @@ use anyhow::{Context as _, Result, bail};
 use redirect_tests::{Fixture, Spawned};
 use serde_json::Value;
 
+mod inbound;
+
 use super::{
     Bins, PROXY_UID,
     agent::BenchAgent,
@@ -41,6 +43,9 @@ impl Drop for ClientProc {
 
 pub struct Lane {
     pub mode: Mode,
+    /// An inbound lane: the client runs on a "client node" (`node`) and connects to the pod's
+    /// address; the interception is in the pod's PREROUTING / sk_lookup.
+    inbound: bool,
     client: Mutex<Option<ClientProc>>,
     // Field order is drop order: processes and the agent go before their fixture.
     agent: Option<BenchAgent>,
@@ -50,6 +55,9 @@ pub struct Lane {
     /// What the proxy does with a connection: forward it (Proxied) or close it (Probe).
     proxy_kind: Kind,
     proxy_bin: PathBuf,
+    /// Where the proxy listens, and where it sends what has no original destination.
+    proxy_listen: SocketAddr,
+    fallback: SocketAddr,
     _server: Spawned,
     pod: PathBuf,
     proxy_cg: PathBuf,
@@ -58,21 +66,37 @@ pub struct Lane {
     dst: SocketAddr,
     worker: PathBuf,
     pub fx: Fixture,
+    /// Inbound: the client node's netns and cgroup tree (the client's cgroup is `app`).
+    node: Option<Fixture>,
 }
 
 /// The tests' proxy, as uid 1337 in the pod's proxy cgroup: forwarding (`--stats` instead of a
 /// log line per connection), or for probes closing each connection once it has read the
 /// original destination.
-fn start_proxy(fx: &Fixture, cg: &Path, bin: &Path, mode: Mode, kind: Kind) -> Result<Spawned> {
+struct ProxyAt<'a> {
+    fx: &'a Fixture,
+    cg: &'a Path,
+    bin: &'a Path,
+    listen: SocketAddr,
+    fallback: SocketAddr,
+}
+
+fn start_proxy(at: ProxyAt, mode: Mode, kind: Kind) -> Result<Spawned> {
+    let ProxyAt {
+        fx,
+        cg,
+        bin,
+        listen,
+        fallback,
+    } = at;
     let mut cmd = Command::new(bin);
-    let how = match kind {
-        Kind::Proxied => "forward",
-        Kind::Probe => "close",
-    };
-    cmd.args(["--mode", how, "--stats", "--listen", PROXY, "--uid"])
+    let how = if kind.probe() { "close" } else { "forward" };
+    cmd.args(["--mode", how, "--stats", "--listen"])
+        .arg(listen.to_string())
+        .arg("--uid")
         .arg(PROXY_UID.to_string());
     if mode == Mode::DirectToProxy {
-        cmd.args(["--fallback", SERVER]);
+        cmd.arg("--fallback").arg(fallback.to_string());
     }
     let p = fx.spawn_logged(cg, &mut cmd)?;
     wait_listening(&p, "the bench proxy")?;
@@ -103,13 +127,14 @@ impl Lane {
         let proxy = if mode == Mode::None {
             None
         } else {
-            Some(start_proxy(
-                &fx,
-                &proxy_cg,
-                &bins.proxy,
-                mode,
-                Kind::Proxied,
-            )?)
+            let at = ProxyAt {
+                fx: &fx,
+                cg: &proxy_cg,
+                bin: &bins.proxy,
+                listen: PROXY.parse()?,
+                fallback: SERVER.parse()?,
+            };
+            Some(start_proxy(at, mode, Kind::Proxied)?)
         };
         let dst = if mode == Mode::DirectToProxy {
             PROXY
@@ -118,12 +143,15 @@ impl Lane {
         };
         let mut lane = Lane {
             mode,
+            inbound: false,
             client: Mutex::new(None),
             agent: None,
             applied_config: String::new(),
             proxy,
             proxy_kind: Kind::Proxied,
             proxy_bin: bins.proxy.clone(),
+            proxy_listen: PROXY.parse()?,
+            fallback: SERVER.parse()?,
             _server: server,
             pod,
             proxy_cg,
@@ -132,6 +160,7 @@ impl Lane {
             dst: dst.parse()?,
             worker,
             fx,
+            node: None,
         };
         if mode == Mode::Ebpf {
             lane.applied_config = lane.agent_config(&[]);
@@ -148,7 +177,11 @@ impl Lane {
     /// The agent's standalone config: the same policy as the iptables lane (proxy uid 1337,
     /// everything included, `exclusions` excluded), for the one pod whose cgroup holds the client.
     pub fn agent_config(&self, exclusions: &[String]) -> String {
-        agent_config(&self.pod, &self.proxy_cg, exclusions)
+        if self.inbound {
+            inbound::agent_config(self, exclusions)
+        } else {
+            agent_config(&self.pod, &self.proxy_cg, exclusions)
+        }
     }
 
     /// Loads `exclusions` into this lane's interception (iptables: one iptables-restore;
@@ -161,7 +194,11 @@ impl Lane {
     ) -> Result<Option<(Duration, Option<u64>)>> {
         match self.mode {
             Mode::Iptables => {
-                let rules = iptables::ruleset(exclusions);
+                let rules = if self.inbound {
+                    iptables::inbound_ruleset(exclusions)
+                } else {
+                    iptables::ruleset(exclusions)
+                };
                 let took = iptables::restore(&self.fx, &self.tools, &rules, limit)?;
                 Ok(Some((took, None)))
             }
@@ -171,7 +208,7 @@ impl Lane {
                     return Ok(None);
                 }
                 let agent = self.agent.as_mut().context("the ebpf lane has an agent")?;
-                let (applied, latency) = agent.reconfigure(&config, limit)?;
+                let (applied, latency) = agent.reconfigure_as(&config, limit, !self.inbound)?;
                 self.applied_config = config;
                 Ok(Some((latency, Some(applied.elapsed_us))))
             }
@@ -183,8 +220,9 @@ impl Lane {
     fn client(&self, args: &[&str]) -> Result<Value> {
         let mut guard = self.client.lock().expect("client lock");
         if guard.is_none() {
+            // Inbound, this is the pod's side only (proxy and app), not the client node's.
             let cpu_stat = self.fx.cgroup_root().join("cpu.stat");
-            let mut child = self.fx.spawn_in(
+            let mut child = self.node.as_ref().unwrap_or(&self.fx).spawn_in(
                 &self.app,
                 Command::new(&self.worker)
                     .args(["worker", "client", "--serve", "--dst"])
@@ -287,13 +325,14 @@ impl Lane {
             return Ok(());
         }
         if self.proxy.take().is_some() {
-            self.proxy = Some(start_proxy(
-                &self.fx,
-                &self.proxy_cg,
-                &self.proxy_bin,
-                self.mode,
-                kind,
-            )?);
+            let at = ProxyAt {
+                fx: &self.fx,
+                cg: &self.proxy_cg,
+                bin: &self.proxy_bin,
+                listen: self.proxy_listen,
+                fallback: self.fallback,
+            };
+            self.proxy = Some(start_proxy(at, self.mode, kind)?);
         }
         self.proxy_kind = kind;
         Ok(())
@@ -306,7 +345,11 @@ impl Lane {
         if self.proxy.is_none() {
             return Ok(());
         }
-        let intercepts = matches!(self.mode, Mode::Iptables | Mode::Ebpf);
+        // Inbound, the proxy accepting at all proves the steering (it listens on 15006 only, the
+        // client connects to the app's port), and the proxied check after each configure has
+        // proved SO_ORIGINAL_DST: a probe's reset often beats the proxy's getsockopt, so on a
+        // loaded machine a short sample can read none.
+        let intercepts = matches!(self.mode, Mode::Iptables | Mode::Ebpf) && !self.inbound;
         // The proxy reports its counters every 250 ms.
         for _ in 0..40 {
             let (accepted, orig) = self.probe_counters();
@@ -349,7 +392,7 @@ impl Lane {
             "--duration-ms".to_string(),
             duration.as_millis().to_string(),
         ];
-        if self.proxy_kind == Kind::Probe {
+        if self.proxy_kind.probe() {
             args.push("--probe".into());
         }
         let v = self.client(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
@@ -377,13 +420,26 @@ impl Lane {
                 self.proxy_hint()
             );
         }
-        if v["conns"].as_u64().unwrap_or(0) == 0 && self.proxy_kind == Kind::Probe {
+        if v["conns"].as_u64().unwrap_or(0) == 0 && self.proxy_kind.probe() {
             // Reported as a gap (and the warning above), not fatal: the probes' failure mode
             // on a loaded machine is dropped SYNs, which the proxied samples do not share.
             eprintln!(
                 "    warning: {} N={n} run {run}: no probe completed{}",
                 self.mode.name(),
                 self.proxy_hint()
+            );
+            return Ok(ConnSample {
+                conns_per_s: f64::NAN,
+                ..s
+            });
+        }
+        if v["conns"].as_u64().unwrap_or(0) == 0 && s.errors == 0 {
+            // Nothing failed, one exchange just outlasted the sample (a dropped SYN costs a 1 s
+            // retransmit; short samples on a loaded machine meet it): a gap, not a broken path,
+            // which the checked exchange after each configure would have caught.
+            eprintln!(
+                "    warning: {} N={n} run {run}: no exchange completed within the sample (a stall)",
+                self.mode.name()
             );
             return Ok(ConnSample {
                 conns_per_s: f64::NAN,

@@ -1,18 +1,22 @@
 //! redirect-bench (`cargo xtask bench`): eBPF redirection against iptables REDIRECT, side by
 //! side, on the same proxy, server, client and workload, inside network namespaces the bench
-//! creates (destinations in 198.18.0.0/15). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
+//! creates (destinations in 198.18.0.0/15), outbound and inbound ([`inbound`]), and the agent at
+//! node scale ([`scale`]). Writes REPORT.md, CSVs and PNGs; see [`METHOD`].
 //!
 //! `redirect-bench [--quick] [--out DIR] [--agent PATH]`, as root. The proxy is the tests'
 //! redirect-testproxy, found next to this binary; the server and the load client are this binary
 //! (`redirect-bench worker …`).
 mod agent;
 mod client;
+mod inbound;
 mod iptables;
 mod lanes;
 mod plot;
 mod profile;
+mod publish;
 mod raw;
 mod report;
+mod report_inbound;
 mod report_scale;
 mod results;
 mod scale;
@@ -50,8 +54,21 @@ struct Cli {
     /// The redirect-agent binary (default: next to this one).
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// Only these parts (repeatable; default: all). A partial run never refreshes docs/bench/.
+    #[arg(long, value_enum)]
+    only: Vec<Part>,
     #[command(subcommand)]
     worker: Option<Worker>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Outbound conn/s, probes, the long transfer, loads and the per-program cost.
+    Outbound,
+    /// Inbound conn/s.
+    Inbound,
+    /// The agent at scale (real agent and harness).
+    Scale,
 }
 
 #[derive(Subcommand)]
@@ -84,7 +101,7 @@ fn main() -> Result<()> {
             );
         }
     }
-    bench(cli.quick, cli.out, &bins)
+    bench(cli.quick, cli.out, &bins, &cli.only)
 }
 
 fn step(msg: &str) {
@@ -105,7 +122,8 @@ pub const METHOD: &str = "\
 ## Method
 
 Everything runs inside network namespaces and cgroups the bench creates (one per mode, so no \
-mode's kernel state leaks into another's); destinations are 198.18.0.10:80 on the namespace's `lo`.
+mode's kernel state leaks into another's); outbound destinations are 198.18.0.10:80 on the \
+namespace's `lo` (inbound: see its section).
 
 - **Proxy**: one program for every mode, the tests' `redirect-testproxy --mode forward`: accepts \
   on 127.0.0.1:15001, reads the original destination with `getsockopt(SO_ORIGINAL_DST)` exactly \
@@ -144,7 +162,7 @@ pub const REPRODUCE: &str = "\
 As root on a Debian machine with rustup, from a clone of the repository:
 
 ```sh
-cargo xtask bench            # full run (about 15 min on 2 cores); also refreshes docs/bench/
+cargo xtask bench            # full run (about 20 min on 2 cores); also refreshes docs/bench/
 cargo xtask bench --quick    # smoke run on the debug build (< 3 min), figures not meaningful
 cargo xtask bench --out DIR  # results into DIR instead of target/bench/<timestamp>/
 ```
@@ -173,7 +191,7 @@ pub struct Bins {
     pub worker: PathBuf,
 }
 
-fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
+fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins, only: &[Part]) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
@@ -193,7 +211,7 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
             .join("bench")
             .join(utc_stamp(false))
     });
-    let results = measure(bins, params);
+    let results = measure(bins, params, only);
     let results = match results {
         Ok(r) => r,
         Err(_) if INTERRUPTED.load(Ordering::SeqCst) => {
@@ -211,31 +229,16 @@ fn bench(quick: bool, out: Option<PathBuf>, bins: &Bins) -> Result<()> {
         dir.display(),
         started.elapsed().as_secs_f64()
     ));
-    if !quick && !dir.starts_with(workspace_root().join("docs")) {
+    if !quick && only.is_empty() && !dir.starts_with(workspace_root().join("docs")) {
         let docs = workspace_root().join("docs/bench");
-        publish(&dir, &docs)?;
+        publish::publish(&dir, &docs)?;
         step(&format!("copied to {}", docs.display()));
     }
     Ok(())
 }
 
-/// Copies a full run's report, CSVs and PNGs to the committed docs/bench/.
-fn publish(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let path = entry?.path();
-        if matches!(
-            path.extension().and_then(|e| e.to_str()),
-            Some("md" | "csv" | "png")
-        ) {
-            fs::copy(&path, to.join(path.file_name().expect("a file")))
-                .with_context(|| format!("copy {} to {}", path.display(), to.display()))?;
-        }
-    }
-    Ok(())
-}
-
-fn measure(bins: &Bins, params: Params) -> Result<Results> {
+fn measure(bins: &Bins, params: Params, only: &[Part]) -> Result<Results> {
+    let want = |p: Part| only.is_empty() || only.contains(&p);
     let mut r = Results {
         machine: machine(),
         params,
@@ -247,13 +250,28 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         scale: None,
         harness: None,
     };
+    if want(Part::Outbound) {
+        outbound(bins, &mut r)?;
+    }
+    if want(Part::Inbound) {
+        inbound::measure(bins, &mut r)?;
+    }
+    if want(Part::Scale) {
+        scale_part(bins, &mut r)?;
+    }
+    Ok(r)
+}
+
+/// Outbound: every mode's lane, the long transfer, conn/s and probes at every N, the
+/// per-program cost.
+fn outbound(bins: &Bins, r: &mut Results) -> Result<()> {
     let p = r.params.clone();
     step("starting one namespace per mode: server, proxy, iptables rules, agent");
     let mut lanes = Mode::ALL
         .iter()
         .map(|&m| Lane::new(m, bins))
         .collect::<Result<Vec<_>>>()?;
-    configure(&mut lanes, &mut r, 0)?;
+    configure(&mut lanes, r, 0)?;
 
     step(&format!(
         "long transfer: {} MiB upload per mode, {} run(s)",
@@ -279,7 +297,7 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
 
     for &n in &p.sizes {
         if n > 0 {
-            configure(&mut lanes, &mut r, n)?;
+            configure(&mut lanes, r, n)?;
         }
         step(&format!(
             "N = {n}: {} run(s) × {:?} client threads × {} s per mode",
@@ -295,29 +313,17 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
                 .iter()
                 .filter(|l| l.mode != Mode::Iptables || r.iptables_stop.is_none())
                 .collect();
-            for run in 0..p.runs {
-                let mut line = format!("    {} run {run}:", kind.name());
-                let k = active.len();
-                for i in 0..k {
-                    let lane = active[(i + run) % k];
-                    for &t in &p.threads {
-                        check_interrupt()?;
-                        let before = lane.probe_counters();
-                        let s = lane.sample(n, run, t, p.warmup, p.duration)?;
-                        if kind == Kind::Probe && run == 0 {
-                            lane.check_probes(before)?;
-                        }
-                        line.push_str(&format!(" {}/{t}t {:.0}", lane.mode.name(), s.conns_per_s));
-                        r.conn.push(s);
-                    }
-                }
-                eprintln!("{line}");
-            }
+            sample_kind(&active, r, n, kind, p.runs)?;
         }
     }
 
-    profile_pass(&mut lanes, &mut r)?;
-    drop(lanes);
+    profile_pass(&mut lanes, r)?;
+    Ok(())
+}
+
+/// The agent at scale: the real agent, then the harness.
+fn scale_part(bins: &Bins, r: &mut Results) -> Result<()> {
+    let p = r.params.clone();
 
     step(&format!(
         "agent at scale: {} workloads × {} CIDRs, {} edits",
@@ -346,7 +352,35 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         h.mesh_edit_us as f64 / 1e3
     );
     r.harness = Some(h);
-    Ok(r)
+    Ok(())
+}
+
+/// `runs` runs of every lane × client thread count at N = `n`, the lanes in rotating order.
+fn sample_kind(lanes: &[&Lane], r: &mut Results, n: usize, kind: Kind, runs: usize) -> Result<()> {
+    let p = r.params.clone();
+    for run in 0..runs {
+        let mut line = format!("    {} run {run}:", kind.name());
+        let k = lanes.len();
+        for i in 0..k {
+            let lane = lanes[(i + run) % k];
+            for &t in &p.threads {
+                check_interrupt()?;
+                let before = lane.probe_counters();
+                let s = lane.sample(n, run, t, p.warmup, p.duration)?;
+                if kind.probe() && run == 0 {
+                    lane.check_probes(before)?;
+                }
+                line.push_str(&format!(
+                    " {}/{t}t {:.0}",
+                    lane.mode.label(kind),
+                    s.conns_per_s
+                ));
+                r.conn.push(s);
+            }
+        }
+        eprintln!("{line}");
+    }
+    Ok(())
 }
 
 /// Lanes in this run's rotated order (A B C D, B C D A, …).

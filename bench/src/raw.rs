@@ -98,7 +98,7 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
             n: s.n,
             run: s.run,
             kind: s.kind.name(),
-            mode: s.mode.name(),
+            mode: s.mode.label(s.kind),
             threads: s.threads,
             conns_per_s: s.conns_per_s,
             connect_p50_us: s.connect_p50_us,

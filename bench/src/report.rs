@@ -77,7 +77,7 @@ pub(super) fn num(x: f64, digits: usize) -> String {
     }
 }
 
-fn thousands(x: f64) -> String {
+pub(super) fn thousands(x: f64) -> String {
     if !x.is_finite() {
         return "–".to_string();
     }
@@ -96,8 +96,18 @@ pub(super) fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
+/// The outbound samples' N (excluded CIDRs).
 pub fn sizes(r: &Results) -> Vec<usize> {
-    let mut v: Vec<usize> = r.conn.iter().map(|s| s.n).collect();
+    sizes_of(r, &Kind::ALL)
+}
+
+pub fn sizes_of(r: &Results, kinds: &[Kind]) -> Vec<usize> {
+    let mut v: Vec<usize> = r
+        .conn
+        .iter()
+        .filter(|s| kinds.contains(&s.kind))
+        .map(|s| s.n)
+        .collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -357,12 +367,16 @@ pub fn markdown(r: &Results) -> String {
     cpu_table(r, &mut md);
     latency_table(r, &mut md);
     md.push_str("![connect latency against N](latency.png)\n\n");
+    super::report_inbound::section(r, &mut md);
     bulk_table(r, &mut md);
     load_table(r, &mut md);
     super::report_scale::scale_section(r, &mut md);
     super::report_scale::harness_section(r, &mut md);
     prog_section(r, &mut md);
     md.push_str(super::REPRODUCE);
+    md.push('\n');
+    md.push_str(super::publish::GENERATED_END);
+    md.push('\n');
     md
 }
 
@@ -370,8 +384,11 @@ pub fn markdown(r: &Results) -> String {
 pub fn write(r: &Results, dir: &Path) -> Result<String> {
     fs::create_dir_all(dir).with_context(|| format!("mkdir {}", dir.display()))?;
     super::raw::write_all(r, dir)?;
-    plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
-    plot::latency(r, &dir.join("latency.png"))?;
+    // A run without the outbound part (`--only`) has nothing to plot.
+    if !sizes(r).is_empty() {
+        plot::conn_per_s(r, &dir.join("conn_per_s.png"))?;
+        plot::latency(r, &dir.join("latency.png"))?;
+    }
     let md = markdown(r);
     fs::write(dir.join("REPORT.md"), &md)?;
     Ok(md)

@@ -70,7 +70,7 @@ fn grouped(x: usize) -> String {
     let s = x.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -105,8 +105,8 @@ pub fn harness_section(r: &Results, md: &mut String) {
 
 \
          The agent's own harness (`redirect_agent::reconcile::scale`, run as `redirect-bench worker scale` in a process of its own): {} workloads with no annotations share the mesh exclusion list ({} /32s, none adjacent, so none merge); {} more add {} CIDRs of their own each (FSM's union annotation). \
-         The maps are the in-memory stand-ins of the reconcile unit tests, with the kernel tries' capacity ({} entries, the default `--max-rule-entries`), so the figures are the agent's own work (resolve, compile, diff, write) without the bpf(2) calls; the RSS is the harness process's, the in-memory maps included. \
-         The one-workload edits change an excluded port of one shared workload; the mesh-wide edit adds one CIDR to the mesh list.\n",
+         The maps are the in-memory stand-ins of the reconcile unit tests, with tries of {} entries (the agent's default `--max-rule-entries` is 1,048,576; a quick run scales it with the mesh list), so the figures are the agent's own work (resolve, compile, diff, write) without the bpf(2) calls; the RSS is the harness process's, the in-memory maps included. \
+         The one-workload edits give one shared workload an excluded port of its own (so it leaves the shared set and needs an entry set of its own: the costly kind of edit, and on a full trie one that does not fit); the mesh-wide edit adds one CIDR to the mesh list.\n",
         c.shared_workloads,
         c.own_workloads,
         grouped(c.mesh_cidrs),

@@ -41,6 +41,32 @@ fn fake() -> Results {
             }
         }
     }
+    // Inbound probes: ebpf at 0.98 × direct-proxy, iptables slowing down with N.
+    for n in [0, 1000] {
+        for run in 0..3 {
+            for (mode, base) in [
+                (Mode::None, 9000.0),
+                (Mode::DirectToProxy, 8000.0),
+                (Mode::Iptables, 8000.0 / (1.0 + n as f64 / 1000.0)),
+                (Mode::Ebpf, 7840.0),
+            ] {
+                conn.push(ConnSample {
+                    n,
+                    run,
+                    kind: Kind::InboundProbe,
+                    mode,
+                    threads: 1,
+                    conns_per_s: base * (1.0 + run as f64 / 100.0),
+                    connect_p50_us: f64::NAN,
+                    connect_p99_us: f64::NAN,
+                    txn_p50_us: f64::NAN,
+                    txn_p99_us: f64::NAN,
+                    cpu_us_per_conn: f64::NAN,
+                    errors: 0,
+                });
+            }
+        }
+    }
     Results {
         params: Params::new(false),
         machine: Machine::default(),
@@ -119,6 +145,16 @@ fn writes_report_csv_and_plots() {
         md.contains("iptables stops at N = 100000: too slow"),
         "{md}"
     );
+    // Inbound: its own table and target, and the outbound tables keep their own N.
+    assert!(
+        md.contains("| 1000 | 9\u{202f}090 | 8\u{202f}080 | 4\u{202f}040 | 7\u{202f}918 | 0.980 | 1.96 | 2.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("ebpf ≥ 0.97 × direct-proxy conn/s at every N excluded ports (1 thr.) | lowest 0.980 (N = 0); at N = 1000 ebpf / iptables 1.96 (limit direct-proxy / iptables 2.00) | met |"),
+        "{md}"
+    );
+    assert!(!md.contains("| 1000 | – |"), "{md}");
     // Issue #13's node: 9 full copies of the 100,000-entry list fit beside the shared one.
     assert!(
         md.contains("every workload registered with its own policy | 1050 registered, 41 on a fallback | **missed** |"),

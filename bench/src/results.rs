@@ -26,6 +26,16 @@ impl Mode {
             Mode::Ebpf => "ebpf",
         }
     }
+
+    /// The name in the report and the CSV: inbound, no proxy means the app answers
+    /// (`direct-app`), and the client connecting to the proxy's port is `direct-proxy`.
+    pub fn label(self, kind: Kind) -> &'static str {
+        match (kind.inbound(), self) {
+            (true, Mode::None) => "direct-app",
+            (true, Mode::DirectToProxy) => "direct-proxy",
+            _ => self.name(),
+        }
+    }
 }
 
 /// What each connection of a sample does.
@@ -37,16 +47,34 @@ pub enum Kind {
     /// reads the original destination and closes (a connect-rate probe). The interception layer
     /// is then a large share of each connection.
     Probe,
+    /// Inbound, interception only: a client on another node connects to the pod's app port and
+    /// resets; the proxy's inbound listener accepts, reads the original destination, closes.
+    InboundProbe,
+    /// Inbound, through the proxy: one request and response, the proxy forwarding to the app.
+    InboundProxied,
 }
 
 impl Kind {
+    /// The outbound kinds (the outbound lanes measure these).
     pub const ALL: [Kind; 2] = [Kind::Proxied, Kind::Probe];
+    pub const INBOUND: [Kind; 2] = [Kind::InboundProbe, Kind::InboundProxied];
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Proxied => "proxied",
             Kind::Probe => "probe",
+            Kind::InboundProbe => "inbound-probe",
+            Kind::InboundProxied => "inbound-proxied",
         }
+    }
+
+    pub fn inbound(self) -> bool {
+        matches!(self, Kind::InboundProbe | Kind::InboundProxied)
+    }
+
+    /// Connect and reset, the proxy closing at once (rather than an exchange it forwards).
+    pub fn probe(self) -> bool {
+        matches!(self, Kind::Probe | Kind::InboundProbe)
     }
 }
 
@@ -157,6 +185,9 @@ pub struct Params {
     pub bulk_bytes: u64,
     pub bulk_runs: usize,
     pub iptables_limit: Duration,
+    /// Inbound: excluded inbound ports, and runs per N.
+    pub inbound_sizes: Vec<usize>,
+    pub inbound_runs: usize,
     pub scale_workloads: usize,
     pub scale_cidrs: usize,
     pub scale_edits: usize,
@@ -178,6 +209,8 @@ impl Params {
                 bulk_bytes: 64 << 20,
                 bulk_runs: 1,
                 iptables_limit: Duration::from_secs(30),
+                inbound_sizes: vec![0, 1_000],
+                inbound_runs: 1,
                 scale_workloads: 1_000,
                 scale_cidrs: 100,
                 scale_edits: 5,
@@ -203,6 +236,8 @@ impl Params {
                 bulk_bytes: 4 << 30,
                 bulk_runs: 3,
                 iptables_limit: Duration::from_secs(120),
+                inbound_sizes: vec![0, 10, 100, 1_000],
+                inbound_runs: 10,
                 scale_workloads: 1_000,
                 scale_cidrs: 100,
                 scale_edits: 30,

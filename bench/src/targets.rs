@@ -91,6 +91,7 @@ pub fn targets(r: &Results, md: &mut String) {
             );
         }
     }
+    super::report_inbound::targets(r, md);
     if let Some(s) = &r.scale {
         let ms = s.initial_us as f64 / 1e3;
         let _ = writeln!(
