@@ -30,7 +30,7 @@ enum Command {
     /// needs root).
     Test,
     /// Boot the Debian and Ubuntu kernels of xtask/src/kernels/kernels.txt under qemu and run the
-    /// datapath checks inside each, two VMs at a time; prints a kernel × check table (needs root;
+    /// datapath checks inside each, one VM per core; prints a kernel × check table (needs root;
     /// one to two minutes per kernel).
     TestKernels,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
