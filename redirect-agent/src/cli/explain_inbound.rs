@@ -114,8 +114,11 @@ pub fn explain(
             }
         }
     }
+    // With a rejected inbound value the kernel keeps the last good policy, which may well
+    // differ from the mesh default shown: that is the rule working, not a stale kernel.
     if let Some(k) = kernel
         && k != verdict.step
+        && inbound_error.is_none()
     {
         bail!(
             "the pinned maps decide {} but the config decides {}: the kernel does not hold this config",

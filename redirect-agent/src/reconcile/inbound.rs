@@ -19,6 +19,7 @@ use tracing::warn;
 use super::{Snapshot, desired::entries};
 use crate::{
     bpf::{PolicyEntries, inbound_maps::InboundMaps, netns},
+    cgroup,
     policy::{self, Annotations, WorkloadInputs, inbound},
 };
 
@@ -30,6 +31,9 @@ struct Applied {
     /// From the workload's own good inbound policy (or adopted, so unknown): kept when a later
     /// inbound value is bad. A mesh-default fallback is not kept: it follows the mesh.
     own: bool,
+    /// The cgroup whose processes were searched for a listener that predates the agent
+    /// ([`netns::backfill`]), once per agent life and proxy cgroup.
+    backfilled: Option<PathBuf>,
 }
 
 /// What one pass did, for logs and tests.
@@ -54,6 +58,8 @@ pub struct InboundApplier {
 struct Want {
     workload: String,
     path: PathBuf,
+    /// Where the proxy's processes are: its cgroup, else the workload's.
+    proxy_cgroup: PathBuf,
     inode: u64,
     record: InboundRecord,
     entries: PolicyEntries,
@@ -77,6 +83,7 @@ impl InboundApplier {
                             record,
                             entries,
                             own: true,
+                            backfilled: None,
                         },
                     );
                 }
@@ -218,17 +225,18 @@ impl InboundApplier {
                 }
             };
             let own = r.inbound_error.is_none();
-            let own_ports =
-                inbound::own_ports(s.proxy.inbound_port, s.proxy.outbound_port, &w.annotations);
+            let port = w.inbound_port.unwrap_or(s.proxy.inbound_port);
+            let own_ports = inbound::own_ports(port, s.proxy.outbound_port, &w.annotations);
             want.insert(
                 cookie,
                 Want {
                     workload: w.id(),
                     path: path.clone(),
+                    proxy_cgroup: w.proxy_cgroup.clone().unwrap_or_else(|| w.cgroup.clone()),
                     inode,
                     record: InboundRecord {
                         policy_id: 0,
-                        proxy_port: s.proxy.inbound_port,
+                        proxy_port: port,
                         _pad: 0,
                     },
                     entries: entries(&inbound::compile_inbound(&r.policy, &own_ports)),
@@ -242,12 +250,14 @@ impl InboundApplier {
     fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<(), crate::bpf::BpfError> {
         // The link first: adopting an existing one is a no-op.
         netns::attach(&self.dir, &w.path, cookie)?;
+        let backfilled = self.backfill(cookie, w);
         if let Some(old) = self.applied.get_mut(&cookie)
             && old.record.proxy_port == w.record.proxy_port
             && old.entries == w.entries
         {
             old.workload = w.workload.clone();
             old.own = w.own;
+            old.backfilled = backfilled;
             return Ok(());
         }
         let id = self.allocate_id();
@@ -266,12 +276,31 @@ impl InboundApplier {
             record,
             entries: w.entries.clone(),
             own: w.own,
+            backfilled,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
             self.retired
                 .push((Instant::now(), old.record.policy_id, old.entries));
         }
         Ok(())
+    }
+
+    /// A proxy that was listening before the sockops program was attached is not in
+    /// `IN_LISTEN`: put it there before the record steers anything to it. Once per agent life
+    /// and proxy cgroup (and port); a listener that starts later is recorded by the kernel.
+    fn backfill(&self, cookie: u64, w: &Want) -> Option<PathBuf> {
+        let old = self.applied.get(&cookie);
+        if old.is_some_and(|a| {
+            a.backfilled.as_ref() == Some(&w.proxy_cgroup)
+                && a.record.proxy_port == w.record.proxy_port
+        }) {
+            return old.and_then(|a| a.backfilled.clone());
+        }
+        let pids = cgroup::netns::subtree_pids(&w.proxy_cgroup).unwrap_or_default();
+        if let Err(e) = netns::backfill(&self.dir, &pids, cookie, w.record.proxy_port) {
+            warn!(workload = %w.workload, "inbound: a listener that predates the agent could not be recorded: {e}");
+        }
+        Some(w.proxy_cgroup.clone())
     }
 
     fn allocate_id(&mut self) -> u32 {

@@ -22,6 +22,7 @@ fn spec(name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
         proxy_cgroup: None,
         proxy_uid: None,
         netns: None,
+        inbound_port: None,
         annotations: annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

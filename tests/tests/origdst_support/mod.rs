@@ -137,16 +137,13 @@ pub fn sidecar_config(workloads: &[(&str, &Path)], proxy_uid: u32) -> String {
     s
 }
 
-/// (ORIG_COOKIE entries, ORIG_TUPLE entries) as `inspect` reports them.
-pub fn record_fill(agent: &Agent) -> (u64, u64) {
+/// ORIG_TUPLE entries (hand-offs no proxy socket has taken yet) as `inspect` reports them. The
+/// per-socket records live in socket-local storage and go with their sockets.
+pub fn record_fill(agent: &Agent) -> u64 {
     let v = agent.inspect().expect("inspect");
-    let maps = &v["original_destinations"]["maps"];
-    let n = |m: &str| {
-        maps[m]["entries"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("inspect shows no fill level for {m}: {v}"))
-    };
-    (n("ORIG_COOKIE"), n("ORIG_TUPLE"))
+    v["original_destinations"]["maps"]["ORIG_TUPLE"]["entries"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("inspect shows no fill level for ORIG_TUPLE: {v}"))
 }
 
 /// One `OrigEvent` counter as `inspect` reports it.
