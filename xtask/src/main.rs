@@ -29,8 +29,9 @@ enum Command {
     /// Set up, build, then run the whole test suite (unit, property, and real-kernel tests;
     /// needs root).
     Test,
-    /// Boot Debian's kernels (xtask/src/kernels/kernels.txt) under qemu and run the datapath
-    /// checks inside each; prints a kernel × check table (needs root; about 1 minute per kernel).
+    /// Boot the Debian and Ubuntu kernels of xtask/src/kernels/kernels.txt under qemu and run the
+    /// datapath checks inside each, one VM per core; prints a kernel × check table (needs root;
+    /// one to two minutes per kernel).
     TestKernels,
     /// Set up, build, then show a real process being redirected in its own cgroup and netns.
     Demo,
@@ -87,7 +88,7 @@ fn test() -> anyhow::Result<()> {
     // kernel test owns its fixture, so tests of one binary never share kernel state.
     // This includes the e2e scenarios (tests/tests/e2e_local.rs).
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
-    util::step("test-kernels: the datapath on Debian's kernels under qemu");
+    util::step("test-kernels: the datapath on Debian's and Ubuntu's kernels under qemu");
     kernels::test_kernels()?;
     util::step("bench --quick: the benchmark still works (figures not meaningful)");
     bench(true, None)?;

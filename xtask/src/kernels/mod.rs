@@ -125,10 +125,11 @@ fn kernel_initrd(work: &Path, common: &Path, veth: &Path, release: &str) -> Resu
 
 /// Boots one kernel and returns its results; the console goes to `log`.
 /// `no_timer_check`: under TCG on a busy host the kernel's IO-APIC timer check can fail and
-/// panic at boot.
+/// panic at boot. The timeout is generous: a VM that runs every check takes one to two minutes
+/// when the machine is idle, four on one shared with several builds.
 fn boot(vmlinuz: &Path, initrd: &Path, expect: &str, log: &Path) -> Result<Results> {
     let status = Command::new("timeout")
-        .arg("240")
+        .arg("480")
         .arg("qemu-system-x86_64")
         .args([
             "-accel",
