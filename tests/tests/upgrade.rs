@@ -20,7 +20,7 @@ use std::{
 
 use escapes_support::{DEST, World, both, config, registered, world};
 use nix::sys::signal::Signal;
-use redirect_tests::{Agent, helper_bin};
+use redirect_tests::{Agent, Spawned, helper_bin};
 
 const NEW_LAYOUT: &str = "redirect-agent-layout-test";
 
@@ -141,7 +141,7 @@ fn assert_clean(c: Counts, what: &str) {
 }
 
 /// The DaemonSet rollout: SIGTERM to the old agent, wait for it to exit, start the new build.
-fn roll(old: Agent, w: &World, bin: &'static str) -> Agent {
+fn roll(old: Agent, w: &World, cfg: &str, bin: &'static str) -> Agent {
     let mut old = old;
     let status = old
         .signal_and_wait(Signal::SIGTERM, Duration::from_secs(10))
@@ -149,7 +149,7 @@ fn roll(old: Agent, w: &World, bin: &'static str) -> Agent {
     assert!(status.success(), "old agent: {status}\n{}", old.log());
     // Dropping it removes its work dir, which the new one reuses: before the start.
     drop(old);
-    Agent::start_bin(&w.fx, &config(w), bin, &[]).unwrap()
+    Agent::start_bin(&w.fx, cfg, bin, &[]).unwrap()
 }
 
 /// Names in a directory, sorted.
@@ -206,15 +206,53 @@ fn link_pins(dir: &Path) -> usize {
 #[test]
 fn an_upgrade_across_policy_layouts_loses_no_connect() {
     let w = world("upg-layout");
+    upgrade_across_layouts(&w, &config(&w), "sidecar mode");
+}
+
+/// The same in node mode, where the proxy's address is not loopback: only the connect programs'
+/// stand-aside rule (`at_proxy`) keeps the second generation from rewriting the connect again,
+/// which would overwrite the original destination with the proxy's own address.
+#[test]
+fn an_upgrade_across_policy_layouts_in_node_mode_rewrites_once() {
+    let w = world("upg-node");
+    let (_proxy, cfg) = node_mode(&w);
+    upgrade_across_layouts(&w, &cfg, "node mode");
+}
+
+/// The node proxy's address, inside the fixture's netns.
+const NODE_PROXY: &str = "198.18.0.2";
+
+/// A node proxy (in the world's proxy cgroup, so exempt) and the world's config in node mode.
+fn node_mode(w: &World) -> (Spawned, String) {
+    w.fx.add_addr(&format!("{NODE_PROXY}/32")).unwrap();
+    let proxy =
+        w.fx.spawn_logged(
+            &w.proxy,
+            Command::new(helper_bin("redirect-testproxy").unwrap())
+                .args(["--listen", &format!("{NODE_PROXY}:15001")]),
+        )
+        .unwrap();
+    proxy
+        .wait_for_prefix("listening ", Duration::from_secs(10))
+        .unwrap();
+    let cfg = config(w).replace(
+        "proxy: {mode: sidecar, outboundPort: 15001, uid: 1337}",
+        &format!("proxy: {{mode: node, address: {NODE_PROXY}, outboundPort: 15001, uid: 1337}}"),
+    );
+    assert!(cfg.contains("mode: node"), "{cfg}");
+    (proxy, cfg)
+}
+
+fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
     let base = w.fx.pin_dir().to_path_buf();
-    let agent = Agent::start(&w.fx, &config(&w)).unwrap();
-    let programs = attached(&w);
+    let agent = Agent::start(&w.fx, cfg).unwrap();
+    let programs = attached(w);
     assert!(programs > 0, "nothing attached");
     assert_eq!(link_pins(&base), programs);
     let old_size = policy_value_size(&base);
-    let looper = Looper::start(&w);
+    let looper = Looper::start(w);
 
-    let agent = roll(agent, &w, NEW_LAYOUT);
+    let agent = roll(agent, w, cfg, NEW_LAYOUT);
     agent.wait_log("upgrade complete").unwrap();
     looper.wait_ok(20);
     let gen1 = base.join("gen1");
@@ -230,9 +268,9 @@ fn an_upgrade_across_policy_layouts_loses_no_connect() {
         old_size + 8,
         "the layout did change"
     );
-    assert_eq!(attached(&w), programs, "old links still attached");
+    assert_eq!(attached(w), programs, "old links still attached");
     assert_eq!(link_pins(&gen1), programs);
-    assert_eq!(registered(&agent), both(&w));
+    assert_eq!(registered(&agent), both(w));
     // The old binary refuses to misread the new layout, and says why.
     let err = redirect_tests::inspect(&base).unwrap_err().to_string();
     assert!(
@@ -245,14 +283,14 @@ fn an_upgrade_across_policy_layouts_loses_no_connect() {
     assert_eq!(v["not_attached"], serde_json::json!([]), "{v}");
 
     // And back (a rollback is an upgrade too): generation 2 beside generation 1.
-    let agent = roll(agent, &w, "redirect-agent");
+    let agent = roll(agent, w, cfg, "redirect-agent");
     agent.wait_log("upgrade complete").unwrap();
     looper.wait_ok(20);
     assert_eq!(names(&base), ["gen2"]);
     assert_eq!(policy_value_size(&base.join("gen2")), old_size);
-    assert_eq!(attached(&w), programs);
-    assert_eq!(registered(&agent), both(&w));
-    assert_clean(looper.finish(), "upgrade across layouts");
+    assert_eq!(attached(w), programs);
+    assert_eq!(registered(&agent), both(w));
+    assert_clean(looper.finish(), &format!("upgrade across layouts, {what}"));
 
     // cleanup removes every generation, and the directory with them.
     drop(agent);
@@ -267,7 +305,7 @@ fn an_upgrade_across_policy_layouts_loses_no_connect() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!base.exists(), "{} left after cleanup", base.display());
-    assert_eq!(attached(&w), 0);
+    assert_eq!(attached(w), 0);
 }
 
 /// The same layout: the new agent adopts the pinned maps and links in place (no new generation,
@@ -281,7 +319,7 @@ fn a_same_layout_upgrade_adopts_in_place() {
     let pins = names(&base);
     let programs = attached(&w);
     let looper = Looper::start(&w);
-    let agent = roll(agent, &w, "redirect-agent");
+    let agent = roll(agent, &w, &config(&w), "redirect-agent");
     looper.wait_ok(20);
     assert!(
         agent
@@ -299,4 +337,48 @@ fn a_same_layout_upgrade_adopts_in_place() {
         "records rewritten"
     );
     assert_clean(looper.finish(), "same-layout upgrade");
+}
+
+/// An upgrade that never gets ready keeps the old generation attached (fail safe), and a kill -9
+/// in the middle of it is no problem: the next start adopts the generation whose layout matches
+/// and releases the half-built one. The half-built generation here is a capacity change
+/// (`--max-rule-entries 1`, too small for the workloads' entries, so the new agent never gets
+/// ready, yet registers both workloads with redirect-all records). Node mode, so that the long
+/// overlap of two generations that both redirect also proves the stand-aside rule: a second
+/// rewrite would record the proxy's own address as the original destination.
+#[test]
+fn a_killed_upgrade_keeps_the_old_generation_and_the_restart_releases_the_new_one() {
+    let w = world("upg-kill");
+    let (_proxy, cfg) = node_mode(&w);
+    let base = w.fx.pin_dir().to_path_buf();
+    let agent = Agent::start(&w.fx, &cfg).unwrap();
+    let programs = attached(&w);
+    let pins = names(&base);
+    let looper = Looper::start(&w);
+
+    let mut agent = agent;
+    agent
+        .signal_and_wait(Signal::SIGTERM, Duration::from_secs(10))
+        .unwrap();
+    drop(agent);
+    let mut stuck = Agent::start_with(&w.fx, &cfg, &["--max-rule-entries", "1"]).unwrap();
+    stuck
+        .wait_log("older layout generations stay attached until this one is ready")
+        .unwrap();
+    // Both generations run side by side, and both have a redirecting record for the workload.
+    assert_eq!(registered(&stuck), both(&w), "{}", stuck.log());
+    looper.wait_ok(50);
+    assert!(base.join("gen1").is_dir());
+    assert_eq!(attached(&w), 2 * programs, "{}", stuck.log());
+    assert!(!stuck.log().contains("upgrade complete"), "{}", stuck.log());
+    stuck.kill9().unwrap();
+    drop(stuck);
+
+    let agent = Agent::start(&w.fx, &cfg).unwrap();
+    agent.wait_log("upgrade complete").unwrap();
+    looper.wait_ok(20);
+    assert_eq!(names(&base), pins, "gen1 left behind");
+    assert_eq!(attached(&w), programs);
+    assert_eq!(registered(&agent), both(&w));
+    assert_clean(looper.finish(), "killed upgrade");
 }
