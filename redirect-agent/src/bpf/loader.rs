@@ -487,8 +487,7 @@ pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
         return Err(BpfError::NotPinned(dir.to_path_buf()));
     }
     let mut report = CleanupReport::default();
-    // Newest first: the generation that redirects goes last, so a connect meanwhile still
-    // meets a complete one.
+    // Every layout generation (bpf/generation.rs), each one links first.
     let mut gens = super::generation::list(dir);
     if !gens.iter().any(|g| g.number == 0) {
         // Stray link or program pins with no map beside them are still this project's.
