@@ -13,6 +13,7 @@ mod plot;
 mod profile;
 mod raw;
 mod report;
+mod report_scale;
 mod results;
 mod scale;
 mod server;
@@ -151,7 +152,7 @@ cargo xtask bench --out DIR  # results into DIR instead of target/bench/<timesta
 It installs what is missing (iptables, bpftool, the eBPF toolchain), builds the agent and the \
 bench processes in release mode, and removes every namespace, cgroup and pin it created, also on \
 Ctrl-C. Raw samples: `conn.csv` (one row per kind × mode × N × run × client threads), `bulk.csv`, \
-`loads.csv`, `scale.csv`, `progs.csv`.
+`loads.csv`, `scale.csv`, `harness.csv`, `progs.csv`.
 ";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -244,6 +245,7 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         iptables_stop: None,
         prog_costs: vec![],
         scale: None,
+        harness: None,
     };
     let p = r.params.clone();
     step("starting one namespace per mode: server, proxy, iptables rules, agent");
@@ -327,6 +329,23 @@ fn measure(bins: &Bins, params: Params) -> Result<Results> {
         p.scale_cidrs,
         p.scale_edits,
     )?);
+    let h = &p.harness;
+    step(&format!(
+        "agent at scale, the harness: {} workloads sharing {} mesh CIDRs + {} with {} of their own, {} rule entries",
+        h.shared_workloads, h.mesh_cidrs, h.own_workloads, h.own_extra_cidrs, h.max_rule_entries
+    ));
+    let h = scale::harness(bins, h)?;
+    eprintln!(
+        "    registered {} of {} ({} on a fallback), {} v4 entries, first reconcile {:.1} ms, edit p99 {:.2} ms, mesh edit {:.1} ms",
+        h.registered,
+        h.workloads,
+        h.on_fallback,
+        h.v4_entries,
+        h.first_reconcile_us as f64 / 1e3,
+        h.edit_p99_us as f64 / 1e3,
+        h.mesh_edit_us as f64 / 1e3
+    );
+    r.harness = Some(h);
     Ok(r)
 }
 

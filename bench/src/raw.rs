@@ -50,6 +50,29 @@ struct ScaleRow {
 }
 
 #[derive(Serialize)]
+struct HarnessRow {
+    shared_workloads: usize,
+    mesh_cidrs: usize,
+    own_workloads: usize,
+    own_extra_cidrs: usize,
+    max_rule_entries: usize,
+    edits: usize,
+    workloads: usize,
+    registered: usize,
+    on_fallback: usize,
+    v4_entries: usize,
+    policy_sets: usize,
+    first_reconcile_us: u64,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+    edit_p50_us: u64,
+    edit_p99_us: u64,
+    unchanged_pass_us: u64,
+    mesh_edit_us: u64,
+    mesh_edit_on_fallback: usize,
+}
+
+#[derive(Serialize)]
 struct ProgRow<'a> {
     n: usize,
     program: &'a str,
@@ -67,7 +90,7 @@ fn write<T: Serialize>(path: &Path, rows: impl IntoIterator<Item = T>) -> Result
     Ok(())
 }
 
-/// Writes every raw sample: conn.csv, bulk.csv, loads.csv, scale.csv, progs.csv.
+/// Writes every raw sample: conn.csv, bulk.csv, loads.csv, scale.csv, harness.csv, progs.csv.
 pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
     write(
         &dir.join("conn.csv"),
@@ -127,6 +150,31 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
                     .map(|(l, us)| row("edit-mesh", Some(l.as_secs_f64() * 1e3), us, after)),
             );
         write(&dir.join("scale.csv"), rows)?;
+    }
+    if let Some(h) = &r.harness {
+        let c = &h.config;
+        let row = HarnessRow {
+            shared_workloads: c.shared_workloads,
+            mesh_cidrs: c.mesh_cidrs,
+            own_workloads: c.own_workloads,
+            own_extra_cidrs: c.own_extra_cidrs,
+            max_rule_entries: c.max_rule_entries,
+            edits: c.edits,
+            workloads: h.workloads,
+            registered: h.registered,
+            on_fallback: h.on_fallback,
+            v4_entries: h.v4_entries,
+            policy_sets: h.policy_sets,
+            first_reconcile_us: h.first_reconcile_us,
+            rss_kib: h.rss_kib,
+            peak_rss_kib: h.peak_rss_kib,
+            edit_p50_us: h.edit_p50_us,
+            edit_p99_us: h.edit_p99_us,
+            unchanged_pass_us: h.unchanged_pass_us,
+            mesh_edit_us: h.mesh_edit_us,
+            mesh_edit_on_fallback: h.mesh_edit_on_fallback,
+        };
+        write(&dir.join("harness.csv"), [row])?;
     }
     if !r.prog_costs.is_empty() {
         write(

@@ -295,61 +295,6 @@ fn load_table(r: &Results, md: &mut String) {
     md.push('\n');
 }
 
-fn scale_section(r: &Results, md: &mut String) {
-    let Some(s) = &r.scale else { return };
-    let mut lat: Vec<u64> = s.edits.iter().map(|e| e.0.as_micros() as u64).collect();
-    lat.sort_unstable();
-    let mut rec: Vec<u64> = s.edits.iter().map(|e| e.1).collect();
-    rec.sort_unstable();
-    let p = |v: &[u64], q: f64| num(super::stats::percentile(v, q) / 1e3, 1);
-    let _ = writeln!(
-        md,
-        "## The agent at scale: {} workloads × {} CIDRs ({} LPM entries)\n",
-        s.workloads,
-        s.cidrs_per_workload,
-        s.workloads * s.cidrs_per_workload
-    );
-    let _ = writeln!(md, "| what | value |\n|---|---:|");
-    let _ = writeln!(
-        md,
-        "| first reconcile (empty maps → all workloads) | {} ms |",
-        num(s.initial_us as f64 / 1e3, 1)
-    );
-    let _ = writeln!(
-        md,
-        "| RSS after it / peak (VmRSS / VmHWM) | {:.1} / {:.1} MiB |",
-        s.rss_kib as f64 / 1024.0,
-        s.hwm_kib as f64 / 1024.0
-    );
-    let _ = writeln!(
-        md,
-        "| one workload's CIDR edited: change-to-applied p50 / p99 ({} edits) | {} / {} ms |",
-        s.edits.len(),
-        p(&lat, 0.5),
-        p(&lat, 0.99)
-    );
-    let _ = writeln!(
-        md,
-        "| … of which the agent's reconcile p50 / p99 | {} / {} ms |",
-        p(&rec, 0.5),
-        p(&rec, 0.99)
-    );
-    if let Some((l, us)) = s.mesh_edit {
-        let _ = writeln!(
-            md,
-            "| mesh-wide edit (every workload changes): change-to-applied / reconcile | {} / {} ms |",
-            num(l.as_secs_f64() * 1e3, 1),
-            num(us as f64 / 1e3, 1)
-        );
-    }
-    let _ = writeln!(
-        md,
-        "| RSS / peak at the end | {:.1} / {:.1} MiB |\n",
-        s.rss_after_kib as f64 / 1024.0,
-        s.hwm_after_kib as f64 / 1024.0
-    );
-}
-
 fn prog_section(r: &Results, md: &mut String) {
     if r.prog_costs.is_empty() {
         return;
@@ -414,7 +359,8 @@ pub fn markdown(r: &Results) -> String {
     md.push_str("![connect latency against N](latency.png)\n\n");
     bulk_table(r, &mut md);
     load_table(r, &mut md);
-    scale_section(r, &mut md);
+    super::report_scale::scale_section(r, &mut md);
+    super::report_scale::harness_section(r, &mut md);
     prog_section(r, &mut md);
     md.push_str(super::REPRODUCE);
     md

@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::results::{BulkSample, LoadSample, Machine, Params, ProgCost, Scale};
+use crate::results::{BulkSample, Harness, LoadSample, Machine, Params, ProgCost, Scale};
 
 fn fake() -> Results {
     let mut conn = vec![];
@@ -71,6 +71,17 @@ fn fake() -> Results {
             edits: vec![(Duration::from_millis(150), 80_000)],
             ..Scale::default()
         }),
+        harness: Some(Harness {
+            config: Default::default(),
+            workloads: 1050,
+            registered: 1050,
+            on_fallback: 41,
+            v4_entries: 1_000_101,
+            policy_sets: 11,
+            first_reconcile_us: 1_500_000,
+            edit_p99_us: 4_000,
+            ..Harness::default()
+        }),
     }
 }
 
@@ -108,12 +119,23 @@ fn writes_report_csv_and_plots() {
         md.contains("iptables stops at N = 100000: too slow"),
         "{md}"
     );
+    // Issue #13's node: 9 full copies of the 100,000-entry list fit beside the shared one.
+    assert!(
+        md.contains("every workload registered with its own policy | 1050 registered, 41 on a fallback | **missed** |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("holds 9 such copies") || md.contains("hold 9 such copies"),
+        "{md}"
+    );
+    assert!(md.contains("reconcile p99 < 5 ms | 4.00 ms"), "{md}");
     for f in [
         "REPORT.md",
         "conn.csv",
         "bulk.csv",
         "loads.csv",
         "scale.csv",
+        "harness.csv",
         "progs.csv",
     ] {
         assert!(dir.join(f).is_file(), "{f}");

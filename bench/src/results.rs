@@ -1,6 +1,8 @@
 //! What a benchmark run measured: raw samples, kept as they came, and the machine they came from.
 use std::time::Duration;
 
+use redirect_agent::reconcile::scale::ScaleConfig;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Mode {
     /// The client connects straight to the destination: no proxy at all (reference).
@@ -111,6 +113,28 @@ pub struct Scale {
     pub hwm_after_kib: u64,
 }
 
+/// The agent's node-scale harness (`redirect_agent::reconcile::scale`, issue #13's scenario)
+/// against in-memory maps of the kernel maps' capacity: `shared` workloads with no policy of their
+/// own sharing a `mesh_cidrs` exclusion list, plus `own` workloads with `extra` CIDRs of their own.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub struct Harness {
+    #[serde(skip)]
+    pub config: ScaleConfig,
+    pub workloads: usize,
+    pub registered: usize,
+    pub on_fallback: usize,
+    pub v4_entries: usize,
+    pub policy_sets: usize,
+    pub first_reconcile_us: u64,
+    pub rss_kib: u64,
+    pub peak_rss_kib: u64,
+    pub edit_p50_us: u64,
+    pub edit_p99_us: u64,
+    pub unchanged_pass_us: u64,
+    pub mesh_edit_us: u64,
+    pub mesh_edit_on_fallback: usize,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Machine {
     pub cpus: usize,
@@ -136,6 +160,8 @@ pub struct Params {
     pub scale_workloads: usize,
     pub scale_cidrs: usize,
     pub scale_edits: usize,
+    /// The agent's node-scale harness (issue #13's scenario by default).
+    pub harness: ScaleConfig,
 }
 
 impl Params {
@@ -155,6 +181,13 @@ impl Params {
                 scale_workloads: 1_000,
                 scale_cidrs: 100,
                 scale_edits: 5,
+                // A fiftieth of the mesh list and of the tries: the same fit, in seconds.
+                harness: ScaleConfig {
+                    mesh_cidrs: 2_000,
+                    edits: 10,
+                    max_rule_entries: ScaleConfig::default().max_rule_entries / 50,
+                    ..ScaleConfig::default()
+                },
             }
         } else {
             Params {
@@ -173,6 +206,7 @@ impl Params {
                 scale_workloads: 1_000,
                 scale_cidrs: 100,
                 scale_edits: 30,
+                harness: ScaleConfig::default(),
             }
         }
     }
@@ -189,4 +223,5 @@ pub struct Results {
     pub iptables_stop: Option<(usize, String)>,
     pub prog_costs: Vec<ProgCost>,
     pub scale: Option<Scale>,
+    pub harness: Option<Harness>,
 }

@@ -1,14 +1,54 @@
-//! The agent at node scale: W workloads (cgroups of their own) with C excluded CIDRs each, as
-//! Istio pod annotations. Measures the first reconcile, the agent's memory, and how long a config
-//! edit takes from the file being replaced to the maps holding it.
-use std::{path::PathBuf, time::Duration};
+//! The agent at node scale, two ways:
+//! - [`run`]: the real agent (file source, real maps) with W workloads (cgroups of their own)
+//!   with C excluded CIDRs each, as Istio pod annotations. Measures the first reconcile, the
+//!   agent's memory, and how long a config edit takes from the file being replaced to the maps
+//!   holding it (the file source's change-to-applied).
+//! - [`harness`]: issue #13's scenario (1,000 workloads sharing a 100,000-CIDR mesh list, 50 with
+//!   extra CIDRs of their own) in the agent's own harness, `redirect_agent::reconcile::scale`,
+//!   against in-memory maps of the kernel tries' capacity, in a process of its own
+//!   (`redirect-bench worker scale`), so that its RSS is the harness's alone.
+use std::{path::PathBuf, process::Command, time::Duration};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
+use redirect_agent::reconcile::scale::ScaleConfig;
 use redirect_tests::Fixture;
 
 use super::{
-    Bins, PROXY_UID, agent::BenchAgent, check_interrupt, iptables::exclusion, results::Scale,
+    Bins, PROXY_UID,
+    agent::BenchAgent,
+    check_interrupt,
+    iptables::exclusion,
+    results::{Harness, Scale},
 };
+
+/// Runs the node-scale harness with `cfg` in a child process and reads its figures.
+pub fn harness(bins: &Bins, cfg: &ScaleConfig) -> Result<Harness> {
+    let out = Command::new(&bins.worker)
+        .args(["worker", "scale"])
+        .args(["--shared-workloads", &cfg.shared_workloads.to_string()])
+        .args(["--mesh-cidrs", &cfg.mesh_cidrs.to_string()])
+        .args(["--own-workloads", &cfg.own_workloads.to_string()])
+        .args(["--own-extra-cidrs", &cfg.own_extra_cidrs.to_string()])
+        .args(["--edits", &cfg.edits.to_string()])
+        .args(["--max-rule-entries", &cfg.max_rule_entries.to_string()])
+        .output()
+        .context("running redirect-bench worker scale")?;
+    if !out.status.success() {
+        bail!(
+            "the scale harness failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let mut h: Harness = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "the scale harness printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    h.config = cfg.clone();
+    Ok(h)
+}
 
 const ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
 /// A mesh-wide excluded port: the edit that changes every workload's policy at once (the pods'

@@ -3,8 +3,9 @@ use std::fmt::Write as _;
 
 use super::{
     report::{kind_ratio, med, ratio, ratio_of, sizes, verdict},
-    results::{ConnSample, Kind, Mode, Results},
-    stats::median,
+    report_scale::ideal_entries,
+    results::{ConnSample, Harness, Kind, Mode, Results},
+    stats::{median, percentile},
 };
 
 pub fn targets(r: &Results, md: &mut String) {
@@ -106,6 +107,70 @@ pub fn targets(r: &Results, md: &mut String) {
             s.rss_kib as f64 / 1024.0,
             verdict(peak < 50.0)
         );
+        let mut lat: Vec<u64> = s.edits.iter().map(|e| e.0.as_micros() as u64).collect();
+        lat.sort_unstable();
+        let p99 = percentile(&lat, 0.99) / 1e3;
+        if p99.is_finite() {
+            let _ = writeln!(
+                md,
+                "| file source: one workload's edit, change-to-applied p99 < 100 ms ({} workloads, real agent) | {p99:.1} ms | {} |",
+                s.workloads,
+                verdict(p99 < 100.0)
+            );
+        }
+    }
+    if let Some(h) = &r.harness {
+        harness_targets(h, md);
     }
     md.push('\n');
+}
+
+/// Issue #13's node targets, from the agent's harness.
+fn harness_targets(h: &Harness, md: &mut String) {
+    let c = &h.config;
+    let _ = writeln!(
+        md,
+        "| {} + {} workloads ({} mesh CIDRs): every workload registered with its own policy | {} registered, {} on a fallback | {} |",
+        c.shared_workloads,
+        c.own_workloads,
+        c.mesh_cidrs,
+        h.registered,
+        h.on_fallback,
+        verdict(h.registered == h.workloads && h.on_fallback == 0)
+    );
+    let ideal = ideal_entries(h);
+    let _ = writeln!(
+        md,
+        "| … trie entries ≈ the mesh list + the extras ({ideal}) | {} | {} |",
+        h.v4_entries,
+        verdict(h.v4_entries as f64 <= ideal as f64 * 1.01 && h.on_fallback == 0)
+    );
+    let ms = |us: u64| us as f64 / 1e3;
+    let _ = writeln!(
+        md,
+        "| … first reconcile < 2 s | {:.0} ms | {} |",
+        ms(h.first_reconcile_us),
+        verdict(h.first_reconcile_us < 2_000_000)
+    );
+    let _ = writeln!(
+        md,
+        "| … RSS < 100 MiB | {:.1} MiB after the first reconcile, peak {:.1} MiB (in-memory maps included) | {} |",
+        h.rss_kib as f64 / 1024.0,
+        h.peak_rss_kib as f64 / 1024.0,
+        verdict(h.peak_rss_kib < 100 * 1024)
+    );
+    let _ = writeln!(
+        md,
+        "| one-workload edit at {} workloads: reconcile p99 < 5 ms | {:.2} ms (p50 {:.2} ms) | {} |",
+        h.workloads,
+        ms(h.edit_p99_us),
+        ms(h.edit_p50_us),
+        verdict(h.edit_p99_us < 5_000)
+    );
+    let _ = writeln!(
+        md,
+        "| mesh-wide edit < 1 s | {:.0} ms | {} |",
+        ms(h.mesh_edit_us),
+        verdict(h.mesh_edit_us < 1_000_000)
+    );
 }

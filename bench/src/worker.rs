@@ -1,5 +1,6 @@
 //! `redirect-bench worker …`: the processes the benchmark starts inside its network namespaces
-//! (server, load client); the proxy is redirect-testproxy.
+//! (server, load client), and the agent's node-scale harness in a process of its own (so that
+//! its RSS is the harness's, not the bench's); the proxy is redirect-testproxy.
 use std::{
     io::{BufRead as _, Write as _},
     net::SocketAddr,
@@ -9,6 +10,7 @@ use std::{
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use redirect_agent::reconcile::scale::{self, ScaleConfig};
 use serde_json::{Value, json};
 
 use super::{client, server};
@@ -42,6 +44,22 @@ enum Role {
         serve: bool,
         #[command(flatten)]
         job: Job,
+    },
+    /// The agent's node-scale harness (redirect_agent::reconcile::scale) against in-memory maps;
+    /// prints its figures as one JSON line.
+    Scale {
+        #[arg(long)]
+        shared_workloads: usize,
+        #[arg(long)]
+        mesh_cidrs: usize,
+        #[arg(long)]
+        own_workloads: usize,
+        #[arg(long)]
+        own_extra_cidrs: usize,
+        #[arg(long)]
+        edits: usize,
+        #[arg(long)]
+        max_rule_entries: usize,
     },
 }
 
@@ -101,6 +119,44 @@ fn serve(dst: SocketAddr, cpu_stat: Option<&Path>) -> Result<()> {
 pub fn main(args: Vec<String>) -> Result<()> {
     match WorkerCli::try_parse_from(args)?.role {
         Role::Server { listen, threads } => server::run(listen, threads),
+        Role::Scale {
+            shared_workloads,
+            mesh_cidrs,
+            own_workloads,
+            own_extra_cidrs,
+            edits,
+            max_rule_entries,
+        } => {
+            let cfg = ScaleConfig {
+                shared_workloads,
+                mesh_cidrs,
+                own_workloads,
+                own_extra_cidrs,
+                edits,
+                max_rule_entries,
+            };
+            let r = scale::run(&cfg);
+            let us = |d: Duration| d.as_micros() as u64;
+            println!(
+                "{}",
+                json!({
+                    "workloads": r.workloads,
+                    "registered": r.registered,
+                    "on_fallback": r.on_fallback,
+                    "v4_entries": r.v4_entries,
+                    "policy_sets": r.policy_sets,
+                    "first_reconcile_us": us(r.first_reconcile),
+                    "rss_kib": r.rss_bytes / 1024,
+                    "peak_rss_kib": r.peak_rss_bytes / 1024,
+                    "edit_p50_us": us(r.edit_p50),
+                    "edit_p99_us": us(r.edit_p99),
+                    "unchanged_pass_us": us(r.unchanged_pass),
+                    "mesh_edit_us": us(r.mesh_edit),
+                    "mesh_edit_on_fallback": r.mesh_edit_on_fallback,
+                })
+            );
+            Ok(())
+        }
         Role::Client {
             dst,
             cpu_stat,

@@ -10,16 +10,26 @@
 //! | `CAP_NET_ADMIN`| loading cgroup socket programs (sock_addr, sock_ops, sockopt): `BPF_PROG_LOAD ... Operation not permitted` |
 //! | `CAP_PERFMON`  | the verifier allows the datapath's pointer arithmetic only with it: `pointer arithmetic with it prohibited for !root` |
 //!
-//! `CAP_SYS_ADMIN` implies `CAP_BPF` and `CAP_PERFMON` (the kernel's `bpf_capable()` and
-//! `perfmon_capable()`), so a privileged agent passes too. It is not needed: what it adds is the
-//! BPF id walk (`BPF_PROG_GET_NEXT_ID`) that lets a restart *adopt* its pinned links; without
-//! it a restart attaches fresh links and swaps the pins, which leaves no gap either.
+//! Inbound interception in the Kubernetes source (`--inbound`, on by default) adds two, and the
+//! host's PID namespace (`hostPID`):
+//!
+//! | capability       | why |
+//! |------------------|-----|
+//! | `CAP_SYS_PTRACE` | opening a pod process's `/proc/PID/ns/net` (another user's: a ptrace read check, `Permission denied`) and taking the proxy's listener with pidfd_getfd (backfill) |
+//! | `CAP_SYS_ADMIN`  | setns(2) into the pod's netns to read its cookie (`SO_NETNS_COOKIE`), which the sk_lookup program is loaded with: `Operation not permitted` |
+//!
+//! `--inbound=false` needs neither. `CAP_SYS_ADMIN` implies `CAP_BPF` and `CAP_PERFMON` (the
+//! kernel's `bpf_capable()` and `perfmon_capable()`), so a privileged agent passes too. Without
+//! inbound it is not needed: what it adds there is the BPF id walk (`BPF_PROG_GET_NEXT_ID`) that
+//! lets a restart *adopt* its pinned links; without it a restart attaches fresh links and swaps
+//! the pins, which leaves no gap either.
 use std::{fmt, fs, io};
 
 /// A capability the agent cares about, with its number from linux/capability.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cap {
     NetAdmin = 12,
+    SysPtrace = 19,
     SysAdmin = 21,
     Perfmon = 38,
     Bpf = 39,
@@ -29,6 +39,7 @@ impl Cap {
     pub fn name(self) -> &'static str {
         match self {
             Cap::NetAdmin => "CAP_NET_ADMIN",
+            Cap::SysPtrace => "CAP_SYS_PTRACE",
             Cap::SysAdmin => "CAP_SYS_ADMIN",
             Cap::Perfmon => "CAP_PERFMON",
             Cap::Bpf => "CAP_BPF",
@@ -67,6 +78,18 @@ pub const RUN: [(Cap, &str); 3] = [
     ),
 ];
 
+/// What inbound interception in the Kubernetes source adds.
+pub const INBOUND: [(Cap, &str); 2] = [
+    (
+        Cap::SysAdmin,
+        "inbound interception (--inbound): needed to join a pod's network namespace (setns) and read its cookie",
+    ),
+    (
+        Cap::SysPtrace,
+        "inbound interception (--inbound): needed to open a pod process's /proc/PID/ns/net and to take the proxy's listener (pidfd_getfd)",
+    ),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum CapsError {
     #[error("reading {path}: {source}")]
@@ -76,8 +99,12 @@ pub enum CapsError {
     },
     #[error("{path}: no parsable CapEff line")]
     Parse { path: &'static str },
-    #[error("{}", missing_message(.missing, *.effective))]
-    Missing { missing: Vec<Cap>, effective: u64 },
+    #[error("{}", missing_message(.missing, *.effective, *.inbound))]
+    Missing {
+        missing: Vec<Cap>,
+        effective: u64,
+        inbound: bool,
+    },
 }
 
 const STATUS: &str = "/proc/self/status";
@@ -98,9 +125,11 @@ fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
-/// The capabilities of [`RUN`] that `effective` lacks.
-pub fn missing_for_run(effective: u64) -> Vec<Cap> {
+/// The capabilities of [`RUN`] (and of [`INBOUND`] if `inbound`) that `effective` lacks.
+pub fn missing_for_run(effective: u64, inbound: bool) -> Vec<Cap> {
+    let extra: &[(Cap, &str)] = if inbound { &INBOUND } else { &[] };
     RUN.iter()
+        .chain(extra)
         .map(|(cap, _)| *cap)
         .filter(|cap| !cap.granted(effective))
         .collect()
@@ -109,13 +138,17 @@ pub fn missing_for_run(effective: u64) -> Vec<Cap> {
 /// Fails with a message naming every missing capability and what it is for. Call it first in
 /// `run`, before anything touches the kernel, so a missing capability leaves nothing half
 /// attached.
-pub fn require_for_run() -> Result<(), CapsError> {
+pub fn require_for_run(inbound: bool) -> Result<(), CapsError> {
     let effective = effective()?;
-    let missing = missing_for_run(effective);
+    let missing = missing_for_run(effective, inbound);
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(CapsError::Missing { missing, effective })
+        Err(CapsError::Missing {
+            missing,
+            effective,
+            inbound,
+        })
     }
 }
 
@@ -124,29 +157,46 @@ pub fn can_adopt_links(effective: u64) -> bool {
     effective & Cap::SysAdmin.bit() != 0
 }
 
-fn missing_message(missing: &[Cap], effective: u64) -> String {
+fn missing_message(missing: &[Cap], effective: u64, inbound: bool) -> String {
     let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
     let mut msg = format!(
-        "missing capabilit{} {}: redirect-agent run needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (effective set: {})",
+        "missing capabilit{} {}: redirect-agent run needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON{} (effective set: {})",
         if missing.len() == 1 { "y" } else { "ies" },
         names.join(", "),
+        if inbound {
+            ", and for inbound interception (--inbound, on by default) CAP_SYS_ADMIN and CAP_SYS_PTRACE"
+        } else {
+            ""
+        },
         describe(effective)
     );
     for cap in missing {
-        if let Some((_, why)) = RUN.iter().find(|(c, _)| c == cap) {
+        if let Some((_, why)) = RUN.iter().chain(&INBOUND).find(|(c, _)| c == cap) {
             msg.push_str(&format!("\n  - {cap}: {why}"));
         }
     }
     msg.push_str(
         "\ngrant them in the container's securityContext.capabilities.add (deploy/base/daemonset.yaml \
-         adds exactly BPF, NET_ADMIN and PERFMON), or run as root with the full capability set",
+         adds exactly BPF, NET_ADMIN, PERFMON, SYS_ADMIN and SYS_PTRACE, with hostPID: true), or run as \
+         root with the full capability set",
     );
+    if inbound {
+        msg.push_str(
+            "; or turn inbound interception off with --inbound=false, which needs only the first three",
+        );
+    }
     msg
 }
 
 /// The effective set as names (the ones we know) plus the raw mask.
 fn describe(effective: u64) -> String {
-    let known = [Cap::Bpf, Cap::NetAdmin, Cap::Perfmon, Cap::SysAdmin];
+    let known = [
+        Cap::Bpf,
+        Cap::NetAdmin,
+        Cap::Perfmon,
+        Cap::SysAdmin,
+        Cap::SysPtrace,
+    ];
     let names: Vec<&str> = known
         .iter()
         .filter(|c| effective & c.bit() != 0)
@@ -179,24 +229,24 @@ mod tests {
 
     #[test]
     fn exactly_the_three_pass() {
-        assert!(missing_for_run(BPF | NET_ADMIN | PERFMON).is_empty());
+        assert!(missing_for_run(BPF | NET_ADMIN | PERFMON, false).is_empty());
     }
 
     #[test]
     fn each_missing_one_is_named() {
-        assert_eq!(missing_for_run(NET_ADMIN | PERFMON), vec![Cap::Bpf]);
-        assert_eq!(missing_for_run(BPF | PERFMON), vec![Cap::NetAdmin]);
-        assert_eq!(missing_for_run(BPF | NET_ADMIN), vec![Cap::Perfmon]);
+        assert_eq!(missing_for_run(NET_ADMIN | PERFMON, false), vec![Cap::Bpf]);
+        assert_eq!(missing_for_run(BPF | PERFMON, false), vec![Cap::NetAdmin]);
+        assert_eq!(missing_for_run(BPF | NET_ADMIN, false), vec![Cap::Perfmon]);
         assert_eq!(
-            missing_for_run(0),
+            missing_for_run(0, false),
             vec![Cap::Bpf, Cap::NetAdmin, Cap::Perfmon]
         );
     }
 
     #[test]
     fn sys_admin_stands_in_for_bpf_and_perfmon_but_not_net_admin() {
-        assert!(missing_for_run(SYS_ADMIN | NET_ADMIN).is_empty());
-        assert_eq!(missing_for_run(SYS_ADMIN), vec![Cap::NetAdmin]);
+        assert!(missing_for_run(SYS_ADMIN | NET_ADMIN, false).is_empty());
+        assert_eq!(missing_for_run(SYS_ADMIN, false), vec![Cap::NetAdmin]);
     }
 
     #[test]
@@ -204,6 +254,7 @@ mod tests {
         let e = CapsError::Missing {
             missing: vec![Cap::Perfmon],
             effective: BPF | NET_ADMIN,
+            inbound: false,
         };
         let msg = e.to_string();
         assert!(msg.starts_with("missing capability CAP_PERFMON:"), "{msg}");
@@ -216,5 +267,37 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("- CAP_BPF"), "{msg}");
+    }
+
+    const SYS_PTRACE: u64 = 1 << 19;
+
+    #[test]
+    fn inbound_adds_sys_admin_and_sys_ptrace() {
+        let base = BPF | NET_ADMIN | PERFMON;
+        assert!(missing_for_run(base, false).is_empty());
+        assert_eq!(
+            missing_for_run(base, true),
+            vec![Cap::SysAdmin, Cap::SysPtrace]
+        );
+        assert_eq!(
+            missing_for_run(base | SYS_ADMIN, true),
+            vec![Cap::SysPtrace]
+        );
+        assert!(missing_for_run(base | SYS_ADMIN | SYS_PTRACE, true).is_empty());
+        let msg = CapsError::Missing {
+            missing: vec![Cap::SysPtrace],
+            effective: base | SYS_ADMIN,
+            inbound: true,
+        }
+        .to_string();
+        assert!(
+            msg.starts_with("missing capability CAP_SYS_PTRACE:"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("- CAP_SYS_PTRACE: inbound interception"),
+            "{msg}"
+        );
+        assert!(msg.contains("--inbound=false"), "{msg}");
     }
 }

@@ -277,6 +277,19 @@ impl Collector for KernelCollector {
                 ConstCounter::new(n).encode(e.encode_family(&[("event", c.name())])?)?;
             }
         }
+        if let Ok(counters) = crate::bpf::dns::dns_stats(&self.dir)
+            && !counters.is_empty()
+        {
+            let mut e = encoder.encode_descriptor(
+                "dns_events",
+                "DNS capture events of the sendmsg/recvmsg/connect/getpeername programs, by event",
+                None,
+                MetricType::Counter,
+            )?;
+            for (ev, n) in counters {
+                ConstCounter::new(n).encode(e.encode_family(&[("event", ev.name())])?)?;
+            }
+        }
         let mut e = encoder.encode_descriptor(
             "map_capacity",
             "max_entries of each pinned map",

@@ -42,59 +42,28 @@ pub struct DnsOrig {
     pub _pad: u16,
 }
 
-/// Index into the per-CPU `DNS_STATS` array: one slot per DNS decision or event.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DnsEvent {
-    /// A UDP datagram (sendmsg with an address) went to the DNS listener.
-    UdpCaptured = 0,
-    /// A UDP connect went to the DNS listener.
-    UdpConnectCaptured = 1,
-    /// A TCP connect went to the DNS listener.
-    TcpCaptured = 2,
-    /// Port 53 from the proxy itself (its cgroup or uid): left alone.
-    BypassProxy = 3,
-    /// Port 53 from a registered workload whose DNS capture is off: left alone.
-    Off = 4,
-    /// Port 53 from a cgroup with no registered workload: left alone.
-    NotInMesh = 5,
-    /// A reply's source was rewritten back to the original server (recvmsg).
-    Restored = 6,
-    /// getpeername was shown the original server.
-    Peername = 7,
-    /// The socket-local record could not be created: the query still goes to the listener, but
-    /// its reply keeps the listener's source.
-    StoreFailed = 8,
-}
-
-pub const DNS_EVENT_COUNT: u32 = 9;
-
-impl DnsEvent {
-    pub const ALL: [DnsEvent; DNS_EVENT_COUNT as usize] = [
-        DnsEvent::UdpCaptured,
-        DnsEvent::UdpConnectCaptured,
-        DnsEvent::TcpCaptured,
-        DnsEvent::BypassProxy,
-        DnsEvent::Off,
-        DnsEvent::NotInMesh,
-        DnsEvent::Restored,
-        DnsEvent::Peername,
-        DnsEvent::StoreFailed,
-    ];
-
-    /// Stable name used in `inspect` and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            DnsEvent::UdpCaptured => "udp_captured",
-            DnsEvent::UdpConnectCaptured => "udp_connect_captured",
-            DnsEvent::TcpCaptured => "tcp_captured",
-            DnsEvent::BypassProxy => "bypass_proxy",
-            DnsEvent::Off => "off",
-            DnsEvent::NotInMesh => "not_in_mesh",
-            DnsEvent::Restored => "restored",
-            DnsEvent::Peername => "peername",
-            DnsEvent::StoreFailed => "store_failed",
-        }
+counter_enum! {
+    /// Index into the per-CPU `DNS_STATS` array: one slot per DNS decision or event.
+    pub enum DnsEvent (DNS_EVENT_COUNT) {
+        /// A UDP datagram (sendmsg with an address) went to the DNS listener.
+        UdpCaptured = 0 => "udp_captured",
+        /// A UDP connect went to the DNS listener.
+        UdpConnectCaptured = 1 => "udp_connect_captured",
+        /// A TCP connect went to the DNS listener.
+        TcpCaptured = 2 => "tcp_captured",
+        /// Port 53 from the proxy itself (its cgroup or uid): left alone.
+        BypassProxy = 3 => "bypass_proxy",
+        /// Port 53 from a registered workload whose DNS capture is off: left alone.
+        Off = 4 => "off",
+        /// Port 53 from a cgroup with no registered workload: left alone.
+        NotInMesh = 5 => "not_in_mesh",
+        /// A reply's source was rewritten back to the original server (recvmsg).
+        Restored = 6 => "restored",
+        /// getpeername was shown the original server.
+        Peername = 7 => "peername",
+        /// The socket-local record could not be created: the query still goes to the listener, but
+        /// its reply keeps the listener's source.
+        StoreFailed = 8 => "store_failed",
     }
 }
 

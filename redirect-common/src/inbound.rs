@@ -52,62 +52,29 @@ pub struct ListenerKey {
     pub _pad: u32,
 }
 
-/// Index into the per-CPU `IN_STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum InboundCounter {
-    /// Steered to the proxy's listener.
-    Steered = 0,
-    /// Arrived on lo: the normal lookup (step 1).
-    Loopback = 1,
-    /// Excluded destination port (step 2).
-    ExcludedPort = 2,
-    /// Excluded source (step 3).
-    ExcludedSource = 3,
-    /// No included port matched (step 5).
-    NotIncluded = 4,
-    /// To be steered, but no listener on the proxy port: refused (SK_DROP).
-    NoListener = 5,
-    /// The listener refused the assignment (e.g. a v6-only listener for IPv4): refused.
-    AssignFailed = 6,
-    /// A lookup in a netns with no record (not meshed): the normal lookup.
-    NotInMesh = 7,
-    /// A listener was recorded in `IN_LISTEN`.
-    ListenerAdded = 8,
-    /// Recording a listener failed (map full).
-    ListenerFailed = 9,
-}
-
-pub const INBOUND_COUNTER_COUNT: u32 = 10;
-
-impl InboundCounter {
-    pub const ALL: [InboundCounter; INBOUND_COUNTER_COUNT as usize] = [
-        InboundCounter::Steered,
-        InboundCounter::Loopback,
-        InboundCounter::ExcludedPort,
-        InboundCounter::ExcludedSource,
-        InboundCounter::NotIncluded,
-        InboundCounter::NoListener,
-        InboundCounter::AssignFailed,
-        InboundCounter::NotInMesh,
-        InboundCounter::ListenerAdded,
-        InboundCounter::ListenerFailed,
-    ];
-
-    /// Stable name used in `inspect` and metrics labels.
-    pub const fn name(self) -> &'static str {
-        match self {
-            InboundCounter::Steered => "steered",
-            InboundCounter::Loopback => "loopback",
-            InboundCounter::ExcludedPort => "excluded_port",
-            InboundCounter::ExcludedSource => "excluded_source",
-            InboundCounter::NotIncluded => "not_included",
-            InboundCounter::NoListener => "no_listener",
-            InboundCounter::AssignFailed => "assign_failed",
-            InboundCounter::NotInMesh => "not_in_mesh",
-            InboundCounter::ListenerAdded => "listener_added",
-            InboundCounter::ListenerFailed => "listener_failed",
-        }
+counter_enum! {
+    /// Index into the per-CPU `IN_STATS` array.
+    pub enum InboundCounter (INBOUND_COUNTER_COUNT) {
+        /// Steered to the proxy's listener.
+        Steered = 0 => "steered",
+        /// Arrived on lo: the normal lookup (step 1).
+        Loopback = 1 => "loopback",
+        /// Excluded destination port (step 2).
+        ExcludedPort = 2 => "excluded_port",
+        /// Excluded source (step 3).
+        ExcludedSource = 3 => "excluded_source",
+        /// No included port matched (step 5).
+        NotIncluded = 4 => "not_included",
+        /// To be steered, but no listener on the proxy port: refused (SK_DROP).
+        NoListener = 5 => "no_listener",
+        /// The listener refused the assignment (e.g. a v6-only listener for IPv4): refused.
+        AssignFailed = 6 => "assign_failed",
+        /// A lookup in a netns with no record (not meshed): the normal lookup.
+        NotInMesh = 7 => "not_in_mesh",
+        /// A listener was recorded in `IN_LISTEN`.
+        ListenerAdded = 8 => "listener_added",
+        /// Recording a listener failed (map full).
+        ListenerFailed = 9 => "listener_failed",
     }
 }
 

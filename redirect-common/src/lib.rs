@@ -5,6 +5,8 @@
 //! types implement `aya::Pod` so that userspace can read and write the maps.
 #![no_std]
 
+#[macro_use]
+mod counters;
 pub mod decide;
 pub mod dns;
 pub mod inbound;
@@ -22,25 +24,34 @@ pub mod map_names {
     pub const CIDR_V6: &str = "CIDR_V6";
     pub const PORTS: &str = "PORTS";
     pub const COUNTERS: &str = "COUNTERS";
-    /// Original destinations of redirected client sockets, by socket cookie.
-    pub const ORIG_COOKIE: &str = "ORIG_COOKIE";
-    /// Original destinations of established redirected connections, by {netns, 4-tuple}.
+    /// Hand-offs of original destinations from client sockets to the proxy's accepted sockets,
+    /// by {netns, 4-tuple}; each lives from the client's establishment to the proxy's.
     pub const ORIG_TUPLE: &str = "ORIG_TUPLE";
     /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
     pub const ORIG_STATS: &str = "ORIG_STATS";
-    /// Socket-local storage: the socket's owner uid and where a redirect sent it (`SockState`).
+    /// Socket-local storage: the socket's owner uid and its original-destination record
+    /// (`SockState`).
     pub const SOCK_STATE: &str = "SOCK_STATE";
-    pub const ALL: [&str; 9] = [
+    /// Slot 0: the generation of the `POLICY` registrations, bumped by the agent after every
+    /// `POLICY` write so that `CGROUP_CACHE` entries of earlier generations are not used.
+    pub const POLICY_GEN: &str = "POLICY_GEN";
+    /// Current cgroup id → the registered workload it belongs to (`CgroupCache`).
+    pub const CGROUP_CACHE: &str = "CGROUP_CACHE";
+    pub const ALL: [&str; 10] = [
         POLICY,
         CIDR_V4,
         CIDR_V6,
         PORTS,
         COUNTERS,
-        ORIG_COOKIE,
         ORIG_TUPLE,
         ORIG_STATS,
         SOCK_STATE,
+        POLICY_GEN,
+        CGROUP_CACHE,
     ];
+    /// Maps earlier builds pinned and this one no longer has (`ORIG_COOKIE`: client records by
+    /// socket cookie, now in `SOCK_STATE`): still ours for `cleanup` to remove.
+    pub const RETIRED: [&str; 1] = ["ORIG_COOKIE"];
 }
 
 /// `Policy::flags` bits.
@@ -137,49 +148,18 @@ pub const MAX_RULE_ENTRIES: u32 = 1 << 20;
 /// Bits of the policy id at the front of every LPM key.
 pub const POLICY_ID_BITS: u32 = 32;
 
-/// Index into the per-CPU `COUNTERS` array: one slot per decision of the connect programs.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
-    Redirected = 0,
-    BypassProxy = 1,
-    BypassPort = 2,
-    BypassLoopback = 3,
-    BypassCidr = 4,
-    BypassNotIncluded = 5,
-    NotInMesh = 6,
-    Disabled = 7,
-    Error = 8,
-}
-
-pub const DECISION_COUNT: u32 = 9;
-
-impl Decision {
-    pub const ALL: [Decision; DECISION_COUNT as usize] = [
-        Decision::Redirected,
-        Decision::BypassProxy,
-        Decision::BypassPort,
-        Decision::BypassLoopback,
-        Decision::BypassCidr,
-        Decision::BypassNotIncluded,
-        Decision::NotInMesh,
-        Decision::Disabled,
-        Decision::Error,
-    ];
-
-    /// Stable name used in metrics labels and `inspect`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            Decision::Redirected => "redirected",
-            Decision::BypassProxy => "bypass_proxy",
-            Decision::BypassPort => "bypass_port",
-            Decision::BypassLoopback => "bypass_loopback",
-            Decision::BypassCidr => "bypass_cidr",
-            Decision::BypassNotIncluded => "bypass_not_included",
-            Decision::NotInMesh => "not_in_mesh",
-            Decision::Disabled => "disabled",
-            Decision::Error => "error",
-        }
+counter_enum! {
+    /// Index into the per-CPU `COUNTERS` array: one slot per decision of the connect programs.
+    pub enum Decision (DECISION_COUNT) {
+        Redirected = 0 => "redirected",
+        BypassProxy = 1 => "bypass_proxy",
+        BypassPort = 2 => "bypass_port",
+        BypassLoopback = 3 => "bypass_loopback",
+        BypassCidr = 4 => "bypass_cidr",
+        BypassNotIncluded = 5 => "bypass_not_included",
+        NotInMesh = 6 => "not_in_mesh",
+        Disabled = 7 => "disabled",
+        Error = 8 => "error",
     }
 }
 
@@ -197,8 +177,8 @@ pub mod orig_flags {
 /// (level SOL_IPV6).
 pub const SO_ORIGINAL_DST: i32 = 80;
 
-/// The destination a redirected connection was meant for: the value of `ORIG_COOKIE` and
-/// `ORIG_TUPLE`.
+/// The destination a redirected connection was meant for: the value of `ORIG_TUPLE`, and the
+/// `orig` of a socket's `SockState`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct OrigDst {
@@ -220,12 +200,14 @@ pub struct SockState {
     /// [`sock_state_flags`].
     pub flags: u32,
     /// Where the last redirecting connect sent the socket (the proxy), in IPv6 form (IPv4
-    /// v4-mapped): getpeername answers from the original-destination record only while the
-    /// socket's real peer is this.
+    /// v4-mapped): getpeername answers from `orig` only while the socket's real peer is this.
     pub peer_addr: [u8; 16],
     /// Big-endian port of `peer_addr`.
     pub peer_port: [u8; 2],
     pub _pad: [u8; 2],
+    /// The original destination: the client's own (`CLIENT_ORIG`) or the proxy's accepted
+    /// socket's copy (`PROXY_ORIG`).
+    pub orig: OrigDst,
 }
 
 /// `SockState::flags` bits.
@@ -234,6 +216,32 @@ pub mod sock_state_flags {
     pub const HAS_OWNER: u32 = 1 << 0;
     /// `peer_addr`/`peer_port` are set.
     pub const HAS_PEER: u32 = 1 << 1;
+    /// `orig` is this redirected client socket's original destination (getpeername).
+    pub const CLIENT_ORIG: u32 = 1 << 2;
+    /// `orig` is the original destination of the connection this proxy socket accepted
+    /// (getsockopt SO_ORIGINAL_DST).
+    pub const PROXY_ORIG: u32 = 1 << 3;
+}
+
+/// Capacity of `CGROUP_CACHE`: cgroups that create or connect TCP sockets under the attached
+/// tree. LRU, so a cgroup that goes away is evicted in time; a miss only costs a walk.
+pub const CGROUP_CACHE_ENTRIES: u32 = 16384;
+
+/// Value of `CGROUP_CACHE`, keyed by the current cgroup id: what the ancestor walk found for
+/// that cgroup, valid while `generation` is the one in `POLICY_GEN`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CgroupCache {
+    /// The key again: a reader checks it after copying the entry (an LRU node can be recycled
+    /// for another key while it is read).
+    pub cgroup_id: u64,
+    /// `POLICY_GEN` as read before the walk.
+    pub generation: u64,
+    /// The nearest registered ancestor (its `POLICY` key), 0 = not in the mesh.
+    pub workload_cgroup: u64,
+    /// 1 if the cgroup is (or is under) that workload's proxy container cgroup.
+    pub in_proxy_cgroup: u32,
+    pub _pad: u32,
 }
 
 /// Key of `ORIG_TUPLE`: a connection as the proxy's accepted socket sees it. Addresses are in IPv6
@@ -255,55 +263,30 @@ pub struct OrigTupleKey {
     pub _pad: [u8; 4],
 }
 
-/// Index into the per-CPU `ORIG_STATS` array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OrigEvent {
-    /// A redirect recorded its original destination under the socket cookie.
-    Recorded = 0,
-    /// The cookie record could not be written (the connection still goes to the proxy, which will
-    /// not learn the original destination).
-    RecordFailed = 1,
-    /// The client side was established and the record copied to its 4-tuple.
-    Established = 2,
-    /// The proxy side was established and found its record.
-    Accepted = 3,
-    /// A getsockopt(SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST) was answered.
-    Answered = 4,
-    /// A getpeername was shown the original destination.
-    Peername = 5,
-    /// A redirected client socket closed and its cookie record was deleted.
-    ClientClosed = 6,
-    /// A proxy socket closed and its 4-tuple record was deleted.
-    ProxyClosed = 7,
-}
-
-pub const ORIG_EVENT_COUNT: u32 = 8;
-
-impl OrigEvent {
-    pub const ALL: [OrigEvent; ORIG_EVENT_COUNT as usize] = [
-        OrigEvent::Recorded,
-        OrigEvent::RecordFailed,
-        OrigEvent::Established,
-        OrigEvent::Accepted,
-        OrigEvent::Answered,
-        OrigEvent::Peername,
-        OrigEvent::ClientClosed,
-        OrigEvent::ProxyClosed,
-    ];
-
-    /// Stable name used in `inspect` and metrics.
-    pub const fn name(self) -> &'static str {
-        match self {
-            OrigEvent::Recorded => "recorded",
-            OrigEvent::RecordFailed => "record_failed",
-            OrigEvent::Established => "established",
-            OrigEvent::Accepted => "accepted",
-            OrigEvent::Answered => "answered",
-            OrigEvent::Peername => "peername",
-            OrigEvent::ClientClosed => "client_closed",
-            OrigEvent::ProxyClosed => "proxy_closed",
-        }
+counter_enum! {
+    /// Index into the per-CPU `ORIG_STATS` array. Slots 6 and 7 counted close callbacks in
+    /// earlier builds (`client_closed`, `proxy_closed`); records now live in socket-local
+    /// storage, which the kernel frees with the socket, so there is nothing left to count there.
+    pub enum OrigEvent (ORIG_EVENT_COUNT) {
+        /// A redirect recorded its original destination in the client socket's storage.
+        Recorded = 0 => "recorded",
+        /// The client socket's storage could not be created (the connection still goes to the
+        /// proxy, which will not learn the original destination).
+        RecordFailed = 1 => "record_failed",
+        /// The client side was established and its record handed off under its 4-tuple.
+        Established = 2 => "established",
+        /// The proxy's accepted socket took the hand-off into its own storage (and deleted it).
+        Accepted = 3 => "accepted",
+        /// A getsockopt(SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST) was answered.
+        Answered = 4 => "answered",
+        /// A getpeername was shown the original destination.
+        Peername = 5 => "peername",
+        /// The proxy's accepted socket found its hand-off but could not store it: the hand-off
+        /// stays in `ORIG_TUPLE`, getsockopt answers from there, and LRU bounds it.
+        AcceptFailed = 6 => "accept_failed",
+        /// The hand-off could not be written (`ORIG_TUPLE` update failed): the proxy will not
+        /// learn the original destination.
+        HandOffFailed = 7 => "handoff_failed",
     }
 }
 
@@ -317,4 +300,6 @@ mod pod {
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for OrigTupleKey {}
+    unsafe impl aya::Pod for CgroupCache {}
+    unsafe impl aya::Pod for SockState {}
 }

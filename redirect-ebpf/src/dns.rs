@@ -14,7 +14,7 @@
 //!
 //! Never for the proxy itself (its cgroup or uid), so its upstream queries go out. Excluded
 //! CIDRs and ports do not apply (docs/policy.md).
-use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::ptr::{addr_of, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -30,7 +30,14 @@ use redirect_common::{
     },
 };
 
-use crate::connect::{lookup_policy, read_ip6, write_ip6};
+use crate::{
+    addr::{
+        ctx_ip4, ctx_ip6 as read_ip6, ctx_port, mapped, set_ctx_ip4, set_ctx_ip6 as write_ip6,
+        set_ctx_port as set_port,
+    },
+    maps::bump,
+    resolve::lookup_policy,
+};
 
 /// Socket → the server it addressed and the listener it went to instead.
 #[btf_map]
@@ -47,33 +54,7 @@ const SOCK_DGRAM: u32 = 2;
 
 #[inline(always)]
 fn count(event: DnsEvent) {
-    if let Some(slot) = DNS_STATS.get_ptr_mut(event as u32) {
-        // Per-CPU slot: no other writer can race with this increment.
-        unsafe { *slot += 1 };
-    }
-}
-
-#[inline(always)]
-fn mapped(ip: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
-    ]
-}
-
-/// Big-endian port of the context (`user_port` holds it in the low 16 bits, network order).
-#[inline(always)]
-fn ctx_port(sa: *mut bpf_sock_addr) -> [u8; 2] {
-    (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes()
-}
-
-#[inline(always)]
-fn set_port(sa: *mut bpf_sock_addr, port_be: [u8; 2]) {
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_port),
-            u16::from_ne_bytes(port_be) as u32,
-        )
-    };
+    bump(&DNS_STATS, event as u32);
 }
 
 /// The policy and decision for a port-53 call of the current task, counted. `None` = leave it.
@@ -126,60 +107,54 @@ fn record(ctx: &SockAddrContext) -> Option<DnsOrig> {
 /// Captures an IPv4 datagram or connect: records and rewrites. True if rewritten.
 #[inline(always)]
 fn capture4(ctx: &SockAddrContext) -> bool {
-    let sa = ctx.sock_addr;
-    let port = ctx_port(sa);
-    let Some(policy) = capture(sa, port) else {
-        return false;
-    };
-    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
-    let target_port = policy.dns_port.to_be_bytes();
-    remember(
-        ctx,
-        DnsOrig {
-            orig_addr: mapped(ip),
-            target_addr: mapped(policy.proxy_addr4),
-            orig_port: port,
-            target_port,
-            flags: dns_flags::V4,
-            _pad: 0,
-        },
-    );
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_ip4),
-            u32::from_ne_bytes(policy.proxy_addr4),
-        )
-    };
-    set_port(sa, target_port);
-    true
+    capture_family(ctx, false)
 }
 
 /// Captures an IPv6 datagram or connect; `::ffff:a.b.c.d` goes to the mapped IPv4 listener.
 #[inline(always)]
 fn capture6(ctx: &SockAddrContext) -> bool {
+    capture_family(ctx, true)
+}
+
+/// Both families; `v6` is a constant in each caller, so each program keeps only its own
+/// family's context accesses.
+#[inline(always)]
+fn capture_family(ctx: &SockAddrContext, v6: bool) -> bool {
     let sa = ctx.sock_addr;
     let port = ctx_port(sa);
     let Some(policy) = capture(sa, port) else {
         return false;
     };
-    let ip = read_ip6(sa);
-    let (target, f) = match Dest::from_v6(ip) {
-        Dest::V4(_) => (mapped(policy.proxy_addr4), dns_flags::V4),
-        Dest::V6(_) => (policy.proxy_addr6, 0),
+    let (orig_addr, target_addr, flags) = if v6 {
+        let ip = read_ip6(sa);
+        match Dest::from_v6(ip) {
+            Dest::V4(_) => (ip, mapped(policy.proxy_addr4), dns_flags::V4),
+            Dest::V6(_) => (ip, policy.proxy_addr6, 0),
+        }
+    } else {
+        (
+            mapped(ctx_ip4(sa)),
+            mapped(policy.proxy_addr4),
+            dns_flags::V4,
+        )
     };
     let target_port = policy.dns_port.to_be_bytes();
     remember(
         ctx,
         DnsOrig {
-            orig_addr: ip,
-            target_addr: target,
+            orig_addr,
+            target_addr,
             orig_port: port,
             target_port,
-            flags: f,
+            flags,
             _pad: 0,
         },
     );
-    write_ip6(sa, &target);
+    if v6 {
+        write_ip6(sa, &target_addr);
+    } else {
+        set_ctx_ip4(sa, policy.proxy_addr4);
+    }
     set_port(sa, target_port);
     true
 }
@@ -193,27 +168,14 @@ fn dns_socket(sa: *mut bpf_sock_addr) -> Option<u32> {
     }
 }
 
-/// connect4's DNS step: true if the connect was sent to the DNS listener (connect.rs then
+/// connect4/6's DNS step: true if the connect was sent to the DNS listener (connect.rs then
 /// returns), false to carry on with the TCP order (or leave a UDP connect alone).
 #[inline(always)]
-pub fn connect4(ctx: &SockAddrContext) -> bool {
+pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some(t) = dns_socket(ctx.sock_addr) else {
         return false;
     };
-    if !capture4(ctx) {
-        return false;
-    }
-    count(connect_event(t));
-    true
-}
-
-/// connect6's DNS step; see [`connect4`].
-#[inline(always)]
-pub fn connect6(ctx: &SockAddrContext) -> bool {
-    let Some(t) = dns_socket(ctx.sock_addr) else {
-        return false;
-    };
-    if !capture6(ctx) {
+    if !(if v6 { capture6(ctx) } else { capture4(ctx) }) {
         return false;
     }
     count(connect_event(t));
@@ -229,56 +191,40 @@ fn connect_event(sock_type: u32) -> DnsEvent {
     }
 }
 
-#[cgroup_sock_addr(sendmsg4)]
-pub fn redirect_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if capture4(&ctx) {
-        count(DnsEvent::UdpCaptured);
-    }
-    OK
+/// One DNS program: `$step` (capture or restore) and, when it rewrote the address, `$event`.
+macro_rules! dns_program {
+    ($(#[$doc:meta])* $hook:ident, $name:ident, $step:ident, $event:ident) => {
+        $(#[$doc])*
+        #[cgroup_sock_addr($hook)]
+        pub fn $name(ctx: SockAddrContext) -> i32 {
+            if $step(&ctx) {
+                count(DnsEvent::$event);
+            }
+            OK
+        }
+    };
 }
 
-#[cgroup_sock_addr(sendmsg6)]
-pub fn redirect_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
-    if capture6(&ctx) {
-        count(DnsEvent::UdpCaptured);
-    }
-    OK
-}
-
-/// A reply from the listener: its source becomes the server the socket addressed. The context
-/// holds the datagram's source; anything not from the recorded listener is left alone.
-#[cgroup_sock_addr(recvmsg4)]
-pub fn redirect_dns_recvmsg4(ctx: SockAddrContext) -> i32 {
-    if restore4(&ctx) {
-        count(DnsEvent::Restored);
-    }
-    OK
-}
-
-#[cgroup_sock_addr(recvmsg6)]
-pub fn redirect_dns_recvmsg6(ctx: SockAddrContext) -> i32 {
-    if restore6(&ctx) {
-        count(DnsEvent::Restored);
-    }
-    OK
-}
-
-/// A connected socket's peer (the listener) shows as the original server.
-#[cgroup_sock_addr(getpeername4)]
-pub fn redirect_dns_getpeername4(ctx: SockAddrContext) -> i32 {
-    if restore4(&ctx) {
-        count(DnsEvent::Peername);
-    }
-    OK
-}
-
-#[cgroup_sock_addr(getpeername6)]
-pub fn redirect_dns_getpeername6(ctx: SockAddrContext) -> i32 {
-    if restore6(&ctx) {
-        count(DnsEvent::Peername);
-    }
-    OK
-}
+dns_program!(sendmsg4, redirect_dns_sendmsg4, capture4, UdpCaptured);
+dns_program!(sendmsg6, redirect_dns_sendmsg6, capture6, UdpCaptured);
+dns_program!(
+    /// A reply from the listener: its source becomes the server the socket addressed. The
+    /// context holds the datagram's source; anything not from the recorded listener is left
+    /// alone.
+    recvmsg4,
+    redirect_dns_recvmsg4,
+    restore4,
+    Restored
+);
+dns_program!(recvmsg6, redirect_dns_recvmsg6, restore6, Restored);
+dns_program!(
+    /// A connected socket's peer (the listener) shows as the original server.
+    getpeername4,
+    redirect_dns_getpeername4,
+    restore4,
+    Peername
+);
+dns_program!(getpeername6, redirect_dns_getpeername6, restore6, Peername);
 
 /// Rewrites an AF_INET address that is the recorded listener to the recorded server.
 #[inline(always)]
@@ -287,7 +233,7 @@ fn restore4(ctx: &SockAddrContext) -> bool {
     let Some(rec) = record(ctx) else {
         return false;
     };
-    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
+    let ip = ctx_ip4(sa);
     if rec.flags & dns_flags::V4 == 0
         || mapped(ip) != rec.target_addr
         || ctx_port(sa) != rec.target_port
@@ -295,12 +241,7 @@ fn restore4(ctx: &SockAddrContext) -> bool {
         return false;
     }
     let o = &rec.orig_addr;
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_ip4),
-            u32::from_ne_bytes([o[12], o[13], o[14], o[15]]),
-        )
-    };
+    set_ctx_ip4(sa, [o[12], o[13], o[14], o[15]]);
     set_port(sa, rec.orig_port);
     true
 }

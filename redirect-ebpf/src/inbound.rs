@@ -11,21 +11,21 @@
 //! The SOCKHASH drops a socket's entry by itself when the socket closes.
 //!
 //! The proxy's accepted socket keeps the original local address (no NAT); a steered connection
-//! also gets an `ORIG_TUPLE` record, keyed exactly as the proxy's accepted socket will look it up,
-//! so the existing getsockopt program answers SO_ORIGINAL_DST with that address and the existing
-//! sockops close callback deletes the record.
+//! also gets an `ORIG_TUPLE` hand-off, keyed exactly as the proxy's accepted socket will look it
+//! up, so that socket takes it into its own storage at PASSIVE_ESTABLISHED (origdst.rs) and the
+//! existing getsockopt program answers SO_ORIGINAL_DST with that address.
 use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, bpf_sock_ops, sk_action},
-    btf_maps::{HashMap, LpmTrie, PerCpuArray, SockHash, lpm_trie::Key},
+    btf_maps::{HashMap, LpmTrie, PerCpuArray, SockHash},
     helpers::generated::bpf_get_netns_cookie,
     macros::{btf_map, sk_lookup},
     programs::SkLookupContext,
 };
 use redirect_common::{
-    CidrV4Key, CidrV6Key, OrigDst, OrigTupleKey, POLICY_ID_BITS, PortKey, Rule,
-    decide::{Dest, NO_RULE, decide_inbound},
+    CidrV4Key, CidrV6Key, OrigDst, OrigTupleKey, PortKey, Rule,
+    decide::{Dest, decide_inbound},
     inbound::{
         INBOUND_COUNTER_COUNT, InboundCounter, InboundRecord, LISTEN_V4, LISTEN_V6, ListenerKey,
         MAX_INBOUND_NETNS, MAX_INBOUND_RULES, MAX_LISTENERS,
@@ -33,7 +33,10 @@ use redirect_common::{
     orig_flags,
 };
 
-use crate::maps::ORIG_TUPLE;
+use crate::{
+    addr::{mapped, read_ip6},
+    maps::{ORIG_TUPLE, addr_rule, bump, port_rule},
+};
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
@@ -75,10 +78,7 @@ pub static IN_STATS: PerCpuArray<u64, { INBOUND_COUNTER_COUNT as usize }> = PerC
 
 #[inline(always)]
 fn count(c: InboundCounter) {
-    if let Some(slot) = IN_STATS.get_ptr_mut(c as u32) {
-        // Per-CPU slot: no other writer can race with this increment.
-        unsafe { *slot += 1 };
-    }
+    bump(&IN_STATS, c as u32);
 }
 
 /// sockops BPF_SOCK_OPS_TCP_LISTEN_CB: record the listener. An existing entry for the same
@@ -104,22 +104,6 @@ pub fn on_listen(ops: *mut bpf_sock_ops) {
     }
 }
 
-#[inline(always)]
-fn words(w: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, word) in w.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    out
-}
-
-#[inline(always)]
-fn mapped(ip: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
-    ]
-}
-
 /// One context read per field, each at a constant offset (the verifier rejects reads through a
 /// pointer chosen at run time); the family only picks among values already read.
 struct Lookup {
@@ -136,24 +120,16 @@ struct Lookup {
 
 #[inline(always)]
 fn read(c: *mut bpf_sk_lookup) -> Lookup {
+    let remote6 = read_ip6!(c, remote_ip6);
+    let local6 = read_ip6!(c, local_ip6);
     unsafe {
         Lookup {
             v4: read_volatile(addr_of!((*c).family)) == AF_INET,
             ifindex: read_volatile(addr_of!((*c).ingress_ifindex)),
             remote4: read_volatile(addr_of!((*c).remote_ip4)).to_ne_bytes(),
-            remote6: words([
-                read_volatile(addr_of!((*c).remote_ip6[0])),
-                read_volatile(addr_of!((*c).remote_ip6[1])),
-                read_volatile(addr_of!((*c).remote_ip6[2])),
-                read_volatile(addr_of!((*c).remote_ip6[3])),
-            ]),
+            remote6,
             local4: read_volatile(addr_of!((*c).local_ip4)).to_ne_bytes(),
-            local6: words([
-                read_volatile(addr_of!((*c).local_ip6[0])),
-                read_volatile(addr_of!((*c).local_ip6[1])),
-                read_volatile(addr_of!((*c).local_ip6[2])),
-                read_volatile(addr_of!((*c).local_ip6[3])),
-            ]),
+            local6,
             remote_port: read_volatile(addr_of!((*c).remote_port)).to_ne_bytes(),
             local_port: read_volatile(addr_of!((*c).local_port)) as u16,
         }
@@ -194,8 +170,8 @@ pub fn redirect_sk_lookup(ctx: SkLookupContext) -> u32 {
     let step = decide_inbound(
         local_origin,
         &source,
-        || port_rule(id, l.local_port.to_be_bytes()),
-        |s| source_rule(id, s),
+        || port_rule(&IN_PORTS, id, l.local_port.to_be_bytes()),
+        |s| addr_rule(&IN_SRC_V4, &IN_SRC_V6, id, s),
     );
     if !step.steers() {
         count(step.counter());
@@ -258,31 +234,4 @@ fn record_orig(netns: u64, l: &Lookup) {
     // Best effort: a full map only costs the proxy the original destination, which it can
     // still read with getsockname.
     let _ = ORIG_TUPLE.insert(key, rec, 0);
-}
-
-#[inline(always)]
-fn port_rule(policy_id: [u8; 4], port: [u8; 2]) -> u32 {
-    let key = Key::new(
-        POLICY_ID_BITS + 16,
-        PortKey {
-            policy_id,
-            port,
-            _pad: [0; 2],
-        },
-    );
-    IN_PORTS.get(&key).map_or(NO_RULE, |r| r.action)
-}
-
-#[inline(always)]
-fn source_rule(policy_id: [u8; 4], source: &Dest) -> u32 {
-    match *source {
-        Dest::V4(addr) => {
-            let key = Key::new(POLICY_ID_BITS + 32, CidrV4Key { policy_id, addr });
-            IN_SRC_V4.get(&key).map_or(NO_RULE, |r| r.action)
-        }
-        Dest::V6(addr) => {
-            let key = Key::new(POLICY_ID_BITS + 128, CidrV6Key { policy_id, addr });
-            IN_SRC_V6.get(&key).map_or(NO_RULE, |r| r.action)
-        }
-    }
 }

@@ -2,11 +2,13 @@
 #![no_std]
 #![no_main]
 
+mod addr;
 mod connect;
 mod dns;
 mod inbound;
 mod maps;
 mod origdst;
+mod resolve;
 mod sockstate;
 
 #[cfg(not(test))]

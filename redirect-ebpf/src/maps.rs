@@ -1,12 +1,13 @@
-//! The maps shared with the agent. Names must match `redirect_common::map_names`; the agent pins
-//! each one under `--bpffs-dir/<NAME>`.
+//! The maps shared with the agent, and the lookups and counters every program uses. Names must
+//! match `redirect_common::map_names`; the agent pins each one under `--bpffs-dir/<NAME>`.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     macros::btf_map,
 };
 use redirect_common::{
     CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, MAX_RULE_ENTRIES, ORIG_EVENT_COUNT, OrigDst,
-    OrigEvent, OrigTupleKey, Policy, PortKey, Rule,
+    OrigEvent, OrigTupleKey, POLICY_ID_BITS, Policy, PortKey, Rule,
+    decide::{Dest, NO_RULE},
 };
 
 /// cgroup id (inode of the pod's cgroup directory) → policy record.
@@ -29,24 +30,11 @@ pub static PORTS: LpmTrie<PortKey, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTri
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { DECISION_COUNT as usize }> = PerCpuArray::new();
 
-#[inline(always)]
-pub fn count(decision: Decision) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(decision as u32) {
-        // Per-CPU slot: no other writer can race with this increment.
-        unsafe { *slot += 1 };
-    }
-}
-
-/// Socket cookie of a redirected client socket → its original destination. Written at connect
-/// time, read by getpeername, deleted when the socket closes (sockops state callback). LRU
-/// bounds what a socket that fails before tcp_connect (no close callback) leaves behind.
-#[btf_map]
-pub static ORIG_COOKIE: LruHashMap<u64, OrigDst, 65536> = LruHashMap::new();
-
-/// {client netns, client → proxy 4-tuple} → original destination, for the proxy's accepted
-/// socket (which has a different cookie, and in node mode another netns). Written when the client
-/// side is established, deleted when the proxy's socket closes; LRU bounds records whose proxy
-/// side never shows up in the attached cgroup tree.
+/// {client netns, client → proxy 4-tuple} → original destination: the hand-off from a client
+/// socket (or from sk_lookup, inbound) to the proxy's accepted socket, which has another
+/// cookie and in node mode another netns. Written when the client side is established, taken
+/// (copied into the proxy socket's own storage and deleted) when the proxy side is. LRU bounds
+/// hand-offs whose proxy side never shows up in the attached cgroup tree.
 #[btf_map]
 pub static ORIG_TUPLE: LruHashMap<OrigTupleKey, OrigDst, 65536> = LruHashMap::new();
 
@@ -54,10 +42,59 @@ pub static ORIG_TUPLE: LruHashMap<OrigTupleKey, OrigDst, 65536> = LruHashMap::ne
 #[btf_map]
 pub static ORIG_STATS: PerCpuArray<u64, { ORIG_EVENT_COUNT as usize }> = PerCpuArray::new();
 
+/// Adds one to slot `index` of a per-CPU counter array.
 #[inline(always)]
-pub fn orig_count(event: OrigEvent) {
-    if let Some(slot) = ORIG_STATS.get_ptr_mut(event as u32) {
+pub fn bump<const N: usize, const F: usize>(map: &PerCpuArray<u64, N, F>, index: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
         // Per-CPU slot: no other writer can race with this increment.
         unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count(decision: Decision) {
+    bump(&COUNTERS, decision as u32);
+}
+
+#[inline(always)]
+pub fn orig_count(event: OrigEvent) {
+    bump(&ORIG_STATS, event as u32);
+}
+
+/// The port trie's answer for `port` (big-endian) under `policy_id` (big-endian), or `NO_RULE`.
+/// Shared by the outbound tries (PORTS) and the inbound ones (IN_PORTS).
+#[inline(always)]
+pub fn port_rule<const N: usize, const F: usize>(
+    trie: &LpmTrie<PortKey, Rule, N, F>,
+    policy_id: [u8; 4],
+    port: [u8; 2],
+) -> u32 {
+    let key = PortKey {
+        policy_id,
+        port,
+        _pad: [0; 2],
+    };
+    trie.get(&Key::new(POLICY_ID_BITS + 16, key))
+        .map_or(NO_RULE, |r| r.action)
+}
+
+/// The address tries' answer for `addr` under `policy_id`, or `NO_RULE`: CIDR_V4/6 for a
+/// destination, IN_SRC_V4/6 for an inbound source.
+#[inline(always)]
+pub fn addr_rule<const N4: usize, const F4: usize, const N6: usize, const F6: usize>(
+    v4: &LpmTrie<CidrV4Key, Rule, N4, F4>,
+    v6: &LpmTrie<CidrV6Key, Rule, N6, F6>,
+    policy_id: [u8; 4],
+    addr: &Dest,
+) -> u32 {
+    match *addr {
+        Dest::V4(addr) => {
+            let key = Key::new(POLICY_ID_BITS + 32, CidrV4Key { policy_id, addr });
+            v4.get(&key).map_or(NO_RULE, |r| r.action)
+        }
+        Dest::V6(addr) => {
+            let key = Key::new(POLICY_ID_BITS + 128, CidrV6Key { policy_id, addr });
+            v6.get(&key).map_or(NO_RULE, |r| r.action)
+        }
     }
 }

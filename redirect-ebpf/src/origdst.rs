@@ -1,39 +1,37 @@
 //! The original destination of redirected connections (docs/architecture.md), so that
-//! unmodified proxies work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables, and the application's
-//! getpeername shows the destination it connected to.
+//! unmodified proxies work: they ask getsockopt(SO_ORIGINAL_DST) as they would with iptables,
+//! and the application's getpeername shows the destination it connected to.
 //!
-//! A record's life:
-//! 1. connect4/6 redirect and call [`record_v4`]/[`record_v6`]: cookie → original destination.
-//! 2. sockops, TCP_CONNECT_CB (client): ask for state callbacks, so the close deletes the record.
-//! 3. sockops, ACTIVE_ESTABLISHED_CB (client): copy the record to its {netns, 4-tuple}.
-//! 4. sockops, PASSIVE_ESTABLISHED_CB (proxy's accepted socket, after 3 since it needs the
-//!    client's ACK): if its tuple has a record, ask for state callbacks too.
-//! 5. getsockopt on the proxy socket answers from the tuple record; getpeername on the client
-//!    socket answers from the cookie record.
-//! 6. sockops, STATE_CB → TCP_CLOSE: the client deletes its cookie record, the proxy socket its
-//!    tuple record. The tuple record must outlive the client: a short client may be gone before
-//!    the proxy even accepts.
-use core::{
-    ffi::c_void,
-    ptr::{addr_of, addr_of_mut, copy_nonoverlapping, read_volatile, write_volatile},
-};
+//! A record's life (every per-socket copy lives in `SOCK_STATE`, socket-local storage that the
+//! kernel frees with the socket: no close callback, nothing to delete, nothing to leak):
+//! 1. connect4/6 redirect and call [`record`]: the client socket's own record.
+//! 2. sockops, ACTIVE_ESTABLISHED_CB (client): the record is handed off to `ORIG_TUPLE` under
+//!    {netns, 4-tuple}, the one thing the proxy's accepted socket can look it up by.
+//! 3. sockops, PASSIVE_ESTABLISHED_CB (the proxy's accepted socket, after 2 since it needs the
+//!    client's ACK): the hand-off is copied into that socket's own storage and deleted.
+//! 4. getsockopt on the proxy socket answers from its copy; getpeername on the client socket
+//!    from the client's record.
+use core::ptr::{addr_of, addr_of_mut, copy_nonoverlapping, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, BPF_TCP_CLOSE, bpf_sock, bpf_sock_addr, bpf_sock_ops,
-        bpf_sockopt,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock, bpf_sock_addr, bpf_sock_ops, bpf_sockopt,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sock_ops_cb_flags_set},
+    helpers::generated::bpf_get_netns_cookie,
     macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use redirect_common::{
     OrigDst, OrigEvent, OrigTupleKey, Policy, SO_ORIGINAL_DST, flags, orig_flags,
+    sock_state_flags::{CLIENT_ORIG, HAS_PEER, PROXY_ORIG},
 };
 
-use crate::maps::{ORIG_COOKIE, ORIG_TUPLE, orig_count};
+use crate::{
+    addr::{ctx_ip4, ctx_ip6, ctx_port, mapped, read_ip6, set_ctx_ip4, set_ctx_ip6, set_ctx_port},
+    maps::{ORIG_TUPLE, orig_count},
+    sockstate::{sock_addr_sk, storage},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -47,93 +45,76 @@ const SOCKADDR_IN6_LEN: usize = 28;
 /// The smallest PAGE_SIZE Linux runs with: the getsockopt buffer a program sees is capped there.
 const MIN_PAGE_SIZE: i32 = 4096;
 
+/// Called by connect4/6 right before they rewrite the destination to `target` (the proxy, IPv6
+/// form): `addr` (IPv6 form) and `port` (big-endian) are the original destination.
 #[inline(always)]
-fn mapped(ip: [u8; 4]) -> [u8; 16] {
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, ip[0], ip[1], ip[2], ip[3],
-    ]
-}
-
-#[inline(always)]
-fn is_mapped(ip: &[u8; 16]) -> bool {
-    ip[..10] == [0u8; 10] && ip[10] == 0xff && ip[11] == 0xff
-}
-
-/// Called by connect4 right before it rewrites the destination.
-#[inline(always)]
-pub fn record_v4(sa: *mut bpf_sock_addr, ip: [u8; 4], port: [u8; 2], policy: &Policy) {
-    record(sa, mapped(ip), port, orig_flags::V4, policy);
-}
-
-/// Called by connect6 right before it rewrites the destination. A v4-mapped destination is an
-/// IPv4 connection and is recorded as such.
-#[inline(always)]
-pub fn record_v6(sa: *mut bpf_sock_addr, ip: [u8; 16], port: [u8; 2], policy: &Policy) {
-    let v4 = if is_mapped(&ip) { orig_flags::V4 } else { 0 };
-    record(sa, ip, port, v4, policy);
-}
-
-#[inline(always)]
-fn record(sa: *mut bpf_sock_addr, addr: [u8; 16], port: [u8; 2], mut f: u16, policy: &Policy) {
+pub fn record(
+    sa: *mut bpf_sock_addr,
+    addr: [u8; 16],
+    port: [u8; 2],
+    v4: bool,
+    policy: &Policy,
+    target: [u8; 16],
+) {
+    let mut f = if v4 { orig_flags::V4 } else { 0 };
     if policy.flags & flags::MODE_NODE != 0 {
         f |= orig_flags::NODE;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let rec = OrigDst {
-        addr,
-        port,
-        flags: f,
-    };
-    if ORIG_COOKIE.insert(cookie, rec, 0).is_ok() {
-        orig_count(OrigEvent::Recorded);
-    } else {
+    let st = storage(sock_addr_sk(sa), true);
+    if st.is_null() {
         orig_count(OrigEvent::RecordFailed);
+        return;
     }
+    unsafe {
+        (*st).orig = OrigDst {
+            addr,
+            port,
+            flags: f,
+        };
+        (*st).peer_addr = target;
+        (*st).peer_port = policy.proxy_port.to_be_bytes();
+        (*st).flags |= HAS_PEER | CLIENT_ORIG;
+    }
+    orig_count(OrigEvent::Recorded);
 }
 
+/// The socket's own original-destination record, if it carries one of the kind `want`
+/// (`CLIENT_ORIG` or `PROXY_ORIG`).
+#[inline(always)]
+fn own_record(sk: *mut bpf_sock, want: u32) -> Option<OrigDst> {
+    let st = storage(sk, false);
+    if st.is_null() || unsafe { read_volatile(&(*st).flags) } & want == 0 {
+        return None;
+    }
+    Some(unsafe { read_volatile(&(*st).orig) })
+}
+
+/// Every op but these three leaves at once: no state callbacks are asked for, so the program
+/// runs only for the callbacks every TCP socket gets.
 #[sock_ops]
 pub fn redirect_sockops(ctx: SockOpsContext) -> u32 {
     let ops = ctx.ops;
     match unsafe { read_volatile(addr_of!((*ops).op)) } {
-        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(ops),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_active_established(ops),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(ops),
         BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::on_listen(ops),
-        BPF_SOCK_OPS_STATE_CB => {
-            let new_state = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_1.args[1])) };
-            if new_state == BPF_TCP_CLOSE {
-                on_close(ops);
-            }
-        }
         _ => {}
     }
     // The reply field is left alone, which the kernel reads as "no opinion" for every op.
     OK as u32
 }
 
-/// Adds the state callback to whatever flags the socket already has (other sockops programs
-/// may have set their own).
 #[inline(always)]
-fn want_close_callback(ops: *mut bpf_sock_ops) {
-    let current = unsafe { read_volatile(addr_of!((*ops).bpf_sock_ops_cb_flags)) };
-    unsafe { bpf_sock_ops_cb_flags_set(ops, (current | BPF_SOCK_OPS_STATE_CB_FLAG) as i32) };
+fn ops_sk(ops: *mut bpf_sock_ops) -> *mut bpf_sock {
+    unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) }
 }
 
-#[inline(always)]
-fn on_connect(ops: *mut bpf_sock_ops) {
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    if ORIG_COOKIE.get_ptr(cookie).is_some() {
-        want_close_callback(ops);
-    }
-}
-
+/// The client is established: hand its record off under the tuple the proxy will see.
 #[inline(always)]
 fn on_active_established(ops: *mut bpf_sock_ops) {
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    let Some(rec) = ORIG_COOKIE.get_ptr(cookie) else {
+    let Some(rec) = own_record(ops_sk(ops), CLIENT_ORIG) else {
         return;
     };
-    let rec = unsafe { *rec };
     let netns = if rec.flags & orig_flags::NODE != 0 {
         0
     } else {
@@ -149,6 +130,8 @@ fn on_active_established(ops: *mut bpf_sock_ops) {
     };
     if ORIG_TUPLE.insert(key, rec, 0).is_ok() {
         orig_count(OrigEvent::Established);
+    } else {
+        orig_count(OrigEvent::HandOffFailed);
     }
 }
 
@@ -165,66 +148,34 @@ fn passive_key(ops: *mut bpf_sock_ops) -> OrigTupleKey {
     }
 }
 
+/// The proxy's accepted socket is established: take the hand-off (sidecar key first, then the
+/// node-mode one with netns 0) into the socket's own storage. A tuple is unique in a netns, so
+/// the record found is this connection's. Should the storage fail, the hand-off stays and
+/// getsockopt answers from it (LRU bounds it then).
 #[inline(always)]
 fn on_passive_established(ops: *mut bpf_sock_ops) {
     let mut key = passive_key(ops);
-    if ORIG_TUPLE.get_ptr(key).is_none() {
-        key.netns = 0;
-        if ORIG_TUPLE.get_ptr(key).is_none() {
-            return;
+    let rec = match ORIG_TUPLE.get_ptr(key) {
+        Some(p) => unsafe { read_volatile(p) },
+        None => {
+            key.netns = 0;
+            match ORIG_TUPLE.get_ptr(key) {
+                Some(p) => unsafe { read_volatile(p) },
+                None => return,
+            }
         }
+    };
+    let st = storage(ops_sk(ops), true);
+    if st.is_null() {
+        orig_count(OrigEvent::AcceptFailed);
+        return;
     }
+    unsafe {
+        (*st).orig = rec;
+        (*st).flags |= PROXY_ORIG;
+    }
+    let _ = ORIG_TUPLE.remove(key);
     orig_count(OrigEvent::Accepted);
-    want_close_callback(ops);
-}
-
-#[inline(always)]
-fn on_close(ops: *mut bpf_sock_ops) {
-    // Sockets get here because they asked (redirected clients, proxy sockets with a record) or
-    // because another sockops program asked. Either way the deletes only hit their own records:
-    // a cookie record belongs to its socket, and the socket whose reversed 4-tuple (in its
-    // netns) has a record is that record's proxy socket, since a tuple is unique in a netns.
-    let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-    if ORIG_COOKIE.remove(cookie).is_ok() {
-        orig_count(OrigEvent::ClientClosed);
-        return;
-    }
-    // Same lookup order as on_passive_established, so the record it found is the one removed.
-    let mut key = passive_key(ops);
-    if ORIG_TUPLE.remove(key).is_ok() {
-        orig_count(OrigEvent::ProxyClosed);
-        return;
-    }
-    key.netns = 0;
-    if ORIG_TUPLE.remove(key).is_ok() {
-        orig_count(OrigEvent::ProxyClosed);
-    }
-}
-
-/// Reads a `[u32; 4]` IPv6 address field of a context or socket pointer as four independent
-/// 4-byte loads at constant offsets: the verifier rejects wider loads, and loads through a
-/// computed pointer (which a loop or a field chosen at run time turns into).
-macro_rules! read_ip6 {
-    ($ptr:expr, $field:ident) => {{
-        let w = unsafe {
-            [
-                read_volatile(addr_of!((*$ptr).$field[0])),
-                read_volatile(addr_of!((*$ptr).$field[1])),
-                read_volatile(addr_of!((*$ptr).$field[2])),
-                read_volatile(addr_of!((*$ptr).$field[3])),
-            ]
-        };
-        words_to_ip6(w)
-    }};
-}
-
-#[inline(always)]
-fn words_to_ip6(w: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    for (i, word) in w.iter().enumerate() {
-        out[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-    }
-    out
 }
 
 /// An address in IPv6 form: the IPv4 one v4-mapped on an AF_INET socket.
@@ -301,52 +252,54 @@ pub fn redirect_getsockopt(ctx: SockoptContext) -> i32 {
     if want_v6 && family != AF_INET6 {
         return pass_through(so);
     }
-    let mut key = sock_key(sk, family);
-    key.netns = unsafe { bpf_get_netns_cookie(ctx.sockopt.cast()) };
-    let rec = match ORIG_TUPLE.get_ptr(key) {
-        Some(p) => unsafe { *p },
-        None => {
-            key.netns = 0;
-            match ORIG_TUPLE.get_ptr(key) {
-                Some(p) => unsafe { *p },
-                None => return pass_through(so),
-            }
-        }
+    let Some(rec) = own_record(sk, PROXY_ORIG).or_else(|| handed_off(so, sk, family)) else {
+        return pass_through(so);
     };
     // An IPv6 destination has no sockaddr_in form (node mode may carry it over IPv4).
     if !want_v6 && rec.flags & orig_flags::V4 == 0 {
         return pass_through(so);
     }
 
+    if want_v6 {
+        answer(so, sockaddr_in6(&rec))
+    } else {
+        answer(so, sockaddr_in(&rec))
+    }
+}
+
+/// Copies the address into the caller's buffer as netfilter would: EINVAL for a buffer shorter
+/// than the address, else exactly the address, with optlen set to its size so that the rest of
+/// the caller's buffer is left as it was.
+#[inline(always)]
+fn answer<const N: usize>(so: *mut bpf_sockopt, sa: [u8; N]) -> i32 {
     let start = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_2.optval)) } as usize;
     let end = unsafe { read_volatile(addr_of!((*so).__bindgen_anon_3.optval_end)) } as usize;
-    let len = if want_v6 {
-        if start + SOCKADDR_IN6_LEN > end {
-            // netfilter's answer to a buffer shorter than the address.
-            unsafe { write_volatile(addr_of_mut!((*so).retval), -EINVAL) };
-            return OK;
-        }
-        let sa = sockaddr_in6(&rec);
-        unsafe { copy_nonoverlapping(sa.as_ptr(), start as *mut u8, SOCKADDR_IN6_LEN) };
-        SOCKADDR_IN6_LEN
-    } else {
-        if start + SOCKADDR_IN_LEN > end {
-            unsafe { write_volatile(addr_of_mut!((*so).retval), -EINVAL) };
-            return OK;
-        }
-        let sa = sockaddr_in(&rec);
-        unsafe { copy_nonoverlapping(sa.as_ptr(), start as *mut u8, SOCKADDR_IN_LEN) };
-        SOCKADDR_IN_LEN
-    };
+    if start + N > end {
+        unsafe { write_volatile(addr_of_mut!((*so).retval), -EINVAL) };
+        return OK;
+    }
+    unsafe { copy_nonoverlapping(sa.as_ptr(), start as *mut u8, N) };
     // One field per store: LLVM would otherwise merge optlen and retval into one 8-byte store,
-    // which the verifier rejects. optlen is the address's size, so exactly the address is copied
-    // to the caller and the rest of its buffer is left as it was.
+    // which the verifier rejects.
     unsafe {
-        write_volatile(addr_of_mut!((*so).optlen), len as i32);
+        write_volatile(addr_of_mut!((*so).optlen), N as i32);
         write_volatile(addr_of_mut!((*so).retval), 0);
     }
     orig_count(OrigEvent::Answered);
     OK
+}
+
+/// A hand-off still in `ORIG_TUPLE` for this socket: its copy could not be stored, or it was
+/// established before this build's programs ran.
+#[inline(always)]
+fn handed_off(so: *mut bpf_sockopt, sk: *mut bpf_sock, family: u32) -> Option<OrigDst> {
+    let mut key = sock_key(sk, family);
+    key.netns = unsafe { bpf_get_netns_cookie(so.cast()) };
+    if let Some(p) = ORIG_TUPLE.get_ptr(key) {
+        return Some(unsafe { read_volatile(p) });
+    }
+    key.netns = 0;
+    ORIG_TUPLE.get_ptr(key).map(|p| unsafe { read_volatile(p) })
 }
 
 /// Hands the kernel's own getsockopt result to the caller untouched. The program sees at most
@@ -405,30 +358,37 @@ fn sockaddr_in6(rec: &OrigDst) -> [u8; SOCKADDR_IN6_LEN] {
     sa
 }
 
+/// The client socket's record, if the socket has one and its real peer (`peer`, IPv6 form, and
+/// `port`, big-endian: the kernel's answer) is still where the redirect sent it. Sockets with
+/// no storage, the common case, return after one helper call.
+#[inline(always)]
+fn client_record(sa: *mut bpf_sock_addr) -> Option<(OrigDst, [u8; 16], [u8; 2])> {
+    let st = storage(sock_addr_sk(sa), false);
+    if st.is_null() {
+        return None;
+    }
+    let st = unsafe { read_volatile(st) };
+    if st.flags & CLIENT_ORIG == 0 {
+        return None;
+    }
+    Some((st.orig, st.peer_addr, st.peer_port))
+}
+
 /// The client's getpeername on an AF_INET socket: the original destination, not the proxy.
 #[cgroup_sock_addr(getpeername4)]
 pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let Some(rec) = cookie_record(sa) else {
+    let Some((rec, target, target_port)) = client_record(sa) else {
         return OK;
     };
-    if rec.flags & orig_flags::V4 == 0 {
+    if rec.flags & orig_flags::V4 == 0
+        || mapped(ctx_ip4(sa)) != target
+        || ctx_port(sa) != target_port
+    {
         return OK;
     }
-    // The kernel's answer: only while it is the redirect target is the record this socket's.
-    let peer = unsafe { read_volatile(addr_of!((*sa).user_ip4)) }.to_ne_bytes();
-    let peer_port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
-    if !crate::sockstate::peer_is_target(sa, &mapped(peer), peer_port) {
-        return OK;
-    }
-    let ip = [rec.addr[12], rec.addr[13], rec.addr[14], rec.addr[15]];
-    unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip4), u32::from_ne_bytes(ip));
-        write_volatile(
-            addr_of_mut!((*sa).user_port),
-            u16::from_ne_bytes(rec.port) as u32,
-        );
-    }
+    set_ctx_ip4(sa, [rec.addr[12], rec.addr[13], rec.addr[14], rec.addr[15]]);
+    set_ctx_port(sa, rec.port);
     orig_count(OrigEvent::Peername);
     OK
 }
@@ -438,35 +398,14 @@ pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
-    let Some(rec) = cookie_record(sa) else {
+    let Some((rec, target, target_port)) = client_record(sa) else {
         return OK;
     };
-    let peer = read_ip6!(sa, user_ip6);
-    let peer_port = (unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16).to_ne_bytes();
-    if !crate::sockstate::peer_is_target(sa, &peer, peer_port) {
+    if ctx_ip6(sa) != target || ctx_port(sa) != target_port {
         return OK;
     }
-    let a = &rec.addr;
-    let word = |i: usize| u32::from_ne_bytes([a[i * 4], a[i * 4 + 1], a[i * 4 + 2], a[i * 4 + 3]]);
-    // Constant offsets, one 4-byte store each (see read_ip6!).
-    unsafe {
-        write_volatile(addr_of_mut!((*sa).user_ip6[0]), word(0));
-        write_volatile(addr_of_mut!((*sa).user_ip6[1]), word(1));
-        write_volatile(addr_of_mut!((*sa).user_ip6[2]), word(2));
-        write_volatile(addr_of_mut!((*sa).user_ip6[3]), word(3));
-    }
-    unsafe {
-        write_volatile(
-            addr_of_mut!((*sa).user_port),
-            u16::from_ne_bytes(rec.port) as u32,
-        )
-    };
+    set_ctx_ip6(sa, &rec.addr);
+    set_ctx_port(sa, rec.port);
     orig_count(OrigEvent::Peername);
     OK
-}
-
-#[inline(always)]
-fn cookie_record(sa: *mut bpf_sock_addr) -> Option<OrigDst> {
-    let cookie = unsafe { bpf_get_socket_cookie(sa as *mut c_void) };
-    ORIG_COOKIE.get_ptr(cookie).map(|p| unsafe { *p })
 }

@@ -1,29 +1,14 @@
 //! DNS capture: dialect values, precedence and the mesh default.
 
 use super::*;
-use crate::{MeshTraffic, WorkloadInputs, resolve as resolve_all};
-
-fn ann(pairs: &[(&str, &str)]) -> Annotations {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
+use crate::MeshTraffic;
 
 fn run(
     mesh: &MeshTraffic,
     ns: &[(&str, &str)],
     pod: &[(&str, &str)],
 ) -> Result<DnsPolicy, PolicyError> {
-    let (ns, pod) = (ann(ns), ann(pod));
-    resolve_all(&WorkloadInputs {
-        mesh,
-        namespace: "demo",
-        namespace_annotations: &ns,
-        name: "app",
-        pod_annotations: &pod,
-    })
-    .map(|r| r.policy.dns)
+    crate::test_inputs::run(mesh, ns, pod).map(|r| r.policy.dns)
 }
 
 fn mesh(capture: bool, port: u16) -> MeshTraffic {

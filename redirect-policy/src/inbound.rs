@@ -21,20 +21,58 @@ use crate::types::{Annotations, Compiled, EffectivePolicy, PortPrefix, PortRange
 pub const ISTIO_OWN_PORTS: [u16; 5] = [15020, 15021, 15090, 15008, 15000];
 /// Istio's per-pod status port annotation, also excluded.
 pub const ISTIO_STATUS_PORT: &str = "status.sidecar.istio.io/port";
+/// OSM's and FSM's inbound listener port (Istio and Kuma use 15006, Linkerd 4143).
+pub const OSM_INBOUND_PORT: u16 = 15003;
+/// OSM/FSM's init container returns these from its inbound chain: 15010 (Envoy's inbound
+/// Prometheus listener) and 15901-15903 (rewritten liveness, readiness and startup probes).
+pub const OSM_OWN_PORTS: [u16; 4] = [15010, 15901, 15902, 15903];
+/// Linkerd's inbound listener port.
+pub const LINKERD_INBOUND_PORT: u16 = 4143;
+/// linkerd-proxy-init's default inbound ports to ignore: 4190 (control) and 4191 (admin, where
+/// the kubelet's probes and Prometheus reach the proxy).
+pub const LINKERD_OWN_PORTS: [u16; 2] = [4190, 4191];
+/// Linkerd's per-pod overrides of those two ports, excluded as well.
+pub const LINKERD_PORT_KEYS: [&str; 2] = [
+    "config.linkerd.io/admin-port",
+    "config.linkerd.io/control-port",
+];
 
-/// The proxy's own ports for a workload: its inbound and outbound listeners, Istio's fixed ports
-/// and the pod's `status.sidecar.istio.io/port` (a bad value there is ignored, as istio-init
-/// would fail the pod rather than capture it; the outbound policy is unaffected).
+/// The annotations that name one of the proxy's own ports (a watcher must not ignore them).
+pub const OWN_PORT_KEYS: [&str; 3] = [
+    ISTIO_STATUS_PORT,
+    LINKERD_PORT_KEYS[0],
+    LINKERD_PORT_KEYS[1],
+];
+
+/// The proxy's own ports for a workload, never captured inbound: its inbound and outbound
+/// listeners, plus the fixed ports of the mesh whose inbound port is configured (4143: Linkerd's
+/// control and admin ports and the pod's `config.linkerd.io/admin-port`/`control-port`; 15003:
+/// OSM/FSM's Prometheus and probe ports; anything else: Istio's ports and the pod's
+/// `status.sidecar.istio.io/port`, which also suits Kuma, whose own ports listen on loopback).
+/// A bad port value in one of those annotations is ignored, as the mesh's init would fail the
+/// pod rather than capture it; the outbound policy is unaffected.
 pub fn own_ports(inbound_port: u16, outbound_port: u16, pod: &Annotations) -> Vec<u16> {
     let mut v = vec![inbound_port, outbound_port];
-    v.extend(ISTIO_OWN_PORTS);
-    if let Some(p) = pod
-        .get(ISTIO_STATUS_PORT)
-        .and_then(|s| s.trim().parse::<u16>().ok())
-        .filter(|p| *p != 0)
-    {
-        v.push(p);
-    }
+    let keys: &[&str] = match inbound_port {
+        LINKERD_INBOUND_PORT => {
+            v.extend(LINKERD_OWN_PORTS);
+            &LINKERD_PORT_KEYS
+        }
+        OSM_INBOUND_PORT => {
+            v.extend(OSM_OWN_PORTS);
+            &[]
+        }
+        _ => {
+            v.extend(ISTIO_OWN_PORTS);
+            &[ISTIO_STATUS_PORT]
+        }
+    };
+    v.extend(
+        keys.iter()
+            .filter_map(|k| pod.get(*k))
+            .filter_map(|s| s.trim().parse::<u16>().ok())
+            .filter(|p| *p != 0),
+    );
     v.sort_unstable();
     v.dedup();
     v

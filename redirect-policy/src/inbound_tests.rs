@@ -166,3 +166,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn own_ports_follow_the_mesh_of_the_inbound_port() {
+    let none = Annotations::new();
+    // Istio (and Kuma): 15006.
+    let istio = own_ports(15006, 15001, &none);
+    assert_eq!(istio, vec![15000, 15001, 15006, 15008, 15020, 15021, 15090]);
+    let pod: Annotations = [(ISTIO_STATUS_PORT.to_string(), "15999".to_string())].into();
+    assert!(own_ports(15006, 15001, &pod).contains(&15999));
+    // OSM/FSM: 15003, and none of Istio's.
+    let osm = own_ports(15003, 15001, &none);
+    assert_eq!(osm, vec![15001, 15003, 15010, 15901, 15902, 15903]);
+    // Linkerd: 4143 with its control and admin ports, and the pod's overrides of them.
+    assert_eq!(own_ports(4143, 4140, &none), vec![4140, 4143, 4190, 4191]);
+    let pod: Annotations = [
+        (LINKERD_PORT_KEYS[0].to_string(), "5191".to_string()),
+        (LINKERD_PORT_KEYS[1].to_string(), "bad".to_string()),
+    ]
+    .into();
+    assert_eq!(
+        own_ports(4143, 4140, &pod),
+        vec![4140, 4143, 4190, 4191, 5191]
+    );
+    // A Linkerd pod's Istio status port annotation means nothing to Linkerd.
+    let pod: Annotations = [(ISTIO_STATUS_PORT.to_string(), "15999".to_string())].into();
+    assert!(!own_ports(4143, 4140, &pod).contains(&15999));
+    // Every annotation that names an own port is one a watcher must not ignore.
+    for k in OWN_PORT_KEYS {
+        assert!(crate::dialect::keys::is_policy_key(k), "{k}");
+    }
+}

@@ -52,3 +52,15 @@ pub(crate) struct Layer {
     /// Scalar: each setting holds exactly one value.
     pub mode: Vec<Setting<Mode>>,
 }
+
+impl Layer {
+    /// Takes the inbound fields of `other` (a layer parsed from the same object's inbound keys).
+    pub fn absorb_inbound(&mut self, other: Layer) {
+        self.inbound_exclude_ports
+            .extend(other.inbound_exclude_ports);
+        self.inbound_include_ports
+            .extend(other.inbound_include_ports);
+        self.inbound_exclude_cidrs
+            .extend(other.inbound_exclude_cidrs);
+    }
+}

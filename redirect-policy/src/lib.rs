@@ -21,7 +21,7 @@ mod values;
 #[cfg(test)]
 mod proptests;
 
-pub use compile::compile;
+pub use compile::{Overlay, compile, overlay::Layered, overlay_of};
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{
@@ -34,3 +34,31 @@ pub use types::{
     Action, Annotations, Compiled, EffectivePolicy, Mode, Origin, PolicyError, PortPrefix,
     PortRange, Resolved, Source, Sourced, Step, Verdict, WorkloadInputs,
 };
+
+/// What the resolution tests share: one workload "demo/app" resolved from pairs of annotations.
+#[cfg(test)]
+mod test_inputs {
+    use crate::{Annotations, MeshTraffic, PolicyError, Resolved, WorkloadInputs};
+
+    pub fn ann(pairs: &[(&str, &str)]) -> Annotations {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    pub fn run(
+        mesh: &MeshTraffic,
+        ns: &[(&str, &str)],
+        pod: &[(&str, &str)],
+    ) -> Result<Resolved, PolicyError> {
+        let (ns, pod) = (ann(ns), ann(pod));
+        crate::resolve(&WorkloadInputs {
+            mesh,
+            namespace: "demo",
+            namespace_annotations: &ns,
+            name: "app",
+            pod_annotations: &pod,
+        })
+    }
+}

@@ -15,20 +15,44 @@ use super::types::{
 };
 use super::values;
 
-/// Resolves one workload's policy. All or nothing: the first bad value anywhere is an error, and
-/// nothing is returned for the workload. Never panics.
+/// Resolves one workload's policy. All or nothing for the outbound part: the first bad value
+/// outside the inbound keys is an error, and nothing is returned for the workload. A bad value
+/// in an inbound key fails only the inbound part ([`Resolved::inbound_error`]): the inbound
+/// fields then come from the layers below that object, as the mesh default does for outbound.
+/// Never panics.
 pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
     let mut warnings = Vec::new();
     let mesh = mesh::layer(inputs.mesh, &mut warnings)?;
     let ns_origin = Origin::Namespace(inputs.namespace.to_string());
-    let ns = dialect::layer(&ns_origin, inputs.namespace_annotations, &mut warnings)?;
     let pod_origin = Origin::Pod(format!("{}/{}", inputs.namespace, inputs.name));
-    let pod = dialect::layer(&pod_origin, inputs.pod_annotations, &mut warnings)?;
+    let (ns_out, ns_in) = dialect::split_inbound(inputs.namespace_annotations);
+    let (pod_out, pod_in) = dialect::split_inbound(inputs.pod_annotations);
+    let mut ns = dialect::layer(&ns_origin, &ns_out, &mut warnings)?;
+    let mut pod = dialect::layer(&pod_origin, &pod_out, &mut warnings)?;
+    // The namespace's inbound keys first: when they are bad, the pod's (which override them)
+    // are dropped too, leaving the mesh's.
+    let mut inbound_error = None;
+    for (layer, origin, ann) in [
+        (&mut ns, &ns_origin, &ns_in),
+        (&mut pod, &pod_origin, &pod_in),
+    ] {
+        match dialect::layer(origin, ann, &mut warnings) {
+            Ok(l) => layer.absorb_inbound(l),
+            Err(e) => {
+                inbound_error = Some(e);
+                break;
+            }
+        }
+    }
     // Most specific first.
     let layers = [&pod, &ns, &mesh];
     let mut policy = combine(&layers)?;
     policy.dns = super::dns::resolve(inputs, &policy)?;
-    Ok(Resolved { policy, warnings })
+    Ok(Resolved {
+        policy,
+        warnings,
+        inbound_error,
+    })
 }
 
 fn combine(layers: &[&Layer; 3]) -> Result<EffectivePolicy, PolicyError> {

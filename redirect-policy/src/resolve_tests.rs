@@ -3,30 +3,9 @@
 use super::*;
 use crate::dialect::keys::{istio, kuma, linkerd};
 use crate::mesh::{KEY_EXCLUDE_CIDRS, KEY_EXCLUDE_PORTS, KEY_MODE};
-use crate::types::{Annotations, PortRange, Step};
+use crate::test_inputs::run;
+use crate::types::{PortRange, Step};
 use crate::{MeshTraffic, evaluate};
-
-fn ann(pairs: &[(&str, &str)]) -> Annotations {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn run(
-    mesh: &MeshTraffic,
-    ns: &[(&str, &str)],
-    pod: &[(&str, &str)],
-) -> Result<Resolved, PolicyError> {
-    let (ns, pod) = (ann(ns), ann(pod));
-    resolve(&WorkloadInputs {
-        mesh,
-        namespace: "demo",
-        namespace_annotations: &ns,
-        name: "app",
-        pod_annotations: &pod,
-    })
-}
 
 fn cidrs(l: &[Sourced<ipnet::IpNet>]) -> Vec<String> {
     l.iter().map(|s| s.value.to_string()).collect()
@@ -334,4 +313,62 @@ fn a_huge_bad_value_is_cut_in_the_message_which_says_how_long_it_was() {
     assert!(msg.contains("pod demo/app"), "{msg}");
     assert!(msg.contains(istio::EXCLUDE_OUTBOUND_PORTS), "{msg}");
     assert!(msg.contains("the value is 20000001 bytes"), "{msg}");
+}
+
+/// A typo in an inbound key fails only the inbound part: the outbound policy stands, and the
+/// inbound fields fall back to the layers below the bad object (the mesh default).
+#[test]
+fn a_bad_inbound_value_leaves_the_outbound_policy_alone() {
+    let ns = [(istio::EXCLUDE_INBOUND_PORTS, "9000")];
+    let pod = [
+        (istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8"),
+        (istio::EXCLUDE_INBOUND_PORTS, "70O1"),
+        (kuma::EXCLUDE_INBOUND_IPS, "10.9.0.0/16"),
+    ];
+    let r = run(&MeshTraffic::default(), &ns, &pod).unwrap();
+    assert_eq!(cidrs(&r.policy.exclude_cidrs), vec!["10.0.0.0/8"]);
+    let e = r.inbound_error.expect("the bad inbound value is reported");
+    assert_eq!(e.key, istio::EXCLUDE_INBOUND_PORTS);
+    assert_eq!(e.value, "70O1");
+    assert!(e.to_string().contains("pod demo/app"), "{e}");
+    // The namespace's inbound list, none of the pod's (its good Kuma key is dropped with it).
+    assert_eq!(ports(&r.policy.inbound_exclude_ports), vec!["9000"]);
+    assert!(r.policy.inbound_exclude_cidrs.is_empty());
+
+    // A bad namespace inbound value drops the pod's inbound keys too: the mesh's lists remain.
+    let ns = [(linkerd::SKIP_INBOUND_PORTS, "x")];
+    let pod = [(istio::EXCLUDE_INBOUND_PORTS, "7001")];
+    let r = run(&MeshTraffic::default(), &ns, &pod).unwrap();
+    assert_eq!(r.inbound_error.unwrap().object, "namespace demo");
+    assert!(r.policy.inbound_exclude_ports.is_empty());
+    assert!(r.policy.enabled);
+
+    // A bad outbound value still fails the whole workload.
+    let pod = [(istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")];
+    assert!(run(&MeshTraffic::default(), &[], &pod).is_err());
+    // Good inbound values: no error.
+    let pod = [(istio::EXCLUDE_INBOUND_PORTS, "7001")];
+    assert!(
+        run(&MeshTraffic::default(), &[], &pod)
+            .unwrap()
+            .inbound_error
+            .is_none()
+    );
+}
+
+#[test]
+fn inbound_keys_are_known_as_such() {
+    use crate::dialect::keys::is_inbound_key;
+    // Both prefixes of the FSM/OSM key; the others are named one by one in is_inbound_key.
+    for prefix in ["flomesh.io/", "openservicemesh.io/"] {
+        assert!(is_inbound_key(&format!(
+            "{prefix}inbound-port-exclusion-list"
+        )));
+        assert!(!is_inbound_key(&format!(
+            "{prefix}outbound-port-exclusion-list"
+        )));
+    }
+    assert!(is_inbound_key(linkerd::SKIP_SUBNETS), "inbound sources");
+    assert!(!is_inbound_key(istio::EXCLUDE_OUTBOUND_PORTS));
+    assert!(!is_inbound_key(linkerd::SKIP_OUTBOUND_PORTS));
 }

@@ -198,6 +198,11 @@ fn key_kind(key: &str) -> &'static str {
 pub struct Resolved {
     pub policy: EffectivePolicy,
     pub warnings: Vec<String>,
+    /// A bad value in an inbound key (see `dialect::keys::is_inbound_key`). It fails only the
+    /// inbound part: the outbound policy stands, and the inbound fields of `policy` are the mesh
+    /// default (the layers below the object with the bad value), for a workload that has no
+    /// last good inbound policy to keep.
+    pub inbound_error: Option<PolicyError>,
 }
 
 /// What an LPM entry says about a matching destination.

@@ -151,30 +151,7 @@ impl Fixture {
     /// call: the hook added here holds its own copies of the fds.
     pub fn spawn_in(&self, cgroup: &Path, cmd: &mut Command) -> Result<Child> {
         self.check_cgroup(cgroup)?;
-        let procs = OpenOptions::new()
-            .write(true)
-            .open(cgroup.join("cgroup.procs"))
-            .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
-        let netns = self.netns_file().try_clone().context("dup netns fd")?;
-        // SAFETY: the hook runs between fork and exec, so it only makes raw syscalls (write,
-        // setns) on fds opened beforehand; it neither allocates nor takes locks. The fds are
-        // O_CLOEXEC and owned by the closure, so they stay valid as long as `cmd` lives.
-        unsafe {
-            cmd.pre_exec(move || {
-                // "0" means "the writing process". Joining the cgroup first means that even a
-                // failed setns leaves the child where the fixture's teardown will find it.
-                let msg = b"0\n";
-                if libc::write(procs.as_raw_fd(), msg.as_ptr().cast(), msg.len()) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn()
-            .with_context(|| format!("spawning {:?} in {}", cmd, cgroup.display()))
+        spawn_in_cgroup_netns(cgroup, self.netns_file(), cmd)
     }
 
     /// [`Fixture::spawn_in`] and wait: stdout and stderr are captured (stdin is null).
@@ -243,4 +220,35 @@ impl Drop for Fixture {
             );
         }
     }
+}
+
+/// Spawns `cmd` in `cgroup` and in the netns `netns` before it execs, as [`Fixture::spawn_in`]
+/// does, with a free choice of netns: two pods (or a pod and a node) are two namespaces while
+/// all of their cgroups sit under the one cgroup the programs are attached to. `cgroup` must be
+/// inside a fixture's subtree, whose teardown then kills the process.
+pub fn spawn_in_cgroup_netns(cgroup: &Path, netns: &File, cmd: &mut Command) -> Result<Child> {
+    let procs = OpenOptions::new()
+        .write(true)
+        .open(cgroup.join("cgroup.procs"))
+        .with_context(|| format!("open {}/cgroup.procs", cgroup.display()))?;
+    let netns = netns.try_clone().context("dup netns fd")?;
+    // SAFETY: the hook runs between fork and exec, so it only makes raw syscalls (write,
+    // setns) on fds opened beforehand; it neither allocates nor takes locks. The fds are
+    // O_CLOEXEC and owned by the closure, so they stay valid as long as `cmd` lives.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" means "the writing process". Joining the cgroup first means that even a
+            // failed setns leaves the child where the fixture's teardown will find it.
+            let msg = b"0\n";
+            if libc::write(procs.as_raw_fd(), msg.as_ptr().cast(), msg.len()) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("spawning {:?} in {}", cmd, cgroup.display()))
 }

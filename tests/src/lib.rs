@@ -37,6 +37,7 @@ mod bpffs;
 mod cgroup;
 pub mod e2e;
 mod fixture;
+mod mesh;
 mod netns;
 mod origdst;
 mod probe;
@@ -51,7 +52,10 @@ use anyhow::{Result, bail};
 pub use agent::{Agent, inspect, inspect_with};
 pub use bpffs::{BPFFS, ensure_bpffs};
 pub use cgroup::{cgroup_id, cgroup_of, cgroup2_mount, move_pid};
-pub use fixture::Fixture;
+pub use fixture::{Fixture, spawn_in_cgroup_netns};
+pub use mesh::{
+    MeshPods, MeshWorld, agent_cleanup, agent_cli, serve_own_addresses, start_testproxy, veth_pair,
+};
 pub use netns::{NETNS_DIR, enter_current_thread, ip, netns_path};
 pub use origdst::{IP6T_SO_ORIGINAL_DST, SO_ORIGINAL_DST, original_dst};
 pub use probe::{Reached, probe, probe_json};

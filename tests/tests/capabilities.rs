@@ -19,6 +19,7 @@ use redirect_tests::{Fixture, Reached, Spawned, cgroup2_mount, helper_bin, probe
 use serde_json::Value;
 
 mod common;
+mod inbound_support;
 
 /// setpriv names and kernel names of the capabilities the agent needs.
 /// Programs the agent links to the --cgroup-root (redirect-agent/src/bpf/loader.rs `PROGRAMS`).
@@ -410,4 +411,156 @@ fn daemonset_mount_layout_read_only_cgroup2_and_bpffs_below_host() {
             orig: "198.18.0.10:80".into()
         }
     );
+}
+
+/// Inbound interception adds CAP_SYS_PTRACE, CAP_SYS_ADMIN and the host's PID namespace, and
+/// nothing else. The pod's netns is named as the Kubernetes source finds it, `/proc/PID/ns/net`
+/// of the pod's sandbox process, which runs as another user (65535, as the pause image does); the
+/// proxy (uid 1337) listens before the agent starts, so reaching it needs the backfill
+/// (pidfd_getfd). With all five: steered. Without CAP_SYS_PTRACE: /proc/PID/ns/net is refused
+/// (a ptrace read check). Without CAP_SYS_ADMIN: setns is refused. From another PID namespace the
+/// pod's pids read as 0 in cgroup.procs (hence hostPID). The kubernetes source refuses to start
+/// without the two, naming them, unless `--inbound=false`, with which the three base ones do.
+#[test]
+fn inbound_adds_sys_ptrace_sys_admin_and_host_pid() {
+    let w = inbound_support::world("caps");
+    let _apps = w.apps(&[8080]);
+    let as_user = |uid: &str, cg: &Path, args: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid", uid, "--regid", uid, "--clear-groups", "--"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        Spawned::new(inbound_support::spawn_in_netns(
+            cg,
+            w.fx.netns_file(),
+            &mut cmd,
+        ))
+    };
+    let sandbox = as_user("65535", &w.pod, &["sleep", "600"]);
+    let sockprobe = inbound_support::origdst_support::SOCKPROBE;
+    let proxy = as_user(
+        "1337",
+        &w.proxy_cg,
+        &[sockprobe, "proxy", "--listen", "[::]:15006"],
+    );
+    proxy
+        .wait_for_prefix("listening ", Duration::from_secs(10))
+        .expect("proxy");
+    let netns = format!("/proc/{}/ns/net", sandbox.pid());
+    let cfg = format!(
+        "proxy: {{mode: sidecar, outboundPort: 15001, inboundPort: 15006, uid: 1337}}\n\
+         workloads:\n  - {{name: pod1, namespace: caps, cgroup: {}, proxyCgroup: {}, netns: {netns}}}\n",
+        w.pod.display(),
+        w.proxy_cg.display()
+    );
+    let base: Vec<&str> = NEEDED.iter().map(|(c, _, _)| *c).collect();
+    let with =
+        |extra: &[&'static str]| -> Vec<&str> { base.iter().chain(extra).copied().collect() };
+    let dest = format!("{}:8080", inbound_support::POD4);
+
+    // Each one missing: the workload's inbound is refused with the capability named, and its
+    // connections reach the app untouched (the rest of the agent runs on).
+    for (missing, has, says) in [
+        ("CAP_SYS_PTRACE", "sys_admin", "needs CAP_SYS_PTRACE"),
+        ("CAP_SYS_ADMIN", "sys_ptrace", "needs CAP_SYS_ADMIN"),
+    ] {
+        let agent = CappedAgent::start(&w.fx, &with(&[has]), &cfg, Layout::Direct);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.log().contains(says) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let log = agent.log();
+        eprintln!(
+            "--- without {missing}: {}",
+            log.lines().find(|l| l.contains(says)).unwrap_or("?")
+        );
+        assert!(log.contains(says), "without {missing}:\n{log}");
+        assert_eq!(w.who(&dest), "app-8080", "without {missing}");
+        drop(agent);
+    }
+
+    // All five: the netns is linked and the pre-existing listener backfilled: steered.
+    let agent = CappedAgent::start(
+        &w.fx,
+        &with(&["sys_admin", "sys_ptrace"]),
+        &cfg,
+        Layout::Direct,
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent.log().contains("sk_lookup linked") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut who = w.who(&dest);
+    while who != "proxy" && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        who = w.who(&dest);
+    }
+    assert_eq!(who, "proxy", "{}", agent.log());
+    assert!(
+        agent.log().contains("backfilled a listener"),
+        "{}",
+        agent.log()
+    );
+    drop(agent);
+
+    // hostPID: from a PID namespace of its own, the pod's process reads as pid 0.
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "cat"])
+        .arg(w.pod.join("cgroup.procs"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+
+    // The kubernetes source checks at start: the two are named; --inbound=false needs neither.
+    let kube = |caps: &[&str], extra: &[&str]| {
+        let bounding = std::iter::once("-all".to_string())
+            .chain(caps.iter().map(|c| format!("+{c}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let out = Command::new("setpriv")
+            .args([
+                "--bounding-set",
+                &bounding,
+                "--inh-caps",
+                "-all",
+                "--ambient-caps",
+                "-all",
+                "--",
+            ])
+            .arg(helper_bin("redirect-agent").unwrap())
+            .args([
+                "run",
+                "--source",
+                "kubernetes",
+                "--node-name",
+                "n1",
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .arg("--bpffs-dir")
+            .arg(w.fx.pin_dir())
+            .arg("--cgroup-root")
+            .arg(w.fx.cgroup_root())
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+    };
+    let out = kube(&base, &[]);
+    eprintln!(
+        "--- kubernetes source with the base three:\n{}",
+        out.trim_end()
+    );
+    assert!(
+        out.contains("missing capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE"),
+        "{out}"
+    );
+    assert!(out.contains("--inbound=false"), "{out}");
+    let out = kube(&base, &["--inbound=false"]);
+    assert!(!out.contains("missing capabilit"), "{out}");
+    assert!(out.contains("datapath ready"), "{out}");
 }

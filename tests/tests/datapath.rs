@@ -1,156 +1,13 @@
 //! The connect-time datapath in the real kernel, driven by the real agent binary: every decision
-//! step for IPv4, IPv6 and v4-mapped IPv6, ancestry, live changes, kill -9, cleanup, unregistered
-//! workloads and bad input. Each test asserts where the bytes went.
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    path::PathBuf,
-    process::{Command, Stdio},
-    time::Duration,
-};
+//! step for IPv4, IPv6 and v4-mapped IPv6, ancestry, unregistered workloads, node mode, and
+//! `explain` against the kernel. Each test asserts where the bytes went. Live changes, kill -9,
+//! cleanup and bad input are in datapath_lifecycle.rs.
+mod datapath_support;
 
-use redirect_tests::{
-    Agent, Fixture, IdentityServer, Reached, Spawned, helper_bin, probe, serve_identity,
-};
+use std::ffi::OsStr;
 
-const PROXY_UID: &str = "1337";
-
-/// A fixture with destinations, a loopback server and a tag-mode proxy in pod1/proxy.
-struct World {
-    fx: Fixture,
-    pod1: PathBuf,
-    app: PathBuf,
-    proxy: PathBuf,
-    pod2: PathBuf,
-    _servers: Vec<IdentityServer>,
-    _proxy: Spawned,
-}
-
-fn world(name: &str) -> World {
-    let fx = Fixture::new(name).unwrap();
-    for a in [
-        "198.18.0.10/32",
-        "198.18.0.11/32",
-        "198.18.0.12/32",
-        "fd00:198:18::10/128",
-        "fd00:198:18::11/128",
-        "fd00:198:18::12/128",
-    ] {
-        fx.add_addr(a).unwrap();
-    }
-    let mut servers = Vec::new();
-    for host in ["198.18.0.10", "198.18.0.11", "198.18.0.12", "127.0.0.1"] {
-        for port in [80, 5432, 8443, 8080] {
-            let addr = format!("{host}:{port}");
-            servers.push(serve_identity(&fx, addr.parse().unwrap(), &addr).unwrap());
-        }
-    }
-    for host in [
-        "fd00:198:18::10",
-        "fd00:198:18::11",
-        "fd00:198:18::12",
-        "::1",
-    ] {
-        for port in [80, 5432, 8443, 8080] {
-            let addr = format!("[{host}]:{port}");
-            servers.push(serve_identity(&fx, addr.parse().unwrap(), &addr).unwrap());
-        }
-    }
-    let pod1 = fx.cgroup("pod1").unwrap();
-    let app = fx.cgroup("pod1/app").unwrap();
-    let proxy = fx.cgroup("pod1/proxy").unwrap();
-    let pod2 = fx.cgroup("pod2").unwrap();
-    let proxy_proc = fx
-        .spawn_logged(
-            &proxy,
-            Command::new(helper_bin("redirect-testproxy").unwrap()).args([
-                "--listen",
-                "127.0.0.1:15001",
-                "--listen",
-                "[::1]:15001",
-            ]),
-        )
-        .unwrap();
-    proxy_proc
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .unwrap();
-    World {
-        fx,
-        pod1,
-        app,
-        proxy,
-        pod2,
-        _servers: servers,
-        _proxy: proxy_proc,
-    }
-}
-
-/// Mesh: ports 5432 and the .11 hosts excluded. pod1: everything included (the Istio default),
-/// proxy exempt by cgroup and uid. pod2: only .10 hosts and port 8443 included.
-fn config(w: &World, pod1_annotations: &str) -> String {
-    format!(
-        r#"
-mesh:
-  outboundPortExclusionList: [5432]
-  outboundIPRangeExclusionList: ["198.18.0.11/32", "fd00:198:18::11/128"]
-proxy: {{mode: sidecar, outboundPort: 15001, uid: {PROXY_UID}}}
-workloads:
-  - name: app
-    namespace: demo
-    cgroup: {pod1}
-    proxyCgroup: {proxy}
-    annotations: {{{pod1_annotations}}}
-  - name: restricted
-    namespace: demo
-    cgroup: {pod2}
-    annotations:
-      traffic.sidecar.istio.io/includeOutboundIPRanges: "198.18.0.10/32,fd00:198:18::10/128"
-      traffic.sidecar.istio.io/includeOutboundPorts: "8443"
-"#,
-        pod1 = w.pod1.display(),
-        proxy = w.proxy.display(),
-        pod2 = w.pod2.display(),
-    )
-}
-
-/// The three ways to write one IPv4-ish host for each family under test.
-fn hosts(family: &str, last: u8) -> String {
-    match family {
-        "v4" => format!("198.18.0.{last}"),
-        "v6" => format!("[fd00:198:18::{last}]"),
-        "mapped" => format!("[::ffff:198.18.0.{last}]"),
-        _ => unreachable!(),
-    }
-}
-
-fn loopback(family: &str) -> &'static str {
-    match family {
-        "v4" => "127.0.0.1",
-        "v6" => "[::1]",
-        _ => "[::ffff:127.0.0.1]",
-    }
-}
-
-fn assert_proxy(r: Reached, what: &str) {
-    assert!(r.is_proxy(), "{what}: expected the proxy, got {r:?}");
-}
-
-/// The proxy got it and read `orig` back with SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
-fn assert_proxied_to(r: Reached, orig: &str, what: &str) {
-    assert_eq!(
-        r,
-        Reached::Proxy {
-            orig: orig.to_string()
-        },
-        "{what}"
-    );
-}
-
-fn assert_direct(r: Reached, what: &str) {
-    assert!(
-        matches!(r, Reached::Server(_)),
-        "{what}: expected the destination itself, got {r:?}"
-    );
-}
+use datapath_support::*;
+use redirect_tests::{Agent, agent_cli, probe, start_testproxy};
 
 #[test]
 fn every_decision_step_for_v4_v6_and_v4_mapped() {
@@ -271,183 +128,12 @@ fn unregistered_workload_is_untouched() {
     assert!(after >= before + 3, "not_in_mesh {before} -> {after}");
 }
 
-/// A shell that stays alive in the app cgroup and runs the client on request: the workload is
-/// never restarted while its policy changes.
-struct LongLivedWorkload {
-    child: std::process::Child,
-    stdout: BufReader<std::process::ChildStdout>,
-}
-
-impl LongLivedWorkload {
-    fn start(w: &World) -> Self {
-        let client = helper_bin("redirect-testclient").unwrap();
-        let script = format!(
-            "while read dest; do {} connect \"$dest\" --json --timeout-ms 3000; done",
-            client.display()
-        );
-        let mut child =
-            w.fx.spawn_in(
-                &w.app,
-                Command::new("sh")
-                    .args(["-c", &script])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped()),
-            )
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Self { child, stdout }
-    }
-
-    fn connect(&mut self, dest: &str) -> String {
-        writeln!(self.child.stdin.as_mut().unwrap(), "{dest}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        v["reply"].as_str().unwrap_or("").to_string()
-    }
-}
-
-impl Drop for LongLivedWorkload {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn live_config_change_applies_without_restarting_the_workload() {
-    let w = world("live");
-    let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
-    let mut shell = LongLivedWorkload::start(&w);
-    let pid = shell.child.id();
-    assert!(shell.connect("198.18.0.12:80").starts_with("proxy"));
-    agent
-        .reconfigure(&config(
-            &w,
-            r#"traffic.sidecar.istio.io/excludeOutboundIPRanges: "198.18.0.12/32""#,
-        ))
-        .unwrap();
-    assert_eq!(shell.connect("198.18.0.12:80").trim(), "198.18.0.12:80");
-    // The pod annotation overrides the mesh list field by field: .11 is no longer excluded.
-    assert!(shell.connect("198.18.0.11:80").starts_with("proxy"));
-    assert_eq!(shell.child.id(), pid);
-    assert!(shell.child.try_wait().unwrap().is_none(), "workload exited");
-}
-
-#[test]
-fn kill_9_keeps_interception_and_restart_adopts_without_flush() {
-    let w = world("kill9");
-    let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
-    let before = agent.inspect().unwrap();
-    agent.kill9().unwrap();
-    // The agent is gone; the pinned links and maps keep deciding.
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "while down",
-    );
-    assert_direct(
-        probe(&w.fx, &w.app, "198.18.0.11:80", &[]).unwrap(),
-        "while down, excluded",
-    );
-    agent.restart().unwrap();
-    let after = agent.inspect().unwrap();
-    // Same records and policy ids: the restarted agent adopted the state, it did not rewrite it.
-    assert_eq!(before["workloads"], after["workloads"]);
-    assert!(
-        agent.log().contains("adopted pinned link"),
-        "{}",
-        agent.log()
-    );
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "after restart",
-    );
-}
-
-#[test]
-fn cleanup_detaches_and_unpins_everything() {
-    let w = world("cleanup");
-    let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
-    agent.kill9().unwrap();
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "before cleanup",
-    );
-    let out = Command::new(helper_bin("redirect-agent").unwrap())
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(w.fx.pin_dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!w.fx.pin_dir().exists(), "pin dir still there");
-    let attached = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(w.fx.cgroup_root())
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&attached.stdout);
-    assert!(
-        !listing.contains("connect"),
-        "programs still attached:\n{listing}"
-    );
-    assert_direct(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "after cleanup",
-    );
-    // inspect now explains that nothing is pinned, and fails.
-    let err = redirect_tests::inspect(w.fx.pin_dir()).unwrap_err();
-    assert!(err.to_string().contains("nothing is pinned"), "{err}");
-}
-
-#[test]
-fn malformed_config_or_bad_annotation_changes_nothing_applied() {
-    let w = world("malformed");
-    let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
-    let applied = agent.inspect().unwrap()["workloads"].clone();
-
-    agent.write_config("workloads: [ {name: broken").unwrap();
-    agent.wait_log("keeping the applied state").unwrap();
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "after bad YAML",
-    );
-
-    agent
-        .reconfigure(&config(
-            &w,
-            r#"traffic.sidecar.istio.io/excludeOutboundPorts: "80,70000""#,
-        ))
-        .unwrap();
-    let line = agent.wait_log("policy rejected").unwrap();
-    for needle in ["demo/app", "excludeOutboundPorts", "70000"] {
-        assert!(line.contains(needle), "error should name {needle}: {line}");
-    }
-    // The last good policy stays: port 80 is still redirected, nothing was rewritten.
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "after bad annotation",
-    );
-    assert_eq!(agent.inspect().unwrap()["workloads"], applied);
-}
-
 #[test]
 fn node_mode_redirects_to_the_configured_address() {
     let w = world("nodemode");
     w.fx.add_addr("198.18.1.1/32").unwrap();
     let node_proxy = w.fx.cgroup("node-proxy").unwrap();
-    let p =
-        w.fx.spawn_logged(
-            &node_proxy,
-            Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "198.18.1.1:15006"]),
-        )
-        .unwrap();
-    p.wait_for_prefix("listening ", Duration::from_secs(10))
-        .unwrap();
+    let _p = start_testproxy(&w.fx, &node_proxy, &["198.18.1.1:15006"]).unwrap();
     let cfg = format!(
         "proxy: {{mode: node, outboundPort: 15006, address: 198.18.1.1}}\nworkloads:\n  - {{name: app, namespace: demo, cgroup: {}}}\n",
         w.pod1.display()
@@ -464,8 +150,7 @@ fn node_mode_redirects_to_the_configured_address() {
 }
 
 fn explain(agent: &Agent, workload: &str, dest: &str, kernel: bool) -> serde_json::Value {
-    let mut cmd = Command::new(helper_bin("redirect-agent").unwrap());
-    cmd.args([
+    let mut args: Vec<&OsStr> = [
         "explain",
         "--output",
         "json",
@@ -473,18 +158,15 @@ fn explain(agent: &Agent, workload: &str, dest: &str, kernel: bool) -> serde_jso
         workload,
         "--dest",
         dest,
-    ])
-    .arg("--config")
-    .arg(agent.config_path());
+        "--config",
+    ]
+    .map(OsStr::new)
+    .to_vec();
+    args.push(agent.config_path().as_os_str());
     if kernel {
-        cmd.arg("--bpffs-dir").arg(agent.bpffs());
+        args.extend([OsStr::new("--bpffs-dir"), agent.bpffs().as_os_str()]);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "explain {workload} {dest}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = agent_cli(args).unwrap_or_else(|e| panic!("explain {workload} {dest}: {e:#}"));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -543,61 +225,5 @@ fn explain_agrees_with_the_kernel_and_with_where_the_bytes_went() {
     assert_eq!(
         excluded["source"]["key"], "spec.traffic.outboundIPRangeExclusionList",
         "{excluded}"
-    );
-}
-
-#[test]
-fn a_policy_that_does_not_fit_keeps_the_last_good_one_and_names_the_workload() {
-    let w = world("mapfull");
-    // Room for 8 entries per trie: pod1 and pod2 start with 3 v4 entries each.
-    let mut agent =
-        Agent::start_with(&w.fx, &config(&w, ""), &["--max-rule-entries", "8"]).unwrap();
-    let applied = agent.inspect().unwrap()["workloads"].clone();
-    let v4_entries = || {
-        let out = Command::new("bpftool")
-            .args(["-j", "map", "dump", "pinned"])
-            .arg(w.fx.pin_dir().join("CIDR_V4"))
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len()
-    };
-    let before = v4_entries();
-    // 12 separate /32 exclusions (none adjacent, so none merge) cannot fit.
-    let many: Vec<String> = (0..12)
-        .map(|i| format!("198.18.{}.{}/32", 2 + i, 4 * i + 1))
-        .collect();
-    agent
-        .reconfigure(&config(
-            &w,
-            &format!(
-                r#"traffic.sidecar.istio.io/excludeOutboundIPRanges: "{}""#,
-                many.join(",")
-            ),
-        ))
-        .unwrap();
-    let line = agent.wait_log("applying policy failed").unwrap();
-    assert!(
-        line.contains("demo/app"),
-        "error should name the workload: {line}"
-    );
-    // Whole or nothing: the old entries and record are untouched, and no half-written entry
-    // of the new policy is left behind.
-    assert_eq!(agent.inspect().unwrap()["workloads"], applied);
-    assert_eq!(
-        v4_entries(),
-        before,
-        "entries of the rejected policy were left behind"
-    );
-    assert_direct(
-        probe(&w.fx, &w.app, "198.18.0.11:80", &[]).unwrap(),
-        "old exclusion still applies",
-    );
-    assert_proxy(
-        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
-        "old inclusion still applies",
     );
 }

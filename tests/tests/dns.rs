@@ -214,26 +214,32 @@ fn glibc_queries_go_to_the_proxy_v4_and_v6_but_not_the_proxys_own() {
         }
     }
     assert!(dns_counter(&agent, "peername") >= 4);
-    // explain asks the kernel's record and agrees with the config.
-    let out = Command::new(redirect_tests::helper_bin("redirect-agent").unwrap())
-        .args([
-            "explain",
-            "--workload",
-            "demo/app",
-            "--dest",
-            "198.18.0.53:53",
-        ])
-        .args(["--output", "json", "--config"])
-        .arg(agent.config_path())
-        .arg("--bpffs-dir")
-        .arg(agent.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // /metrics reads the same pinned counters at scrape time.
+    let page = redirect_agent::metrics::Metrics::new(Some(agent.bpffs())).encode();
+    let line = format!(
+        "redirect_dns_events_total{{event=\"peername\"}} {}",
+        dns_counter(&agent, "peername")
     );
+    assert!(page.contains(&line), "/metrics lacks {line}:\n{page}");
+    // explain asks the kernel's record and agrees with the config.
+    let mut args: Vec<&std::ffi::OsStr> = [
+        "explain",
+        "--workload",
+        "demo/app",
+        "--dest",
+        "198.18.0.53:53",
+        "--output",
+        "json",
+        "--config",
+    ]
+    .map(std::ffi::OsStr::new)
+    .to_vec();
+    args.push(agent.config_path().as_os_str());
+    args.extend([
+        std::ffi::OsStr::new("--bpffs-dir"),
+        agent.bpffs().as_os_str(),
+    ]);
+    let out = redirect_tests::agent_cli(args).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["step"], "dns_captured", "{v}");
     assert_eq!(v["evaluated"], "kernel", "{v}");

@@ -15,7 +15,7 @@ fn included_ports_go_to_the_proxy_with_their_original_destination_v4_v6_dual_sta
 
     // IPv4 to a dual-stack (`::`) listener: the accepted socket is AF_INET6 with v4-mapped
     // addresses, and both SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST answer.
-    let v = w.from_node(&format!("{POD4}:8080"));
+    let v = w.report_from_node(&format!("{POD4}:8080"));
     let p = &v["proxy"];
     assert_eq!(p["local"], format!("[::ffff:{POD4}]:8080"), "{v}");
     assert_eq!(p["origdst4"], answered(&format!("{POD4}:8080"), 16), "{v}");
@@ -26,7 +26,7 @@ fn included_ports_go_to_the_proxy_with_their_original_destination_v4_v6_dual_sta
     );
     assert_eq!(v["peer"], format!("{POD4}:8080"), "{v}");
 
-    let v = w.from_node(&format!("[{POD6}]:8080"));
+    let v = w.report_from_node(&format!("[{POD6}]:8080"));
     let p = &v["proxy"];
     assert_eq!(p["local"], format!("[{POD6}]:8080"), "{v}");
     assert_eq!(
@@ -251,16 +251,7 @@ fn kill9_keeps_inbound_and_restart_adopts_then_cleanup_leaves_no_link() {
     assert_eq!(ours(&sk_lookup_links()), 1);
     assert_eq!(w.who(&format!("{POD4}:8080")), "proxy");
     agent.kill9().unwrap();
-    let out = std::process::Command::new(redirect_tests::helper_bin("redirect-agent").unwrap())
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(agent.bpffs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    redirect_tests::agent_cleanup(agent.bpffs()).unwrap();
     assert_eq!(
         ours(&sk_lookup_links()),
         0,

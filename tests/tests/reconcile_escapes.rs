@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_tests::{Agent, Fixture, IdentityServer, Spawned, helper_bin, serve_identity};
+use redirect_tests::{
+    Agent, Fixture, IdentityServer, Spawned, helper_bin, serve_identity, start_testproxy,
+};
 
 struct World {
     fx: Fixture,
@@ -31,16 +33,7 @@ fn world(name: &str, pods: usize) -> World {
         })
         .collect();
     let proxy = fx.cgroup("pod1/proxy").unwrap();
-    let proxy_proc = fx
-        .spawn_logged(
-            &proxy,
-            Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "127.0.0.1:15001"]),
-        )
-        .unwrap();
-    proxy_proc
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .unwrap();
+    let proxy_proc = start_testproxy(&fx, &proxy, &["127.0.0.1:15001"]).unwrap();
     World {
         fx,
         pods,

@@ -31,8 +31,9 @@ const KUSTOMIZATIONS: [(&str, &str); 3] = [
     ("uninstall", "uninstall"),
 ];
 
-/// The agent's capabilities, as proven by tests/tests/capabilities.rs.
-const AGENT_CAPS: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+/// The agent's capabilities, as proven by tests/tests/capabilities.rs: the datapath's three, and
+/// SYS_ADMIN and SYS_PTRACE for inbound interception (with hostPID).
+const AGENT_CAPS: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"];
 
 /// (apiGroup, resource, verb) the agent's ClusterRole grants: exactly these.
 const RBAC: [(&str, &str, &str); 11] = [
@@ -200,7 +201,8 @@ fn strs(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// No container anywhere is privileged, shares the host's PID namespace, or escalates.
+/// No container anywhere is privileged or escalates; only the agent shares the host's PID
+/// namespace (inbound interception finds pods' netns from their pids).
 fn check_no_privileged(docs: &[Value]) -> Result<()> {
     for d in docs {
         let spec = &d["spec"]["template"]["spec"];
@@ -208,8 +210,9 @@ fn check_no_privileged(docs: &[Value]) -> Result<()> {
             continue;
         }
         let name = d["metadata"]["name"].as_str().unwrap_or("?");
+        let agent = d["kind"] == "DaemonSet" && name == "redirect-agent";
         ensure!(
-            spec["hostPID"] != true && spec["hostIPC"] != true,
+            (agent || spec["hostPID"] != true) && spec["hostIPC"] != true,
             "{name}: hostPID/hostIPC"
         );
         let containers = spec["containers"].as_sequence().into_iter().flatten();
@@ -250,6 +253,10 @@ fn check_agent(docs: &[Value]) -> Result<()> {
     ensure!(
         spec["hostNetwork"] != true,
         "the agent needs no host network"
+    );
+    ensure!(
+        spec["hostPID"] == true,
+        "the agent needs hostPID: true (inbound interception reads pods' /proc/PID/ns/net)"
     );
     ensure!(
         ds["spec"]["updateStrategy"]["type"] == "RollingUpdate",
@@ -451,10 +458,29 @@ mod tests {
         let sys_admin = mutate(&|d| {
             if d["kind"] == "DaemonSet" {
                 d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-                    ["add"] = serde_yaml::from_str("[BPF, NET_ADMIN, PERFMON, SYS_ADMIN]").unwrap();
+                    ["add"] = serde_yaml::from_str(
+                    "[BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_PTRACE, SYS_MODULE]",
+                )
+                .unwrap();
             }
         });
         assert!(check_agent(&sys_admin).is_err());
+        let no_host_pid = mutate(&|d| {
+            if d["kind"] == "DaemonSet" {
+                d["spec"]["template"]["spec"]["hostPID"] = Value::Bool(false);
+            }
+        });
+        assert!(check_agent(&no_host_pid).is_err());
+        let cleanup_host_pid = {
+            let mut d = deploy_docs("uninstall");
+            for x in &mut d {
+                if x["kind"] == "DaemonSet" {
+                    x["spec"]["template"]["spec"]["hostPID"] = Value::Bool(true);
+                }
+            }
+            d
+        };
+        assert!(check_no_privileged(&cleanup_host_pid).is_err());
         let secrets = mutate(&|d| {
             if d["kind"] == "ClusterRole" {
                 d["rules"][0]["resources"] =

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use aya::maps::{MapData, PerCpuArray};
-use redirect_common::dns::{DNS_EVENT_COUNT, DnsEvent, map_names};
+use redirect_common::dns::{DnsEvent, map_names};
 
 use super::BpfError;
 
@@ -14,12 +14,5 @@ pub fn dns_stats(dir: &Path) -> Result<Vec<(DnsEvent, u64)>, BpfError> {
         return Ok(Vec::new());
     }
     let stats: PerCpuArray<MapData, u64> = super::maps::open(dir, map_names::DNS_STATS)?;
-    (0..DNS_EVENT_COUNT)
-        .map(|i| {
-            let per_cpu = stats
-                .get(&i, 0)
-                .map_err(|e| BpfError::map(map_names::DNS_STATS, e))?;
-            Ok((DnsEvent::ALL[i as usize], per_cpu.iter().sum()))
-        })
-        .collect()
+    super::maps::per_cpu_counters(&stats, map_names::DNS_STATS, &DnsEvent::ALL)
 }

@@ -438,6 +438,7 @@ pub(crate) fn all_map_names() -> impl Iterator<Item = &'static str> {
 pub(super) fn owned_name(name: &str) -> bool {
     let name = name.strip_suffix("_new").unwrap_or(name);
     all_map_names().any(|m| m == name)
+        || map_names::RETIRED.contains(&name)
         // The per-netns sk_lookup links (bpf/netns.rs).
         || name.starts_with("link_sk_lookup_")
         || name.starts_with(&format!("{LINK_PREFIX}{OWN_PROGRAM_PREFIX}"))

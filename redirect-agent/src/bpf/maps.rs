@@ -5,15 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{
-    HashMap, LpmTrie, Map, MapData, MapError, MapInfo, PerCpuArray, lpm_trie::Key as LpmKey,
-};
-use redirect_common::{
-    CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, ORIG_EVENT_COUNT, OrigDst, OrigEvent,
-    OrigTupleKey, POLICY_ID_BITS, Policy, PortKey, Rule, map_names,
-};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray};
+use redirect_common::{Decision, OrigDst, OrigEvent, OrigTupleKey, Policy, map_names};
 
-use super::BpfError;
+use super::{BpfError, tries::RuleTries};
 
 /// One policy's trie entries, keyed by (prefix bits after the policy id, address or port).
 /// The value is a `redirect_common::action`.
@@ -37,17 +32,17 @@ impl PolicyEntries {
 pub struct PinnedMaps {
     dir: PathBuf,
     policy: HashMap<MapData, u64, Policy>,
-    cidr_v4: LpmTrie<MapData, CidrV4Key, Rule>,
-    cidr_v6: LpmTrie<MapData, CidrV6Key, Rule>,
-    ports: LpmTrie<MapData, PortKey, Rule>,
+    tries: RuleTries,
     counters: PerCpuArray<MapData, u64>,
+    /// `POLICY_GEN`, bumped after every `POLICY` write (redirect-ebpf/src/resolve.rs). Optional
+    /// so that `inspect` still reads a directory pinned by an agent that predates it.
+    generation: Option<Array<MapData, u64>>,
     /// The original-destination maps. Optional so that `inspect` still reads a directory pinned
     /// by an agent that predates them.
     orig: Option<OrigMaps>,
 }
 
 struct OrigMaps {
-    cookie: HashMap<MapData, u64, OrigDst>,
     tuple: HashMap<MapData, OrigTupleKey, OrigDst>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -79,23 +74,22 @@ pub(crate) fn open<T: TryFrom<Map, Error = MapError>>(
     })
 }
 
-fn v4_key(id: u32, bits: u32, addr: [u8; 4]) -> LpmKey<CidrV4Key> {
-    let policy_id = id.to_be_bytes();
-    LpmKey::new(POLICY_ID_BITS + bits, CidrV4Key { policy_id, addr })
-}
-
-fn v6_key(id: u32, bits: u32, addr: [u8; 16]) -> LpmKey<CidrV6Key> {
-    let policy_id = id.to_be_bytes();
-    LpmKey::new(POLICY_ID_BITS + bits, CidrV6Key { policy_id, addr })
-}
-
-fn port_key(id: u32, bits: u32, port: u16) -> LpmKey<PortKey> {
-    let key = PortKey {
-        policy_id: id.to_be_bytes(),
-        port: port.to_be_bytes(),
-        _pad: [0; 2],
-    };
-    LpmKey::new(POLICY_ID_BITS + bits, key)
+/// Counters of a per-CPU array summed over CPUs, one per slot of `all` (a counter enum's
+/// `ALL`, in slot order).
+pub(crate) fn per_cpu_counters<T: Copy>(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    all: &[T],
+) -> Result<Vec<(T, u64)>, BpfError> {
+    all.iter()
+        .enumerate()
+        .map(|(i, &what)| {
+            let per_cpu = map
+                .get(&(i as u32), 0)
+                .map_err(|e| BpfError::map(name, e))?;
+            Ok((what, per_cpu.iter().sum()))
+        })
+        .collect()
 }
 
 impl PinnedMaps {
@@ -108,13 +102,18 @@ impl PinnedMaps {
         Ok(Self {
             dir: dir.to_path_buf(),
             policy: open(dir, map_names::POLICY)?,
-            cidr_v4: open(dir, map_names::CIDR_V4)?,
-            cidr_v6: open(dir, map_names::CIDR_V6)?,
-            ports: open(dir, map_names::PORTS)?,
+            tries: RuleTries::open(
+                dir,
+                [map_names::CIDR_V4, map_names::CIDR_V6, map_names::PORTS],
+            )?,
             counters: open(dir, map_names::COUNTERS)?,
+            generation: if dir.join(map_names::POLICY_GEN).exists() {
+                Some(open(dir, map_names::POLICY_GEN)?)
+            } else {
+                None
+            },
             orig: if dir.join(map_names::ORIG_TUPLE).exists() {
                 Some(OrigMaps {
-                    cookie: open(dir, map_names::ORIG_COOKIE)?,
                     tuple: open(dir, map_names::ORIG_TUPLE)?,
                     stats: open(dir, map_names::ORIG_STATS)?,
                 })
@@ -124,8 +123,10 @@ impl PinnedMaps {
         })
     }
 
-    /// Entries and capacity of ORIG_COOKIE and ORIG_TUPLE; empty if they are not pinned. Counting
-    /// walks the keys, which is fine for `inspect` (at most a few hundred thousand syscalls).
+    /// Entries and capacity of ORIG_TUPLE (hand-offs not yet taken by a proxy socket); empty if
+    /// it is not pinned. Counting walks the keys, which is fine for `inspect` (at most a few
+    /// hundred thousand syscalls). The per-socket records in SOCK_STATE are not listed: socket
+    /// storage cannot be walked by key, and the kernel frees each with its socket.
     pub fn orig_fill(&self) -> Result<Vec<MapFill>, BpfError> {
         let Some(o) = &self.orig else {
             return Ok(Vec::new());
@@ -137,18 +138,11 @@ impl PinnedMaps {
         };
         // A key that disappears during the walk (a connection closing) ends in an error for
         // that step only; it is simply not counted.
-        Ok(vec![
-            MapFill {
-                name: map_names::ORIG_COOKIE,
-                entries: o.cookie.keys().filter(Result::is_ok).count(),
-                max_entries: max(map_names::ORIG_COOKIE)?,
-            },
-            MapFill {
-                name: map_names::ORIG_TUPLE,
-                entries: o.tuple.keys().filter(Result::is_ok).count(),
-                max_entries: max(map_names::ORIG_TUPLE)?,
-            },
-        ])
+        Ok(vec![MapFill {
+            name: map_names::ORIG_TUPLE,
+            entries: o.tuple.keys().filter(Result::is_ok).count(),
+            max_entries: max(map_names::ORIG_TUPLE)?,
+        }])
     }
 
     /// Original-destination event counters summed over CPUs, in `OrigEvent::ALL` order; empty if
@@ -157,15 +151,7 @@ impl PinnedMaps {
         let Some(o) = &self.orig else {
             return Ok(Vec::new());
         };
-        (0..ORIG_EVENT_COUNT)
-            .map(|i| {
-                let per_cpu = o
-                    .stats
-                    .get(&i, 0)
-                    .map_err(|e| BpfError::map(map_names::ORIG_STATS, e))?;
-                Ok((OrigEvent::ALL[i as usize], per_cpu.iter().sum()))
-            })
-            .collect()
+        per_cpu_counters(&o.stats, map_names::ORIG_STATS, &OrigEvent::ALL)
     }
 
     pub fn dir(&self) -> &Path {
@@ -198,139 +184,58 @@ impl PinnedMaps {
         self.policy.get(&cgroup_id, 0).ok()
     }
 
-    /// Every trie entry, grouped by policy id.
-    pub fn entries(&self) -> Result<BTreeMap<u32, PolicyEntries>, BpfError> {
-        let mut out: BTreeMap<u32, PolicyEntries> = BTreeMap::new();
-        for item in self.cidr_v4.iter() {
-            let (k, v) = item.map_err(|e| BpfError::map(map_names::CIDR_V4, e))?;
-            let d = k.data();
-            let id = u32::from_be_bytes(d.policy_id);
-            let bits = k.prefix_len() - POLICY_ID_BITS;
-            out.entry(id)
-                .or_default()
-                .v4
-                .insert((bits, d.addr), v.action);
-        }
-        for item in self.cidr_v6.iter() {
-            let (k, v) = item.map_err(|e| BpfError::map(map_names::CIDR_V6, e))?;
-            let d = k.data();
-            let id = u32::from_be_bytes(d.policy_id);
-            let bits = k.prefix_len() - POLICY_ID_BITS;
-            out.entry(id)
-                .or_default()
-                .v6
-                .insert((bits, d.addr), v.action);
-        }
-        for item in self.ports.iter() {
-            let (k, v) = item.map_err(|e| BpfError::map(map_names::PORTS, e))?;
-            let d = k.data();
-            let id = u32::from_be_bytes(d.policy_id);
-            let bits = k.prefix_len() - POLICY_ID_BITS;
-            let port = u16::from_be_bytes(d.port);
-            out.entry(id)
-                .or_default()
-                .ports
-                .insert((bits, port), v.action);
-        }
-        Ok(out)
-    }
-
-    /// Writes all of a policy's entries. On failure (a full map, typically) the entries written
-    /// so far are removed again, so a policy lands whole or not at all.
-    pub fn insert_entries(&mut self, id: u32, e: &PolicyEntries) -> Result<(), BpfError> {
-        let mut done = PolicyEntries::default();
-        let result = self.insert_tracked(id, e, &mut done);
-        if result.is_err() {
-            self.remove_entries(id, &done);
-        }
-        result
-    }
-
-    fn insert_tracked(
-        &mut self,
-        id: u32,
-        e: &PolicyEntries,
-        done: &mut PolicyEntries,
-    ) -> Result<(), BpfError> {
-        for (&(bits, addr), &action) in &e.v4 {
-            self.cidr_v4
-                .insert(&v4_key(id, bits, addr), Rule { action }, 0)
-                .map_err(|e| BpfError::map(map_names::CIDR_V4, e))?;
-            done.v4.insert((bits, addr), action);
-        }
-        for (&(bits, addr), &action) in &e.v6 {
-            self.cidr_v6
-                .insert(&v6_key(id, bits, addr), Rule { action }, 0)
-                .map_err(|e| BpfError::map(map_names::CIDR_V6, e))?;
-            done.v6.insert((bits, addr), action);
-        }
-        for (&(bits, port), &action) in &e.ports {
-            self.ports
-                .insert(&port_key(id, bits, port), Rule { action }, 0)
-                .map_err(|e| BpfError::map(map_names::PORTS, e))?;
-            done.ports.insert((bits, port), action);
-        }
-        Ok(())
-    }
-
-    /// Best effort: an entry that is already gone is not an error.
-    pub fn remove_entries(&mut self, id: u32, e: &PolicyEntries) {
-        for &(bits, addr) in e.v4.keys() {
-            let _ = self.cidr_v4.remove(&v4_key(id, bits, addr));
-        }
-        for &(bits, addr) in e.v6.keys() {
-            let _ = self.cidr_v6.remove(&v6_key(id, bits, addr));
-        }
-        for &(bits, port) in e.ports.keys() {
-            let _ = self.ports.remove(&port_key(id, bits, port));
-        }
-    }
-
     /// One map update: the kernel swaps the record atomically, so a connect sees the old policy
     /// or the new one.
     pub fn set_policy(&mut self, cgroup_id: u64, policy: &Policy) -> Result<(), BpfError> {
-        self.policy
+        let r = self
+            .policy
             .insert(cgroup_id, policy, 0)
-            .map_err(|e| BpfError::map(map_names::POLICY, e))
+            .map_err(|e| BpfError::map(map_names::POLICY, e));
+        self.bump_generation();
+        r
     }
 
     pub fn remove_policy(&mut self, cgroup_id: u64) {
         let _ = self.policy.remove(&cgroup_id);
+        self.bump_generation();
     }
 
-    /// Longest-prefix lookups exactly as the kernel program does them (the kernel answers), for
-    /// `explain --bpffs-dir`.
-    pub fn lookup_port(&self, id: u32, port: u16) -> Option<u32> {
-        self.ports
-            .get(&port_key(id, 16, port), 0)
-            .ok()
-            .map(|r| r.action)
+    /// After a `POLICY` write (never before it: redirect-ebpf/src/resolve.rs), so that no
+    /// per-cgroup answer resolved before the write is used again. The new value is above the old
+    /// one and above the clock, so that two writers (an upgrade's old and new agent) never both
+    /// land on a value some cache entry was resolved under. A failure here leaves cached answers
+    /// in place: it is logged, and the next write bumps again.
+    fn bump_generation(&mut self) {
+        let Some(g) = &mut self.generation else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let next = g.get(&0, 0).unwrap_or(0).wrapping_add(1).max(now);
+        if let Err(e) = g.set(0, next, 0) {
+            tracing::warn!(error = %e, "could not bump POLICY_GEN; cached cgroup answers may be stale until the next write");
+        }
     }
 
-    pub fn lookup_v4(&self, id: u32, addr: [u8; 4]) -> Option<u32> {
-        self.cidr_v4
-            .get(&v4_key(id, 32, addr), 0)
-            .ok()
-            .map(|r| r.action)
+    /// The reconciler's map-writer trait names these by path (`PinnedMaps::entries`), so they
+    /// are spelled out here; the rest of `RuleTries` comes through `Deref`.
+    pub fn entries(&self) -> Result<BTreeMap<u32, PolicyEntries>, BpfError> {
+        self.tries.entries()
     }
 
-    pub fn lookup_v6(&self, id: u32, addr: [u8; 16]) -> Option<u32> {
-        self.cidr_v6
-            .get(&v6_key(id, 128, addr), 0)
-            .ok()
-            .map(|r| r.action)
+    pub fn insert_entries(&mut self, id: u32, e: &PolicyEntries) -> Result<(), BpfError> {
+        self.tries.insert_entries(id, e)
+    }
+
+    pub fn remove_entries(&mut self, id: u32, e: &PolicyEntries) {
+        self.tries.remove_entries(id, e)
     }
 
     /// Decision counters summed over CPUs, in `Decision::ALL` order.
     pub fn counters(&self) -> Result<Vec<(Decision, u64)>, BpfError> {
-        (0..DECISION_COUNT)
-            .map(|i| {
-                let per_cpu = self
-                    .counters
-                    .get(&i, 0)
-                    .map_err(|e| BpfError::map(map_names::COUNTERS, e))?;
-                Ok((Decision::ALL[i as usize], per_cpu.iter().sum()))
-            })
-            .collect()
+        per_cpu_counters(&self.counters, map_names::COUNTERS, &Decision::ALL)
     }
 }
+
+super::tries::deref_to_tries!(PinnedMaps);

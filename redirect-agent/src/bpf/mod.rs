@@ -6,6 +6,7 @@ pub mod loader;
 pub mod maps;
 pub mod netns;
 pub mod probe;
+pub mod tries;
 
 use std::path::PathBuf;
 

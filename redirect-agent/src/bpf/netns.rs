@@ -16,7 +16,7 @@ use aya::{
     programs::{ProgramInfo, SkLookup, links::FdLink},
 };
 use redirect_common::inbound::SK_LOOKUP_PROGRAM;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::BpfError;
 
@@ -62,9 +62,16 @@ pub fn load_program(ebpf: &mut Ebpf, dir: &Path) -> Result<(), BpfError> {
 
 /// The inode of a netns file: what names its link.
 pub fn netns_inode(netns: &Path) -> Result<u64, BpfError> {
-    fs::metadata(netns)
-        .map(|m| m.ino())
-        .map_err(|e| BpfError::io("opening netns", netns, e))
+    fs::metadata(netns).map(|m| m.ino()).map_err(|e| {
+        let e = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            std::io::Error::other(format!(
+                "{e} (another user's /proc/PID/ns/net needs CAP_SYS_PTRACE)"
+            ))
+        } else {
+            e
+        };
+        BpfError::io("opening netns", netns, e)
+    })
 }
 
 /// True when the pinned link is alive in this very netns (a dead netns's inode may be reused)
@@ -96,7 +103,7 @@ pub fn attach(dir: &Path, netns: &Path, cookie: u64) -> Result<u64, BpfError> {
     let mut loader = EbpfLoader::new();
     let names: Vec<&str> = super::loader::all_map_names().collect();
     for name in &names {
-        loader.map_pin_path(*name, dir.join(name));
+        loader.map_pin_path(name, dir.join(name));
     }
     loader.override_global("INBOUND_NETNS_COOKIE", &cookie, true);
     let mut ebpf = loader.load(super::loader::OBJECT)?;
@@ -150,26 +157,16 @@ pub fn netns_cookie(netns: &Path) -> Result<u64, BpfError> {
     let file = fs::File::open(netns).map_err(|e| BpfError::io("opening netns", netns, e))?;
     let joined = std::thread::scope(|s| {
         s.spawn(|| -> std::io::Result<u64> {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                if e == nix::errno::Errno::EPERM {
+                    std::io::Error::other("setns: Operation not permitted (joining a network namespace needs CAP_SYS_ADMIN)")
+                } else {
+                    std::io::Error::from(e)
+                }
+            })?;
             let sock = std::net::UdpSocket::bind("127.0.0.1:0")
                 .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: a valid socket and a buffer of `len` bytes.
-            let rc = unsafe {
-                libc::getsockopt(
-                    sock.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    SO_NETNS_COOKIE,
-                    (&mut cookie as *mut u64).cast(),
-                    &mut len,
-                )
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(cookie)
+            socket_netns_cookie(sock.as_raw_fd())
         })
         .join()
     });
@@ -181,6 +178,153 @@ pub fn netns_cookie(netns: &Path) -> Result<u64, BpfError> {
             std::io::Error::other("thread panicked"),
         )),
     }
+}
+
+/// Backfills `IN_LISTEN` with the proxy's inbound listener when it was already listening before
+/// the sockops program was attached (a proxy started before the agent's first install): such a
+/// listener never passed `TCP_LISTEN_CB`, so without this its pod's inbound connections are
+/// refused until the proxy listens again. `pids` are the processes to search (the proxy's
+/// container cgroup, or the pod's). The listening sockets on `port` in the netns are read from
+/// `/proc/PID/net/tcp{,6}`, found among each process's descriptors, taken with pidfd_getfd(2),
+/// checked to be in the netns of `cookie`, and inserted under the key the sockops program uses,
+/// only where no entry exists (a live entry is the kernel's own, and newer). Returns how many
+/// were inserted. Needs CAP_SYS_PTRACE for another user's processes (pidfd_getfd is a ptrace
+/// attach-mode access check).
+pub fn backfill(dir: &Path, pids: &[u32], cookie: u64, port: u16) -> Result<usize, BpfError> {
+    use redirect_common::inbound::{LISTEN_V4, LISTEN_V6, ListenerKey, map_names::IN_LISTEN};
+    let Some(listeners) = pids.iter().find_map(|p| listening_inodes(*p, port)) else {
+        debug!(?pids, "backfill: no readable TCP tables");
+        return Ok(0);
+    };
+    debug!(?pids, ?listeners, port, "backfill: listeners in the netns");
+    if listeners.is_empty() {
+        return Ok(0);
+    }
+    let map_path = dir.join(IN_LISTEN);
+    let map = raw::obj_get(&map_path).map_err(|e| BpfError::io("opening", &map_path, e))?;
+    let value_size =
+        raw::map_value_size(&map).map_err(|e| BpfError::io("reading", &map_path, e))?;
+    let mut inserted = 0;
+    for pid in pids {
+        // The process's descriptors are taken by number with pidfd_getfd and recognised by
+        // their inode: listing /proc/PID/fd of another user would need CAP_DAC_READ_SEARCH as
+        // well (the directory is mode 0500). Listeners are opened early, so the walk stops
+        // once every one is found; FDSize bounds it.
+        let Ok(pidfd) = raw::pidfd_open(*pid) else {
+            continue;
+        };
+        let mut left: Vec<(u64, bool)> = listeners.clone();
+        for num in 0..fd_table_size(*pid) {
+            if left.is_empty() {
+                break;
+            }
+            let sock = match raw::pidfd_getfd(&pidfd, num) {
+                Ok(s) => s,
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    return Err(BpfError::io(
+                        "taking the listener (pidfd_getfd needs CAP_SYS_PTRACE) of",
+                        Path::new(&format!("/proc/{pid}")),
+                        e,
+                    ));
+                }
+                // Not open, or the process is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ESRCH) => break,
+                Err(_) => continue,
+            };
+            let Ok(st) = nix::sys::stat::fstat(sock.as_raw_fd()) else {
+                continue;
+            };
+            let Some(at) = left.iter().position(|(i, _)| *i == st.st_ino) else {
+                continue;
+            };
+            let (_, v6) = left.swap_remove(at);
+            let theirs = socket_netns_cookie(sock.as_raw_fd());
+            if theirs.as_ref().ok() != Some(&cookie) {
+                debug!(
+                    pid,
+                    ?theirs,
+                    cookie,
+                    "backfill: a listener of another netns"
+                );
+                continue;
+            }
+            let key = ListenerKey {
+                netns: cookie,
+                port,
+                family: if v6 { LISTEN_V6 } else { LISTEN_V4 },
+                _pad: 0,
+            };
+            match raw::map_insert_new(&map, &key, sock.as_raw_fd(), value_size) {
+                Ok(()) => {
+                    info!(
+                        pid,
+                        port, cookie, v6, "backfilled a listener that predates the agent"
+                    );
+                    inserted += 1;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(BpfError::io("inserting the listener into", &map_path, e)),
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+/// The size of `pid`'s descriptor table (FDSize in /proc/PID/status, readable by anyone).
+fn fd_table_size(pid: u32) -> i32 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("FDSize:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(1024)
+}
+
+/// The inodes of the TCP sockets listening on `port` in `pid`'s netns, with true for AF_INET6
+/// (`/proc/PID/net/tcp6`); None if the tables cannot be read (the process is gone).
+fn listening_inodes(pid: u32, port: u16) -> Option<Vec<(u64, bool)>> {
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let lport = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A"
+                && lport == Some(port)
+                && let Ok(ino) = inode.parse()
+            {
+                out.push((ino, v6));
+            }
+        }
+    }
+    Some(out)
+}
+
+fn socket_netns_cookie(fd: i32) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The bpf(2) commands for link and program introspection that aya 0.14 does not expose (the
@@ -242,6 +386,52 @@ mod raw {
         attr[0] = (fd.as_raw_fd() as u32 as u64) | ((buf.len() as u64) << 32);
         attr[1] = buf.as_mut_ptr() as u64;
         bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+    }
+
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_NOEXIST: u64 = 1;
+
+    /// struct bpf_map_info: type, id, key_size, value_size (u32 each).
+    pub fn map_value_size(fd: &OwnedFd) -> io::Result<u32> {
+        let mut buf = [0u8; 256];
+        info(fd, &mut buf)?;
+        Ok(u32::from_ne_bytes([buf[12], buf[13], buf[14], buf[15]]))
+    }
+
+    /// BPF_MAP_UPDATE_ELEM with BPF_NOEXIST of a socket into a SOCKHASH (the value is the fd, as
+    /// a u32 or a u64 per the map's value size).
+    pub fn map_insert_new<K>(map: &OwnedFd, key: &K, sock: i32, value_size: u32) -> io::Result<()> {
+        let value = u64::from(sock as u32);
+        let v32 = sock as u32;
+        let mut attr = [0u64; 16];
+        attr[0] = map.as_raw_fd() as u32 as u64;
+        attr[1] = (key as *const K) as u64;
+        attr[2] = if value_size == 8 {
+            (&value as *const u64) as u64
+        } else {
+            (&v32 as *const u32) as u64
+        };
+        attr[3] = BPF_NOEXIST;
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+    }
+
+    pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_open(2) takes a pid and flags; returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned(fd))
+    }
+
+    /// A duplicate of descriptor `num` of the process behind `pidfd`.
+    pub fn pidfd_getfd(pidfd: &OwnedFd, num: i32) -> io::Result<OwnedFd> {
+        // SAFETY: pidfd_getfd(2) takes a pidfd, a descriptor number and flags.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), num, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned(fd))
     }
 
     pub struct LinkInfo {

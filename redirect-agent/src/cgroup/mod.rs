@@ -1,6 +1,7 @@
 //! cgroup v2 helpers: where the hierarchy is mounted and how a directory maps to a cgroup id,
 //! plus pod cgroup discovery ([`discover`]: pod UID → directory) and its inotify watch ([`watch`]).
 pub mod discover;
+pub mod netns;
 pub mod watch;
 
 use std::{

@@ -95,7 +95,13 @@ pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
         pod_annotations: &w.annotations,
     })?;
     if args.inbound {
-        return super::explain_inbound::explain(&args, &config, w, &resolved.policy);
+        return super::explain_inbound::explain(
+            &args,
+            &config,
+            w,
+            &resolved.policy,
+            resolved.inbound_error.as_ref(),
+        );
     }
     let verdict = policy::evaluate(&resolved.policy, args.dest, args.as_proxy);
 

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Output, explain::ExplainArgs};
 use crate::{
     bpf::{inbound_maps::InboundMaps, netns},
-    policy::{Action, EffectivePolicy, inbound},
+    policy::{Action, EffectivePolicy, PolicyError, inbound},
     source::file::{FileConfig, WorkloadConfig},
 };
 
@@ -19,6 +19,7 @@ pub fn explain(
     config: &FileConfig,
     w: &WorkloadConfig,
     policy: &EffectivePolicy,
+    inbound_error: Option<&PolicyError>,
 ) -> anyhow::Result<()> {
     let port = args.dest.port();
     let source = args
@@ -86,11 +87,17 @@ pub fn explain(
                 "rule": verdict.source.as_ref().map(|s| s.to_string()),
                 "evaluated": if kernel.is_some() { "kernel" } else { "policy" },
                 "agree": kernel.is_none_or(|k| k == verdict.step),
+                "inbound_error": inbound_error.map(|e| e.to_string()),
             });
             println!("{}", serde_json::to_string_pretty(&out)?);
         }
         Output::Text => {
             println!("workload  {}/{} (inbound)", w.namespace, w.name);
+            if let Some(e) = inbound_error {
+                println!(
+                    "rejected  {e}: the outbound policy is unaffected; inbound keeps its last good policy, or the mesh default's inbound lists (shown here)"
+                );
+            }
             println!("dest      port {port} from {source}");
             println!("decision  {to}");
             println!("step      {n} {name}");
@@ -108,8 +115,11 @@ pub fn explain(
             }
         }
     }
+    // With a rejected inbound value the kernel keeps the last good policy, which may well
+    // differ from the mesh default shown: that is the rule working, not a stale kernel.
     if let Some(k) = kernel
         && k != verdict.step
+        && inbound_error.is_none()
     {
         bail!(
             "the pinned maps decide {} but the config decides {}: the kernel does not hold this config",

@@ -112,6 +112,16 @@ pub struct RunArgs {
     /// kuma.io/builtin-dns-port overrides it per pod).
     #[arg(long, env = "REDIRECT_DNS_PORT", default_value_t = crate::policy::DnsDefault::default().port)]
     pub dns_port: std::num::NonZeroU16,
+    /// Kubernetes source: inbound interception (sk_lookup into each meshed pod's network
+    /// namespace, found from the pod's processes). Needs CAP_SYS_ADMIN, CAP_SYS_PTRACE and the
+    /// host's PID namespace on top of the three base capabilities; `--inbound=false` needs none of them.
+    #[arg(long, env = "REDIRECT_INBOUND", default_value_t = true, action = clap::ArgAction::Set)]
+    pub inbound: bool,
+    /// Kubernetes source: the proxy's inbound listener port for every pod. Default: by the pod's
+    /// mesh (Istio and Kuma 15006, OSM/FSM 15003, Linkerd 4143); a pod of no known mesh gets no
+    /// inbound interception without it.
+    #[arg(long, env = "REDIRECT_INBOUND_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub inbound_port: Option<u16>,
 }
 
 impl RunArgs {
@@ -139,7 +149,9 @@ impl RunArgs {
         Ok(ProxyConfig {
             mode,
             outbound_port: self.proxy_port,
-            inbound_port: crate::proxy::DEFAULT_INBOUND_PORT,
+            inbound_port: self
+                .inbound_port
+                .unwrap_or(crate::proxy::DEFAULT_INBOUND_PORT),
             uid: self.proxy_uid,
             address: self.proxy_address,
             address6: self.proxy_address6,
@@ -180,12 +192,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     port: args.dns_port,
                     key: crate::policy::dns_keys::FLAG_DEFAULT.into(),
                 },
+                inbound: args.inbound,
+                inbound_port: args.inbound_port,
                 ..KubeOptions::new(node, PathBuf::new())
             })
         }
     };
     // Before touching the kernel: a missing capability is named, not left to a bare EPERM.
-    crate::caps::require_for_run()?;
+    crate::caps::require_for_run(kube_opts.as_ref().is_some_and(|o| o.inbound))?;
     // Before adopting anything: a second agent on this pin dir would delete the first one's
     // workloads. Held until the process exits; the kernel releases it even after kill -9.
     let _lock = crate::lock::lock_pin_dir(&args.bpffs.bpffs_dir)?;

@@ -294,16 +294,23 @@ impl<M: PolicyMaps> Applier<M> {
 
     /// When the next retired entry set is due for deletion.
     pub fn next_collect(&self) -> Option<Instant> {
+        let inbound = self.inbound.as_ref().and_then(|i| i.next_collect());
         self.shared
             .values()
             .filter_map(|s| s.retired)
             .min()
             .map(|t| t + self.grace)
+            .into_iter()
+            .chain(inbound)
+            .min()
     }
 
     /// Deletes the entries of ids retired at least the grace period before `now`. Returns how
     /// many entry sets were freed.
     pub fn collect(&mut self, now: Instant) -> usize {
+        if let Some(i) = self.inbound.as_mut() {
+            i.collect(now);
+        }
         let due: Vec<u32> = self
             .shared
             .iter()

@@ -40,6 +40,9 @@ pub enum Fallback {
     /// A record that redirects every destination but loopback: the last resort.
     RedirectAll,
     Nothing,
+    /// Only an inbound key was bad: the outbound policy is applied as written, and inbound keeps
+    /// its last good inbound policy (the mesh default's inbound lists if it has none).
+    InboundLastGood,
 }
 
 impl Fallback {
@@ -52,6 +55,9 @@ impl Fallback {
                 "redirecting every destination (the mesh default does not fit either)"
             }
             Fallback::Nothing => "not redirecting it",
+            Fallback::InboundLastGood => {
+                "applying its outbound policy; its inbound interception keeps its last good inbound policy (the mesh default if it has none)"
+            }
         }
     }
 
@@ -61,6 +67,7 @@ impl Fallback {
             Fallback::MeshDefault => "mesh_default",
             Fallback::RedirectAll => "redirect_all",
             Fallback::Nothing => "none",
+            Fallback::InboundLastGood => "inbound_last_good",
         }
     }
 }
@@ -75,9 +82,18 @@ struct Key {
     pod_annotations: Annotations,
 }
 
+/// A resolved and compiled policy: the policy, its rule set, the warnings and the inbound-only
+/// error (`Resolved::inbound_error`).
+type Resolution = (
+    Arc<EffectivePolicy>,
+    Arc<Rules>,
+    Vec<String>,
+    Option<PolicyError>,
+);
+
 #[derive(Clone, Debug)]
 struct Entry {
-    resolved: Result<(Arc<EffectivePolicy>, Arc<Rules>, Vec<String>), PolicyError>,
+    resolved: Result<Resolution, PolicyError>,
 }
 
 /// The memo of resolution and compilation, kept across passes; entries unused in a pass are
@@ -147,7 +163,7 @@ impl Memo {
         .map(|r| {
             let fresh = Rules::new(entries(&policy::compile(&r.policy)));
             let rules = self.rules.entry(fresh.digest()).or_insert(fresh).clone();
-            (Arc::new(r.policy), rules, r.warnings)
+            (Arc::new(r.policy), rules, r.warnings, r.inbound_error)
         });
         let e = Entry { resolved };
         self.used.insert(key, e.clone());
@@ -203,8 +219,20 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
         };
         let own = memo.resolve(w, ns_annotations, &w.annotations);
         let own = match own.resolved {
-            Ok((p, rules, warnings)) => {
+            Ok((p, rules, warnings, inbound_error)) => {
                 out.warnings.extend(warnings);
+                if let Some(e) = inbound_error {
+                    out.issues.push(WorkloadIssue {
+                        namespace: w.namespace.clone(),
+                        name: w.name.clone(),
+                        error: e.to_string(),
+                        key: e.key.clone(),
+                        value: e.value.clone(),
+                        fallback: Fallback::InboundLastGood,
+                        // Not the outbound fallback's: the outbound policy itself is applied.
+                        cgroup_id: None,
+                    });
+                }
                 Some(candidate((&p, &rules)))
             }
             Err(e) => {
@@ -225,7 +253,7 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
             memo.resolve(w, ns, &empty)
                 .resolved
                 .ok()
-                .map(|(p, rules, _)| candidate((&p, &rules)))
+                .map(|(p, rules, _, _)| candidate((&p, &rules)))
         });
         let mut redirect_all = record(
             &snapshot.proxy,

@@ -3,12 +3,14 @@
 //! own. Called once per reconcile pass, after the outbound applier.
 //!
 //! Order of a change: link the netns (adopting a pinned link), write the new entries under a
-//! fresh id, swap the record, delete the old entries. A removal deletes the record and then
+//! fresh id, swap the record, and delete the old entries after the same grace period as outbound
+//! (an sk_lookup run that read the old id a moment before the swap still finds its rules). A removal deletes the record and then
 //! releases the link and the entries. A workload whose policy was rejected keeps its inbound
 //! state exactly as it is (the last good policy), as outbound does.
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use redirect_common::inbound::InboundRecord;
@@ -17,6 +19,7 @@ use tracing::warn;
 use super::{Snapshot, desired::entries};
 use crate::{
     bpf::{PolicyEntries, inbound_maps::InboundMaps, netns},
+    cgroup,
     policy::{self, Annotations, WorkloadInputs, inbound},
 };
 
@@ -25,6 +28,12 @@ struct Applied {
     workload: String,
     record: InboundRecord,
     entries: PolicyEntries,
+    /// From the workload's own good inbound policy (or adopted, so unknown): kept when a later
+    /// inbound value is bad. A mesh-default fallback is not kept: it follows the mesh.
+    own: bool,
+    /// The cgroup whose processes were searched for a listener that predates the agent
+    /// ([`netns::backfill`]), once per agent life and proxy cgroup.
+    backfilled: Option<PathBuf>,
 }
 
 /// What one pass did, for logs and tests.
@@ -41,14 +50,20 @@ pub struct InboundApplier {
     maps: Option<InboundMaps>,
     applied: BTreeMap<u64, Applied>,
     next_id: u32,
+    /// Replaced entry sets, deleted `grace` after their swap.
+    retired: Vec<(Instant, u32, PolicyEntries)>,
+    grace: Duration,
 }
 
 struct Want {
     workload: String,
     path: PathBuf,
+    /// Where the proxy's processes are: its cgroup, else the workload's.
+    proxy_cgroup: PathBuf,
     inode: u64,
     record: InboundRecord,
     entries: PolicyEntries,
+    own: bool,
 }
 
 impl InboundApplier {
@@ -67,6 +82,8 @@ impl InboundApplier {
                             workload,
                             record,
                             entries,
+                            own: true,
+                            backfilled: None,
                         },
                     );
                 }
@@ -92,7 +109,29 @@ impl InboundApplier {
             maps,
             applied,
             next_id,
+            retired: Vec::new(),
+            grace: super::apply::GRACE,
         }
+    }
+
+    /// When the next retired entry set is due for deletion.
+    pub fn next_collect(&self) -> Option<Instant> {
+        self.retired.iter().map(|(t, _, _)| *t + self.grace).min()
+    }
+
+    /// Deletes the entry sets retired at least the grace period before `now`.
+    pub fn collect(&mut self, now: Instant) {
+        let Some(maps) = self.maps.as_mut() else {
+            return;
+        };
+        let grace = self.grace;
+        self.retired.retain(|(t, id, entries)| {
+            let due = *t + grace <= now;
+            if due {
+                maps.remove_entries(*id, entries);
+            }
+            !due
+        });
     }
 
     pub fn maps(&self) -> Option<&InboundMaps> {
@@ -125,7 +164,8 @@ impl InboundApplier {
         for cookie in gone {
             if let Some(old) = self.applied.remove(&cookie) {
                 maps.remove_record(cookie);
-                maps.remove_entries(old.record.policy_id, &old.entries);
+                self.retired
+                    .push((Instant::now(), old.record.policy_id, old.entries));
                 report.removed += 1;
             }
         }
@@ -171,27 +211,36 @@ impl InboundApplier {
                 name: &w.name,
                 pod_annotations: &w.annotations,
             });
-            let Ok(r) = resolved else {
-                // The outbound reconcile reports the bad value; inbound keeps its last good state.
-                if self.applied.contains_key(&cookie) {
-                    keep.insert(cookie, inode);
+            // The outbound reconcile reports the bad value. Inbound keeps its last good state;
+            // a workload without one gets the mesh default's inbound lists, which `resolve`
+            // leaves in the policy when only an inbound key was bad.
+            let kept_own = self.applied.get(&cookie).is_some_and(|a| a.own);
+            let r = match resolved {
+                Ok(r) if r.inbound_error.is_none() || !kept_own => r,
+                _ => {
+                    if self.applied.contains_key(&cookie) {
+                        keep.insert(cookie, inode);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let own =
-                inbound::own_ports(s.proxy.inbound_port, s.proxy.outbound_port, &w.annotations);
+            let own = r.inbound_error.is_none();
+            let port = w.inbound_port.unwrap_or(s.proxy.inbound_port);
+            let own_ports = inbound::own_ports(port, s.proxy.outbound_port, &w.annotations);
             want.insert(
                 cookie,
                 Want {
                     workload: w.id(),
                     path: path.clone(),
+                    proxy_cgroup: w.proxy_cgroup.clone().unwrap_or_else(|| w.cgroup.clone()),
                     inode,
                     record: InboundRecord {
                         policy_id: 0,
-                        proxy_port: s.proxy.inbound_port,
+                        proxy_port: port,
                         _pad: 0,
                     },
-                    entries: entries(&inbound::compile_inbound(&r.policy, &own)),
+                    entries: entries(&inbound::compile_inbound(&r.policy, &own_ports)),
+                    own,
                 },
             );
         }
@@ -201,11 +250,14 @@ impl InboundApplier {
     fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<(), crate::bpf::BpfError> {
         // The link first: adopting an existing one is a no-op.
         netns::attach(&self.dir, &w.path, cookie)?;
+        let backfilled = self.backfill(cookie, w);
         if let Some(old) = self.applied.get_mut(&cookie)
             && old.record.proxy_port == w.record.proxy_port
             && old.entries == w.entries
         {
             old.workload = w.workload.clone();
+            old.own = w.own;
+            old.backfilled = backfilled;
             return Ok(());
         }
         let id = self.allocate_id();
@@ -223,18 +275,40 @@ impl InboundApplier {
             workload: w.workload.clone(),
             record,
             entries: w.entries.clone(),
+            own: w.own,
+            backfilled,
         };
         if let Some(old) = self.applied.insert(cookie, new) {
-            maps.remove_entries(old.record.policy_id, &old.entries);
+            self.retired
+                .push((Instant::now(), old.record.policy_id, old.entries));
         }
         Ok(())
+    }
+
+    /// A proxy that was listening before the sockops program was attached is not in
+    /// `IN_LISTEN`: put it there before the record steers anything to it. Once per agent life
+    /// and proxy cgroup (and port); a listener that starts later is recorded by the kernel.
+    fn backfill(&self, cookie: u64, w: &Want) -> Option<PathBuf> {
+        let old = self.applied.get(&cookie);
+        if old.is_some_and(|a| {
+            a.backfilled.as_ref() == Some(&w.proxy_cgroup)
+                && a.record.proxy_port == w.record.proxy_port
+        }) {
+            return old.and_then(|a| a.backfilled.clone());
+        }
+        let pids = cgroup::netns::subtree_pids(&w.proxy_cgroup).unwrap_or_default();
+        if let Err(e) = netns::backfill(&self.dir, &pids, cookie, w.record.proxy_port) {
+            warn!(workload = %w.workload, "inbound: a listener that predates the agent could not be recorded: {e}");
+        }
+        Some(w.proxy_cgroup.clone())
     }
 
     fn allocate_id(&mut self) -> u32 {
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.wrapping_add(1);
-            if id != 0 && !self.applied.values().any(|a| a.record.policy_id == id) {
+            let retired = self.retired.iter().any(|(_, r, _)| *r == id);
+            if id != 0 && !retired && !self.applied.values().any(|a| a.record.policy_id == id) {
                 return id;
             }
         }

@@ -69,6 +69,9 @@ pub struct WorkloadSpec {
     /// The workload's network namespace (a netns file such as /run/netns/NAME or
     /// /proc/PID/ns/net); None means no inbound interception.
     pub netns: Option<PathBuf>,
+    /// This workload's proxy inbound port (Kubernetes: by the pod's dialect); None means
+    /// `proxy.inbound_port`.
+    pub inbound_port: Option<u16>,
     pub annotations: Annotations,
 }
 

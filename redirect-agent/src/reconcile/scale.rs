@@ -71,6 +71,9 @@ pub struct ScaleReport {
     pub unchanged_pass: Duration,
     /// A pass after the mesh list changed (one CIDR added).
     pub mesh_edit: Duration,
+    /// Workloads on a fallback after that pass (a change needs room for the old and the new
+    /// entries at once: make before break).
+    pub mesh_edit_on_fallback: usize,
 }
 
 impl fmt::Display for ScaleReport {
@@ -79,7 +82,8 @@ impl fmt::Display for ScaleReport {
             f,
             "workloads {} registered {} on_fallback {} v4_entries {} policy_sets {} \
              first_reconcile_ms {:.1} rss_mib {:.1} peak_rss_mib {:.1} edit_p50_ms {:.2} \
-             edit_p99_ms {:.2} unchanged_pass_ms {:.2} mesh_edit_ms {:.1}",
+             edit_p99_ms {:.2} unchanged_pass_ms {:.2} mesh_edit_ms {:.1} \
+             mesh_edit_on_fallback {}",
             self.workloads,
             self.registered,
             self.on_fallback,
@@ -92,6 +96,7 @@ impl fmt::Display for ScaleReport {
             ms(self.edit_p99),
             ms(self.unchanged_pass),
             ms(self.mesh_edit),
+            self.mesh_edit_on_fallback,
         )
     }
 }
@@ -146,8 +151,9 @@ pub fn run_on<M: PolicyMaps>(maps: M, cfg: &ScaleConfig) -> Result<ScaleReport, 
         .outbound_ip_range_exclusion_list
         .push("192.0.2.0/24".into());
     let t = Instant::now();
-    rec.reconcile(&snap);
+    let pass = rec.reconcile(&snap);
     report.mesh_edit = t.elapsed();
+    report.mesh_edit_on_fallback = pass.report.fallbacks.len();
     Ok(report)
 }
 
@@ -183,6 +189,7 @@ pub fn snapshot(cfg: &ScaleConfig) -> Snapshot {
             proxy_cgroup: None,
             proxy_uid: None,
             netns: None,
+            inbound_port: None,
             annotations,
         });
     }

@@ -22,6 +22,7 @@ fn spec(name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
         proxy_cgroup: None,
         proxy_uid: None,
         netns: None,
+        inbound_port: None,
         annotations: annotations
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -170,6 +171,30 @@ fn an_invalid_policy_keeps_the_last_good_one() {
     );
     assert_eq!(maps(&r).records[&100], before);
     assert!(entries_of(&r, 100).v4.contains_key(&(16, [10, 1, 0, 0])));
+}
+
+/// A typo in an inbound key (#11): the outbound edit in the same change is applied, and the
+/// issue says that only inbound kept its last good policy.
+#[test]
+fn a_bad_inbound_value_does_not_stop_the_outbound_policy() {
+    let mut r = rec(1000, Duration::ZERO);
+    r.reconcile(&snap(vec![spec("a", &[(EXCLUDE, "10.1.0.0/16")])]));
+    let inbound = "traffic.sidecar.istio.io/excludeInboundPorts";
+    let out = r.reconcile(&snap(vec![spec(
+        "a",
+        &[(EXCLUDE, "10.2.0.0/16"), (inbound, "70O1")],
+    )]));
+    assert_eq!(out.issues.len(), 1, "{:?}", out.issues);
+    let i = &out.issues[0];
+    assert_eq!(i.fallback, Fallback::InboundLastGood);
+    assert_eq!((i.key.as_str(), i.value.as_str()), (inbound, "70O1"));
+    assert!(i.error.contains("pod demo/a"), "{}", i.error);
+    let e = entries_of(&r, 100);
+    assert!(
+        e.v4.contains_key(&(16, [10, 2, 0, 0])),
+        "outbound edit applied"
+    );
+    assert!(!e.v4.contains_key(&(16, [10, 1, 0, 0])));
 }
 
 #[test]

@@ -346,6 +346,7 @@ impl FileConfig {
                         .map(|p| cgroup::resolve_path(cgroup_mount, p)),
                     proxy_uid: None,
                     netns: w.netns.clone(),
+                    inbound_port: None,
                     annotations: w.annotations.clone(),
                 })
                 .collect(),

@@ -3,13 +3,14 @@
 //! include entry, else no match" by longest prefix alone. [`trie::minimal`] builds the smallest
 //! such table.
 
+pub mod overlay;
 pub(crate) mod trie;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use super::types::{Compiled, EffectivePolicy, PortPrefix, PortRange, Sourced};
+use super::types::{Action, Compiled, EffectivePolicy, PortPrefix, PortRange, Sourced};
 use trie::Prefix;
 
 /// Compiles the outbound lists of `p` (whether or not `p.enabled`: the caller puts the enabled
@@ -65,6 +66,62 @@ pub fn compile(p: &EffectivePolicy) -> Compiled {
     c.v6.sort_unstable();
     c.ports.sort_unstable();
     c
+}
+
+/// A workload's CIDR tables as an overlay over its base (the mesh default's tables, shared under
+/// their own id): the kernel looks the overlay up first and the base where the overlay has no
+/// entry, which answers what `own` answers for every address (overlay.rs). The port table is not
+/// layered (it is small): the workload's own id keeps all of `own.ports`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Overlay {
+    pub v4: Vec<(Ipv4Net, overlay::Layered)>,
+    pub v6: Vec<(Ipv6Net, overlay::Layered)>,
+}
+
+impl Overlay {
+    pub fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The overlay of `own` over `base` (see [`Overlay`]).
+pub fn overlay_of(own: &Compiled, base: &Compiled) -> Overlay {
+    let p4 = |l: &[(Ipv4Net, Action)]| -> Vec<(Prefix, Action)> {
+        l.iter()
+            .map(|(n, a)| {
+                let p = Prefix {
+                    bits: u128::from(u32::from(n.network())),
+                    len: n.prefix_len(),
+                };
+                (p, *a)
+            })
+            .collect()
+    };
+    let p6 = |l: &[(Ipv6Net, Action)]| -> Vec<(Prefix, Action)> {
+        l.iter()
+            .map(|(n, a)| {
+                let p = Prefix {
+                    bits: u128::from(n.network()),
+                    len: n.prefix_len(),
+                };
+                (p, *a)
+            })
+            .collect()
+    };
+    Overlay {
+        v4: overlay::overlay(32, &p4(&own.v4), &p4(&base.v4))
+            .into_iter()
+            .map(|(p, v)| (v4_net(p), v))
+            .collect(),
+        v6: overlay::overlay(128, &p6(&own.v6), &p6(&base.v6))
+            .into_iter()
+            .map(|(p, v)| (v6_net(p), v))
+            .collect(),
+    }
 }
 
 fn v4_net(p: Prefix) -> Ipv4Net {

@@ -1,11 +1,12 @@
 //! FSM `flomesh.io/*` and OSM `openservicemesh.io/*` (FSM is the OSM fork; the keys match). Both
 //! document that a pod's lists are unioned with the MeshConfig lists, so every key here is a
-//! [`Merge::Union`]. Values follow FSM's injector: items trimmed, Go's `net.ParseCIDR`, single
+//! [`Merge::Union`](crate::layer::Merge::Union). Values follow FSM's injector: items trimmed, Go's `net.ParseCIDR`, single
 //! ports, and an empty value is an error (FSM splits it into one empty item and fails on it).
 
-use crate::layer::{Layer, Merge, Setting};
-use crate::types::{Annotations, Origin, PolicyError};
-use crate::values::{self, CidrSyntax, Ctx};
+use super::read::Reader;
+use crate::layer::Layer;
+use crate::types::PolicyError;
+use crate::values::CidrSyntax;
 
 pub const FSM_PREFIX: &str = "flomesh.io/";
 pub const OSM_PREFIX: &str = "openservicemesh.io/";
@@ -13,7 +14,7 @@ pub const OSM_PREFIX: &str = "openservicemesh.io/";
 const EXCLUDE_IPS: &str = "outbound-ip-range-exclusion-list";
 const INCLUDE_IPS: &str = "outbound-ip-range-inclusion-list";
 const EXCLUDE_PORTS: &str = "outbound-port-exclusion-list";
-const INBOUND_EXCLUDE_PORTS: &str = "inbound-port-exclusion-list";
+pub const INBOUND_EXCLUDE_PORTS: &str = "inbound-port-exclusion-list";
 /// The key names after the prefix.
 pub const UNION_KEYS: [&str; 4] = [
     EXCLUDE_IPS,
@@ -22,50 +23,24 @@ pub const UNION_KEYS: [&str; 4] = [
     INBOUND_EXCLUDE_PORTS,
 ];
 
-pub(super) fn parse(
-    origin: &Origin,
-    ann: &Annotations,
-    layer: &mut Layer,
-    warnings: &mut Vec<String>,
-) -> Result<(), PolicyError> {
-    let nonempty = |ctx: &Ctx, raw: &str| match raw.trim().is_empty() {
-        true => Err(ctx.error(raw.trim(), "empty value (FSM/OSM need at least one item)")),
-        false => Ok(()),
-    };
+pub(super) fn parse(r: &mut Reader, layer: &mut Layer) -> Result<(), PolicyError> {
+    let mut r = r.fsm();
     for prefix in [FSM_PREFIX, OSM_PREFIX] {
         let key = |name: &str| format!("{prefix}{name}");
-        let cidr_fields = [
-            (key(EXCLUDE_IPS), &mut layer.exclude_cidrs),
-            (key(INCLUDE_IPS), &mut layer.include_cidrs),
-        ];
-        for (key, field) in cidr_fields {
-            if let Some(raw) = ann.get(&key) {
-                let ctx = Ctx::new(origin, &key);
-                nonempty(&ctx, raw)?;
-                let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
-                field.push(Setting::new(Merge::Union, ctx.source(), v));
-            }
-        }
-        let port_fields = [
-            (key(EXCLUDE_PORTS), &mut layer.exclude_ports),
-            (key(INBOUND_EXCLUDE_PORTS), &mut layer.inbound_exclude_ports),
-        ];
-        for (key, field) in port_fields {
-            if let Some(raw) = ann.get(&key) {
-                let ctx = Ctx::new(origin, &key);
-                nonempty(&ctx, raw)?;
-                let v = values::port_list(&ctx, raw, None)?;
-                field.push(Setting::new(Merge::Union, ctx.source(), v));
-            }
-        }
+        let syntax = CidrSyntax::CidrOnly;
+        r.cidrs(&key(EXCLUDE_IPS), syntax, &mut layer.exclude_cidrs)?;
+        r.cidrs(&key(INCLUDE_IPS), syntax, &mut layer.include_cidrs)?;
+        r.ports(&key(EXCLUDE_PORTS), None, &mut layer.exclude_ports)?;
+        let inbound = &mut layer.inbound_exclude_ports;
+        r.ports(&key(INBOUND_EXCLUDE_PORTS), None, inbound)?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use crate::dialect::test_util::{assert_names, parse};
+    use crate::layer::Merge;
     use crate::types::PortRange;
 
     #[test]

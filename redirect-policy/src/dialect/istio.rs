@@ -2,8 +2,9 @@
 //! injector validation: CIDRs with a prefix length, single ports (no ranges), `*` only where Istio
 //! allows it and only as the whole value. All keys override the less specific layers.
 
+use super::read::Reader;
 use crate::layer::{Layer, Merge, Setting};
-use crate::types::{Annotations, Mode, Origin, PolicyError};
+use crate::types::{Mode, PolicyError};
 use crate::values::{self, CidrSyntax, Ctx};
 
 pub mod keys {
@@ -41,43 +42,27 @@ fn wildcard(ctx: &Ctx, raw: &str) -> Result<bool, PolicyError> {
     Ok(false)
 }
 
-pub(super) fn parse(
-    origin: &Origin,
-    ann: &Annotations,
-    layer: &mut Layer,
-    warnings: &mut Vec<String>,
-) -> Result<(), PolicyError> {
-    let ov = Merge::Override;
-    if let Some(raw) = ann.get(INCLUDE_OUTBOUND_IP_RANGES) {
-        let ctx = Ctx::new(origin, INCLUDE_OUTBOUND_IP_RANGES);
+pub(super) fn parse(r: &mut Reader, layer: &mut Layer) -> Result<(), PolicyError> {
+    if let Some((ctx, raw)) = r.get(INCLUDE_OUTBOUND_IP_RANGES)? {
         // `*` = everything; an empty value = nothing (outbound capture off unless ports are included).
         let v = if wildcard(&ctx, raw)? {
             values::all_cidrs()
         } else {
-            values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?
+            r.cidr_list(&ctx, raw, CidrSyntax::CidrOnly)?
         };
-        layer.include_cidrs.push(Setting::new(ov, ctx.source(), v));
+        r.push(&ctx, &mut layer.include_cidrs, v);
     }
-    if let Some(raw) = ann.get(EXCLUDE_OUTBOUND_IP_RANGES) {
-        let ctx = Ctx::new(origin, EXCLUDE_OUTBOUND_IP_RANGES);
-        let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
-        layer.exclude_cidrs.push(Setting::new(ov, ctx.source(), v));
-    }
-    let ports = [
-        (INCLUDE_OUTBOUND_PORTS, &mut layer.include_ports),
-        (EXCLUDE_OUTBOUND_PORTS, &mut layer.exclude_ports),
-        (EXCLUDE_INBOUND_PORTS, &mut layer.inbound_exclude_ports),
-    ];
-    for (key, field) in ports {
-        if let Some(raw) = ann.get(key) {
-            let ctx = Ctx::new(origin, key);
-            let v = values::port_list(&ctx, raw, None)?;
-            field.push(Setting::new(ov, ctx.source(), v));
-        }
-    }
-    if let Some(raw) = ann.get(INCLUDE_INBOUND_PORTS) {
-        let ctx = Ctx::new(origin, INCLUDE_INBOUND_PORTS);
-        let mut s = Setting::new(ov, ctx.source(), Vec::new());
+    let syntax = CidrSyntax::CidrOnly;
+    r.cidrs(EXCLUDE_OUTBOUND_IP_RANGES, syntax, &mut layer.exclude_cidrs)?;
+    r.ports(INCLUDE_OUTBOUND_PORTS, None, &mut layer.include_ports)?;
+    r.ports(EXCLUDE_OUTBOUND_PORTS, None, &mut layer.exclude_ports)?;
+    r.ports(
+        EXCLUDE_INBOUND_PORTS,
+        None,
+        &mut layer.inbound_exclude_ports,
+    )?;
+    if let Some((ctx, raw)) = r.get(INCLUDE_INBOUND_PORTS)? {
+        let mut s = Setting::new(Merge::Override, ctx.source(), Vec::new());
         if wildcard(&ctx, raw)? {
             s.wildcard = true;
         } else {
@@ -85,15 +70,11 @@ pub(super) fn parse(
         }
         layer.inbound_include_ports.push(s);
     }
-    if let Some(raw) = ann.get(EXCLUDE_INTERFACES) {
-        let ctx = Ctx::new(origin, EXCLUDE_INTERFACES);
+    if let Some((ctx, raw)) = r.get(EXCLUDE_INTERFACES)? {
         let v = values::interface_list(&ctx, raw)?;
-        layer
-            .exclude_interfaces
-            .push(Setting::new(ov, ctx.source(), v));
+        r.push(&ctx, &mut layer.exclude_interfaces, v);
     }
-    if let Some(raw) = ann.get(INTERCEPTION_MODE) {
-        let ctx = Ctx::new(origin, INTERCEPTION_MODE);
+    if let Some((ctx, raw)) = r.get(INTERCEPTION_MODE)? {
         let raw = raw.trim();
         // Istio matches the enum names exactly (upper case).
         let disables = match raw {
@@ -105,7 +86,7 @@ pub(super) fn parse(
             raw: raw.to_string(),
             disables,
         };
-        layer.mode.push(Setting::new(ov, ctx.source(), vec![mode]));
+        r.push(&ctx, &mut layer.mode, vec![mode]);
     }
     Ok(())
 }

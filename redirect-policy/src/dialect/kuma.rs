@@ -1,10 +1,11 @@
 //! Kuma `traffic.kuma.io/*` and `kuma.io/sidecar-uid`: port lists with `a:b` ranges, IP lists that
 //! take bare addresses as well as CIDRs (Kuma's own example is `192.168.10.1,fd10::/16`).
-//! Every key is a [`Merge::Override`].
+//! Every key is a [`Merge::Override`](crate::layer::Merge::Override).
 
-use crate::layer::{Layer, Merge, Setting};
-use crate::types::{Annotations, Origin, PolicyError};
-use crate::values::{self, CidrSyntax, Ctx};
+use super::read::Reader;
+use crate::layer::Layer;
+use crate::types::PolicyError;
+use crate::values::CidrSyntax;
 
 pub mod keys {
     pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.kuma.io/exclude-outbound-ports";
@@ -23,43 +24,21 @@ pub mod keys {
 }
 use keys::*;
 
-pub(super) fn parse(
-    origin: &Origin,
-    ann: &Annotations,
-    layer: &mut Layer,
-    warnings: &mut Vec<String>,
-) -> Result<(), PolicyError> {
-    let ov = Merge::Override;
-    let ports = [
-        (EXCLUDE_OUTBOUND_PORTS, &mut layer.exclude_ports),
-        (EXCLUDE_INBOUND_PORTS, &mut layer.inbound_exclude_ports),
-    ];
-    for (key, field) in ports {
-        if let Some(raw) = ann.get(key) {
-            let ctx = Ctx::new(origin, key);
-            let v = values::port_list(&ctx, raw, Some(':'))?;
-            field.push(Setting::new(ov, ctx.source(), v));
-        }
-    }
-    let ips = [
-        (EXCLUDE_OUTBOUND_IPS, &mut layer.exclude_cidrs),
-        (EXCLUDE_INBOUND_IPS, &mut layer.inbound_exclude_cidrs),
-    ];
-    for (key, field) in ips {
-        if let Some(raw) = ann.get(key) {
-            let ctx = Ctx::new(origin, key);
-            let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOrAddr, warnings)?;
-            field.push(Setting::new(ov, ctx.source(), v));
-        }
-    }
-    if let Some(raw) = ann.get(SIDECAR_UID) {
-        let ctx = Ctx::new(origin, SIDECAR_UID);
-        let uid = values::uid(&ctx, raw)?;
-        layer
-            .proxy_uid
-            .push(Setting::new(ov, ctx.source(), vec![uid]));
-    }
-    Ok(())
+pub(super) fn parse(r: &mut Reader, layer: &mut Layer) -> Result<(), PolicyError> {
+    r.ports(EXCLUDE_OUTBOUND_PORTS, Some(':'), &mut layer.exclude_ports)?;
+    r.ports(
+        EXCLUDE_INBOUND_PORTS,
+        Some(':'),
+        &mut layer.inbound_exclude_ports,
+    )?;
+    let syntax = CidrSyntax::CidrOrAddr;
+    r.cidrs(EXCLUDE_OUTBOUND_IPS, syntax, &mut layer.exclude_cidrs)?;
+    r.cidrs(
+        EXCLUDE_INBOUND_IPS,
+        syntax,
+        &mut layer.inbound_exclude_cidrs,
+    )?;
+    r.uid(SIDECAR_UID, &mut layer.proxy_uid)
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! Linkerd `config.linkerd.io/*`: port lists with `lo-hi` ranges, CIDR subnets, the proxy uid.
 //! Linkerd reads these from the pod and falls back to the namespace, which is exactly the
-//! override chain, so every key is a [`Merge::Override`].
+//! override chain, so every key is a [`Merge::Override`](crate::layer::Merge::Override).
 
-use crate::layer::{Layer, Merge, Setting};
-use crate::types::{Annotations, Origin, PolicyError};
-use crate::values::{self, CidrSyntax, Ctx};
+use super::read::Reader;
+use crate::layer::Layer;
+use crate::types::PolicyError;
+use crate::values::CidrSyntax;
 
 pub mod keys {
     pub const SKIP_OUTBOUND_PORTS: &str = "config.linkerd.io/skip-outbound-ports";
@@ -22,45 +23,23 @@ pub mod keys {
 }
 use keys::*;
 
-pub(super) fn parse(
-    origin: &Origin,
-    ann: &Annotations,
-    layer: &mut Layer,
-    warnings: &mut Vec<String>,
-) -> Result<(), PolicyError> {
-    let ov = Merge::Override;
-    let ports = [
-        (SKIP_OUTBOUND_PORTS, &mut layer.exclude_ports),
-        (SKIP_INBOUND_PORTS, &mut layer.inbound_exclude_ports),
-    ];
-    for (key, field) in ports {
-        if let Some(raw) = ann.get(key) {
-            let ctx = Ctx::new(origin, key);
-            let v = values::port_list(&ctx, raw, Some('-'))?;
-            field.push(Setting::new(ov, ctx.source(), v));
-        }
-    }
-    if let Some(raw) = ann.get(SKIP_SUBNETS) {
-        let ctx = Ctx::new(origin, SKIP_SUBNETS);
-        let v = values::cidr_list(&ctx, raw, CidrSyntax::CidrOnly, warnings)?;
-        layer
-            .inbound_exclude_cidrs
-            .push(Setting::new(ov, ctx.source(), v));
-    }
-    if let Some(raw) = ann.get(PROXY_UID) {
-        let ctx = Ctx::new(origin, PROXY_UID);
-        let uid = values::uid(&ctx, raw)?;
-        layer
-            .proxy_uid
-            .push(Setting::new(ov, ctx.source(), vec![uid]));
-    }
-    Ok(())
+pub(super) fn parse(r: &mut Reader, layer: &mut Layer) -> Result<(), PolicyError> {
+    r.ports(SKIP_OUTBOUND_PORTS, Some('-'), &mut layer.exclude_ports)?;
+    r.ports(
+        SKIP_INBOUND_PORTS,
+        Some('-'),
+        &mut layer.inbound_exclude_ports,
+    )?;
+    let syntax = CidrSyntax::CidrOnly;
+    r.cidrs(SKIP_SUBNETS, syntax, &mut layer.inbound_exclude_cidrs)?;
+    r.uid(PROXY_UID, &mut layer.proxy_uid)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dialect::test_util::{assert_names, parse};
+    use crate::layer::Merge;
     use crate::types::PortRange;
 
     #[test]

@@ -5,6 +5,7 @@ mod fsm;
 mod istio;
 mod kuma;
 mod linkerd;
+mod read;
 
 /// Every annotation key the policy core reads, by dialect.
 pub mod keys {
@@ -13,12 +14,30 @@ pub mod keys {
     pub use super::kuma::keys as kuma;
     pub use super::linkerd::keys as linkerd;
 
+    /// True if `key` sets an inbound field: a bad value there fails only the workload's inbound
+    /// policy, never its outbound one (`Resolved::inbound_error`).
+    pub fn is_inbound_key(key: &str) -> bool {
+        [
+            istio::INCLUDE_INBOUND_PORTS,
+            istio::EXCLUDE_INBOUND_PORTS,
+            linkerd::SKIP_INBOUND_PORTS,
+            linkerd::SKIP_SUBNETS,
+            kuma::EXCLUDE_INBOUND_PORTS,
+            kuma::EXCLUDE_INBOUND_IPS,
+        ]
+        .contains(&key)
+            || [FSM_PREFIX, OSM_PREFIX]
+                .iter()
+                .any(|p| key.strip_prefix(p) == Some(super::fsm::INBOUND_EXCLUDE_PORTS))
+    }
+
     /// True if `key` is an annotation the policy core reads: a watcher can ignore changes to
     /// any other annotation.
     pub fn is_policy_key(key: &str) -> bool {
         let known = [istio::ALL, linkerd::ALL, kuma::ALL];
         known.iter().any(|l| l.contains(&key))
             || crate::dns::keys::ALL.contains(&key)
+            || crate::inbound::OWN_PORT_KEYS.contains(&key)
             || [FSM_PREFIX, OSM_PREFIX]
                 .iter()
                 .any(|p| key.strip_prefix(p).is_some_and(|k| FSM_KEYS.contains(&k)))
@@ -28,6 +47,14 @@ pub mod keys {
 use super::layer::Layer;
 use super::types::{Annotations, Origin, PolicyError};
 
+/// One object's annotations split into (everything else, the inbound keys).
+pub(crate) fn split_inbound(annotations: &Annotations) -> (Annotations, Annotations) {
+    annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .partition(|(k, _)| !keys::is_inbound_key(k))
+}
+
 /// Reads every dialect's keys from one object's annotations. The first bad value fails the whole
 /// object: a policy is applied whole or not at all.
 pub(crate) fn layer(
@@ -36,10 +63,11 @@ pub(crate) fn layer(
     warnings: &mut Vec<String>,
 ) -> Result<Layer, PolicyError> {
     let mut layer = Layer::default();
-    istio::parse(origin, annotations, &mut layer, warnings)?;
-    fsm::parse(origin, annotations, &mut layer, warnings)?;
-    linkerd::parse(origin, annotations, &mut layer, warnings)?;
-    kuma::parse(origin, annotations, &mut layer, warnings)?;
+    let mut r = read::Reader::new(origin, annotations, warnings, super::layer::Merge::Override);
+    istio::parse(&mut r, &mut layer)?;
+    fsm::parse(&mut r, &mut layer)?;
+    linkerd::parse(&mut r, &mut layer)?;
+    kuma::parse(&mut r, &mut layer)?;
     Ok(layer)
 }
 

@@ -6,7 +6,6 @@
 
 use std::{
     io::{BufRead as _, BufReader},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -16,56 +15,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_tests::{Fixture, IdentityServer, Spawned, helper_bin, serve_identity};
+use redirect_tests::{MeshWorld, helper_bin};
 
 /// The destination every looped connect targets; the mesh redirects it.
 pub const DEST: &str = "198.18.0.10:80";
 /// A destination the mesh excludes.
 pub const EXCLUDED: &str = "198.18.0.11:80";
 
-pub struct World {
-    pub fx: Fixture,
-    /// Workload `demo/app`: pod1, its proxy in pod1/proxy.
-    pub pod1: PathBuf,
-    pub app: PathBuf,
-    pub proxy: PathBuf,
-    /// Workload `demo/other`: pod2, nothing running in it unless a test puts it there.
-    pub pod2: PathBuf,
-    _servers: Vec<IdentityServer>,
-    _proxy: Spawned,
-}
+/// Workload `demo/app`: pod1, its proxy in pod1/proxy. Workload `demo/other`: pod2, nothing
+/// running in it unless a test puts it there.
+pub type World = MeshWorld;
 
 pub fn world(name: &str) -> World {
-    let fx = Fixture::new(name).unwrap();
-    fx.add_addr("198.18.0.10/32").unwrap();
-    fx.add_addr("198.18.0.11/32").unwrap();
-    let servers = vec![
-        serve_identity(&fx, DEST.parse().unwrap(), DEST).unwrap(),
-        serve_identity(&fx, EXCLUDED.parse().unwrap(), EXCLUDED).unwrap(),
-    ];
-    let pod1 = fx.cgroup("pod1").unwrap();
-    let app = fx.cgroup("pod1/app").unwrap();
-    let proxy = fx.cgroup("pod1/proxy").unwrap();
-    let pod2 = fx.cgroup("pod2").unwrap();
-    let proxy_proc = fx
-        .spawn_logged(
-            &proxy,
-            Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "127.0.0.1:15001"]),
-        )
-        .unwrap();
-    proxy_proc
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .unwrap();
-    World {
-        fx,
-        pod1,
-        app,
-        proxy,
-        pod2,
-        _servers: servers,
-        _proxy: proxy_proc,
-    }
+    MeshWorld::new(
+        name,
+        &["198.18.0.10/32", "198.18.0.11/32"],
+        [DEST, EXCLUDED],
+        &["127.0.0.1:15001"],
+    )
+    .unwrap()
 }
 
 /// Two workloads; `.11` excluded mesh-wide.

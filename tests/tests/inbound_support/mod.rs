@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use redirect_tests::{Agent, Fixture, IdentityServer, serve_identity};
+use redirect_tests::{Agent, Fixture, IdentityServer, serve_identity, veth_pair};
 use serde_json::Value;
 
 #[path = "../origdst_support/mod.rs"]
 pub mod origdst_support;
-pub use origdst_support::{client, spawn_in_netns, start_proxy};
+pub use origdst_support::{answered, client, spawn_in_netns, start_proxy};
 
 /// The pod's addresses on its veth (the node side is .1 / ::1).
 pub const POD4: &str = "198.19.2.2";
@@ -35,26 +35,13 @@ pub struct World {
 pub fn world(name: &str) -> World {
     let fx = Fixture::new(&format!("in-{name}")).unwrap();
     let node = Fixture::new(&format!("in-{name}-node")).unwrap();
-    fx.ip(&[
-        "link",
-        "add",
-        "vpod",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vnode",
-        "netns",
-        node.netns_name(),
-    ])
-    .unwrap();
+    veth_pair(&fx, "vpod", &node, "vnode").unwrap();
     // nodad: the IPv6 addresses are usable at once, not tentative for a second.
     for (f, dev, a4, a6) in [(&fx, "vpod", POD4, POD6), (&node, "vnode", NODE4, NODE6)] {
         f.ip(&["addr", "add", &format!("{a4}/24"), "dev", dev])
             .unwrap();
         f.ip(&["addr", "add", &format!("{a6}/64"), "dev", dev, "nodad"])
             .unwrap();
-        f.ip(&["link", "set", dev, "up"]).unwrap();
     }
     let pod = fx.cgroup("pod1").unwrap();
     let proxy_cg = fx.cgroup("pod1/proxy").unwrap();
@@ -112,7 +99,7 @@ impl World {
 
     /// One sockprobe connection from the client node; its `proxy` field is the proxy's JSON
     /// report (getsockname, getpeername, SO_ORIGINAL_DST) or the app's reply as a string.
-    pub fn from_node(&self, addr: &str) -> Value {
+    pub fn report_from_node(&self, addr: &str) -> Value {
         client(&self.client_cg, self.node.netns_file(), addr)
     }
 
@@ -163,9 +150,4 @@ pub fn counter(agent: &Agent, name: &str) -> u64 {
     v["inbound"]["counters"][name]
         .as_u64()
         .unwrap_or_else(|| panic!("inspect shows no inbound counter {name}: {v}"))
-}
-
-/// What SO_ORIGINAL_DST answered with a full buffer.
-pub fn answered(addr: &str, optlen: u64) -> Value {
-    serde_json::json!({"rc": 0, "errno": 0, "optlen": optlen, "addr": addr, "tail_untouched": true})
 }

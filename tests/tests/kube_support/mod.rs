@@ -38,7 +38,18 @@ pub struct Agent {
 pub fn options(fx: &Fixture) -> KubeOptions {
     let mut o = KubeOptions::new(NODE, fx.cgroup_root());
     o.proxy.uid = None;
+    // Inbound interception is the subject of kube_inbound.rs ([`inbound_options`]); elsewhere
+    // it would link every test pod's netns (all in the fixture's) for nothing.
+    o.inbound = false;
     o
+}
+
+/// [`options`] with inbound interception on, as `run` has it by default.
+pub fn inbound_options(fx: &Fixture) -> KubeOptions {
+    KubeOptions {
+        inbound: true,
+        ..options(fx)
+    }
 }
 
 impl Agent {
@@ -80,7 +91,9 @@ impl Agent {
             max_rule_entries: None,
         })
         .expect("load_and_attach");
-        let applier = Applier::adopt(maps).expect("adopt");
+        // The inbound applier too, as `run` does: pods with a netns get the sk_lookup link.
+        let inbound = redirect_agent::reconcile::inbound::InboundApplier::adopt(&self.pin_dir);
+        let applier = Applier::adopt(maps).expect("adopt").with_inbound(inbound);
         let (owner, thread) = Owner::spawn(applier, self.metrics.clone()).unwrap();
         let (o, m, opts) = (owner.clone(), self.metrics.clone(), self.opts.clone());
         self.task = Some(self.rt.spawn(async move {

@@ -2,10 +2,8 @@
 //! a fixture's cgroup and in any network namespace (two pods, or a pod and a node).
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Lines, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
@@ -16,31 +14,14 @@ use serde_json::Value;
 pub const SOCKPROBE: &str = env!("CARGO_BIN_EXE_redirect-sockprobe");
 pub const EINVAL: i64 = libc::EINVAL as i64;
 
-/// Starts `cmd` in `cgroup` and in the netns `netns` before it execs, like `Fixture::spawn_in`,
-/// but with a free choice of netns: two pods (or a pod and a node) are two namespaces while
-/// all of their cgroups sit under the one cgroup the programs are attached to. `cgroup` must be
-/// inside a fixture's subtree, whose teardown then kills the process.
+/// What SO_ORIGINAL_DST answered with a full buffer.
+pub fn answered(addr: &str, optlen: u64) -> Value {
+    serde_json::json!({"rc": 0, "errno": 0, "optlen": optlen, "addr": addr, "tail_untouched": true})
+}
+
+/// [`redirect_tests::spawn_in_cgroup_netns`], panicking on failure (test helpers).
 pub fn spawn_in_netns(cgroup: &Path, netns: &File, cmd: &mut Command) -> Child {
-    let procs = OpenOptions::new()
-        .write(true)
-        .open(cgroup.join("cgroup.procs"))
-        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cgroup.display()));
-    let netns = netns.try_clone().expect("dup netns fd");
-    // SAFETY: only raw syscalls on fds opened beforehand run between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let msg = b"0\n";
-            if libc::write(procs.as_raw_fd(), msg.as_ptr().cast(), msg.len()) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("spawning {cmd:?} in {}: {e}", cgroup.display()))
+    redirect_tests::spawn_in_cgroup_netns(cgroup, netns, cmd).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A redirect-sockprobe proxy listening on `listen`, ready when this returns.
@@ -156,16 +137,13 @@ pub fn sidecar_config(workloads: &[(&str, &Path)], proxy_uid: u32) -> String {
     s
 }
 
-/// (ORIG_COOKIE entries, ORIG_TUPLE entries) as `inspect` reports them.
-pub fn record_fill(agent: &Agent) -> (u64, u64) {
+/// ORIG_TUPLE entries (hand-offs no proxy socket has taken yet) as `inspect` reports them. The
+/// per-socket records live in socket-local storage and go with their sockets.
+pub fn record_fill(agent: &Agent) -> u64 {
     let v = agent.inspect().expect("inspect");
-    let maps = &v["original_destinations"]["maps"];
-    let n = |m: &str| {
-        maps[m]["entries"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("inspect shows no fill level for {m}: {v}"))
-    };
-    (n("ORIG_COOKIE"), n("ORIG_TUPLE"))
+    v["original_destinations"]["maps"]["ORIG_TUPLE"]["entries"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("inspect shows no fill level for ORIG_TUPLE: {v}"))
 }
 
 /// One `OrigEvent` counter as `inspect` reports it.

@@ -1,7 +1,12 @@
 /* kcheck: the static client and proxy of `cargo xtask test-kernels`, run inside the VM.
  *   kcheck serve ADDR PORT TAG [UID]  accept forever (as UID); answer "TAG od=<SO_ORIGINAL_DST|->"
  *   kcheck conn ADDR PORT [UID]  connect (as UID), print "<answer> peer=<getpeername>"
+ *   kcheck iserve ADDR PORT TAG [UID]  the same, answering "TAG local=<getsockname> od=..." (inbound)
+ *   kcheck userve ADDR PORT TAG  UDP: answer every datagram with "TAG" (a DNS server or listener)
+ *   kcheck udp ADDR PORT [UID] [connected]  one datagram; print "<answer> from=<recvmsg source>",
+ *                                 or "<answer> peer=<getpeername>" on a connected socket
  *   kcheck large                 large-buffer getsockopt results, one per line
+ *   kcheck links                 "netns=N": the BPF links of type netns (sk_lookup) on the system
  * Addresses are numeric; an address with ':' is IPv6 (v4-mapped included). */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -9,7 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/bpf.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -46,7 +54,17 @@ static void fmt(const struct sockaddr_storage *ss, char *out, size_t n) {
     }
 }
 
-static int serve(const char *a, int port, const char *tag, int uid) {
+/* The original destination the getsockopt program answers, at the level of the socket's family. */
+static void origdst(int c, char *buf, size_t n) {
+    struct sockaddr_storage od, me;
+    socklen_t ol = sizeof od, ml = sizeof me;
+    memset(&od, 0, sizeof od);
+    getsockname(c, (void *)&me, &ml);
+    int level = me.ss_family == AF_INET6 ? SOL_IPV6 : SOL_IP;
+    if (getsockopt(c, level, SO_ORIGINAL_DST, &od, &ol) == 0) fmt(&od, buf, n);
+}
+
+static int serve(const char *a, int port, const char *tag, int uid, int show_local) {
     struct sockaddr_storage ss;
     socklen_t len = mkaddr(a, port, &ss);
     int fd = socket(ss.ss_family, SOCK_STREAM, 0), one = 1;
@@ -59,12 +77,23 @@ static int serve(const char *a, int port, const char *tag, int uid) {
         if (c < 0) continue;
         struct sockaddr_storage od;
         socklen_t ol = sizeof od;
-        char buf[128] = "-", line[200];
+        char buf[128] = "-", line[300];
         memset(&od, 0, sizeof od);
-        if (getsockopt(c, SOL_IP, SO_ORIGINAL_DST, &od, &ol) == 0 ||
-            (ol = sizeof od, getsockopt(c, SOL_IPV6, SO_ORIGINAL_DST, &od, &ol) == 0))
-            fmt(&od, buf, sizeof buf);
-        int n = snprintf(line, sizeof line, "%s od=%s\n", tag, buf);
+        int n;
+        if (show_local) {
+            char local[128];
+            struct sockaddr_storage me;
+            socklen_t ml = sizeof me;
+            getsockname(c, (void *)&me, &ml);
+            fmt(&me, local, sizeof local);
+            origdst(c, buf, sizeof buf);
+            n = snprintf(line, sizeof line, "%s local=%s od=%s\n", tag, local, buf);
+        } else {
+            if (getsockopt(c, SOL_IP, SO_ORIGINAL_DST, &od, &ol) == 0 ||
+                (ol = sizeof od, getsockopt(c, SOL_IPV6, SO_ORIGINAL_DST, &od, &ol) == 0))
+                fmt(&od, buf, sizeof buf);
+            n = snprintf(line, sizeof line, "%s od=%s\n", tag, buf);
+        }
         if (write(c, line, n) < 0) perror("write");
         close(c);
     }
@@ -82,6 +111,78 @@ static int conn(const char *a, int port, int uid) {
     ssize_t n = read(fd, buf, sizeof buf - 1);
     if (n > 0 && buf[n - 1] == '\n') buf[n - 1] = 0;
     printf("%s peer=%s\n", n > 0 ? buf : "no-answer", p);
+    return 0;
+}
+
+static int userve(const char *a, int port, const char *tag) {
+    struct sockaddr_storage ss, from;
+    socklen_t len = mkaddr(a, port, &ss);
+    int fd = socket(ss.ss_family, SOCK_DGRAM, 0), one = 1;
+    if (ss.ss_family == AF_INET6) setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one);
+    if (bind(fd, (void *)&ss, len)) { perror("userve"); return 1; }
+    for (;;) {
+        char buf[512];
+        socklen_t fl = sizeof from;
+        if (recvfrom(fd, buf, sizeof buf, 0, (void *)&from, &fl) < 0) continue;
+        if (sendto(fd, tag, strlen(tag), 0, (void *)&from, fl) < 0) perror("sendto");
+    }
+}
+
+static int udp(const char *a, int port, int uid, int connected) {
+    if (uid >= 0 && setuid(uid)) { perror("setuid"); return 1; }
+    struct sockaddr_storage ss, src;
+    socklen_t len = mkaddr(a, port, &ss);
+    int fd = socket(ss.ss_family, SOCK_DGRAM, 0);
+    struct timeval tv = {3, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char buf[200] = {0}, where[128];
+    const char *how = "from";
+    if (connected) {
+        if (connect(fd, (void *)&ss, len)) { printf("connect-error errno=%d\n", errno); return 1; }
+        if (send(fd, "q", 1, 0) < 0) { printf("send-error errno=%d\n", errno); return 1; }
+    } else if (sendto(fd, "q", 1, 0, (void *)&ss, len) < 0) {
+        printf("send-error errno=%d\n", errno);
+        return 1;
+    }
+    /* recvmsg: its msg_name is what the recvmsg program rewrites. */
+    memset(&src, 0, sizeof src);
+    struct iovec iov = {buf, sizeof buf - 1};
+    struct msghdr m = {.msg_name = &src, .msg_namelen = sizeof src, .msg_iov = &iov, .msg_iovlen = 1};
+    ssize_t n = recvmsg(fd, &m, 0);
+    if (connected) {
+        socklen_t pl = sizeof src;
+        how = "peer";
+        getpeername(fd, (void *)&src, &pl);
+    }
+    fmt(&src, where, sizeof where);
+    printf("%s %s=%s\n", n > 0 ? buf : "no-answer", how, where);
+    return 0;
+}
+
+/* The BPF links of type netns (sk_lookup) that exist, by walking the link ids. */
+static int links(void) {
+    union bpf_attr at;
+    unsigned id = 0, netns = 0;
+    for (;;) {
+        memset(&at, 0, sizeof at);
+        at.start_id = id;
+        if (syscall(SYS_bpf, BPF_LINK_GET_NEXT_ID, &at, sizeof at)) break;
+        id = at.next_id;
+        memset(&at, 0, sizeof at);
+        at.link_id = id;
+        int fd = syscall(SYS_bpf, BPF_LINK_GET_FD_BY_ID, &at, sizeof at);
+        if (fd < 0) continue;
+        struct bpf_link_info info;
+        memset(&info, 0, sizeof info);
+        memset(&at, 0, sizeof at);
+        at.info.bpf_fd = fd;
+        at.info.info_len = sizeof info;
+        at.info.info = (unsigned long)&info;
+        if (syscall(SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &at, sizeof at) == 0 && info.type == BPF_LINK_TYPE_NETNS)
+            netns++;
+        close(fd);
+    }
+    printf("netns=%u\n", netns);
     return 0;
 }
 
@@ -110,10 +211,14 @@ static int large(void) {
 
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    if (argc >= 5 && !strcmp(argv[1], "serve"))
-        return serve(argv[2], atoi(argv[3]), argv[4], argc > 5 ? atoi(argv[5]) : -1);
+    if (argc >= 5 && (!strcmp(argv[1], "serve") || !strcmp(argv[1], "iserve")))
+        return serve(argv[2], atoi(argv[3]), argv[4], argc > 5 ? atoi(argv[5]) : -1, argv[1][0] == 'i');
+    if (argc == 5 && !strcmp(argv[1], "userve")) return userve(argv[2], atoi(argv[3]), argv[4]);
+    if (argc >= 4 && !strcmp(argv[1], "udp"))
+        return udp(argv[2], atoi(argv[3]), argc > 4 ? atoi(argv[4]) : -1, argc > 5 && !strcmp(argv[5], "connected"));
+    if (argc == 2 && !strcmp(argv[1], "links")) return links();
     if (argc >= 4 && !strcmp(argv[1], "conn")) return conn(argv[2], atoi(argv[3]), argc > 4 ? atoi(argv[4]) : -1);
     if (argc == 2 && !strcmp(argv[1], "large")) return large();
-    fprintf(stderr, "usage: kcheck serve|conn|large ...\n");
+    fprintf(stderr, "usage: kcheck serve|iserve|userve|conn|udp|large|links ...\n");
     return 2;
 }

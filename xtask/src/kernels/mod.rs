@@ -1,150 +1,63 @@
 //! `cargo xtask test-kernels`: the datapath on the kernels nodes run (issue #16). For each kernel
-//! in kernels.txt: fetch the Debian package with `apt-get download` under a private apt state
-//! (the machine's /etc/apt is never touched), pack an initramfs (static busybox, the agent and
-//! the libraries ldd lists, the static C client/proxy kcheck), boot it under
-//! `qemu-system-x86_64 -accel tcg`, and read the RESULT lines that init.sh prints. Prints a
-//! kernel × check table; any failure fails the run.
+//! in kernels.txt: fetch its packages with `apt-get download` under a private apt state (apt.rs;
+//! the machine's /etc/apt is never touched), pack an initramfs (static busybox, the agent and
+//! the libraries ldd lists, the static C client/proxy kcheck, the kernel's veth module), boot it
+//! under `qemu-system-x86_64 -accel tcg`, and read the RESULT lines that init.sh prints. Prints
+//! a kernel × check table; any failure fails the run.
+mod apt;
+
 use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::Command,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 
 use crate::util;
+use apt::{Archives, Kernel};
+
+/// check → (passed, detail), from one VM.
+type Results = BTreeMap<String, (bool, String)>;
 
 const INIT: &str = include_str!("init.sh");
 const KCHECK: &str = include_str!("kcheck.c");
 const KERNELS: &str = include_str!("kernels.txt");
 
-struct Kernel {
-    suite: String,
-    meta: String,
-    expect: String,
-}
-
-fn kernels() -> Vec<Kernel> {
+fn kernels() -> Result<Vec<Kernel>> {
     KERNELS
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .filter_map(|l| {
+        .map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 3).then(|| Kernel {
-                suite: f[0].into(),
-                meta: f[1].into(),
-                expect: f[2].into(),
-            })
+            match f[..] {
+                [archive, suite, package, expect]
+                    if ["pass", "no-inbound", "refuse"].contains(&expect) =>
+                {
+                    Ok(Kernel {
+                        archive: archive.into(),
+                        suite: suite.into(),
+                        package: package.into(),
+                        expect: expect.into(),
+                    })
+                }
+                _ => bail!(
+                    "kernels.txt: want ARCHIVE SUITE PACKAGE pass|no-inbound|refuse, got {l:?}"
+                ),
+            }
         })
         .collect()
 }
 
-fn sh(cmd: &mut Command) -> Result<String> {
+pub(super) fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The archive URI the machine's own apt sources name for Debian (deb822 or one-line form).
-fn archive_uri() -> Result<String> {
-    let mut text = String::new();
-    for f in [
-        "/etc/apt/sources.list.d/debian.sources",
-        "/etc/apt/sources.list",
-    ] {
-        text += &fs::read_to_string(f).unwrap_or_default();
-    }
-    text.lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .flat_map(str::split_whitespace)
-        .find(|w| w.starts_with("http") && w.trim_end_matches('/').ends_with("/debian"))
-        .map(str::to_string)
-        .context("no Debian archive URI in /etc/apt/sources.list*")
-}
-
-/// apt-get with a private state, cache and sources list under `dir`.
-struct Apt {
-    dir: PathBuf,
-}
-
-impl Apt {
-    fn new(dir: PathBuf, suites: &[&str]) -> Result<Apt> {
-        fs::create_dir_all(dir.join("lists/partial"))?;
-        fs::create_dir_all(dir.join("cache/archives/partial"))?;
-        let uri = archive_uri()?;
-        let list: String = suites
-            .iter()
-            .map(|s| format!("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {uri} {s} main\n"))
-            .collect();
-        let path = dir.join("sources.list");
-        let fresh = fs::read_to_string(&path).ok().as_deref() == Some(list.as_str());
-        fs::write(&path, &list)?;
-        let apt = Apt { dir };
-        if !fresh || fs::read_dir(apt.dir.join("lists"))?.count() < 3 {
-            util::step("test-kernels: apt-get update (private state, Packages indexes only)");
-            sh(apt.cmd("apt-get").args(["-q", "update"]))?;
-        }
-        Ok(apt)
-    }
-
-    fn cmd(&self, tool: &str) -> Command {
-        let d = self.dir.display();
-        let mut c = Command::new(tool);
-        for o in [
-            format!("Dir::State::Lists={d}/lists"),
-            format!("Dir::Etc::SourceList={d}/sources.list"),
-            "Dir::Etc::SourceParts=/dev/null".into(),
-            format!("Dir::Cache={d}/cache"),
-            "Acquire::Languages=none".into(),
-            "Acquire::IndexTargets::deb::DEP-11::DefaultEnabled=false".into(),
-            "Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled=false".into(),
-            "Acquire::IndexTargets::deb::DEP-11-icons-hidpi::DefaultEnabled=false".into(),
-            "Acquire::IndexTargets::deb::Contents-deb::DefaultEnabled=false".into(),
-        ] {
-            c.arg("-o").arg(o);
-        }
-        c
-    }
-
-    /// The vmlinuz of `meta` in `suite`, downloaded once into `out`.
-    fn vmlinuz(&self, k: &Kernel, out: &Path) -> Result<(String, PathBuf)> {
-        let show = sh(self
-            .cmd("apt-cache")
-            .args(["show", &format!("{}/{}", k.meta, k.suite)]))?;
-        let dep = show
-            .lines()
-            .find_map(|l| l.strip_prefix("Depends: "))
-            .and_then(|d| d.split([' ', ',']).next())
-            .context("metapackage without Depends")?
-            .to_string();
-        let release = dep.trim_start_matches("linux-image-").to_string();
-        let vmlinuz = out.join(format!("vmlinuz-{release}"));
-        if !vmlinuz.exists() {
-            util::step(&format!("test-kernels: apt-get download {dep}"));
-            let dl = out.join("dl");
-            let _ = fs::remove_dir_all(&dl);
-            fs::create_dir_all(&dl)?;
-            sh(self
-                .cmd("apt-get")
-                .arg("download")
-                .arg(&dep)
-                .current_dir(&dl))?;
-            let deb = fs::read_dir(&dl)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|e| e == "deb"))
-                .context("apt-get download left no .deb")?;
-            sh(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dl))?;
-            fs::copy(dl.join(format!("boot/vmlinuz-{release}")), &vmlinuz)?;
-            fs::remove_dir_all(&dl)?;
-        }
-        Ok((release, vmlinuz))
-    }
 }
 
 /// The initramfs: busybox with its applet links, the agent and its libraries, kcheck, /init.
@@ -188,15 +101,32 @@ fn initramfs(work: &Path, agent: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// The kernel's own initramfs: the common one with its veth module appended as a second cpio
+/// archive (the kernel unpacks concatenated archives in order).
+fn kernel_initrd(work: &Path, common: &Path, veth: &Path, release: &str) -> Result<PathBuf> {
+    let root = work.join(format!("mod-{release}"));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(root.join("lib"))?;
+    fs::copy(veth, root.join("lib/veth.ko"))?;
+    let extra = work.join(format!("mod-{release}.gz"));
+    sh(Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet | gzip -1 > \"$0\"")
+        .arg(&extra)
+        .current_dir(&root))?;
+    let mut bytes = fs::read(common)?;
+    bytes.extend(fs::read(&extra)?);
+    let out = work.join(format!("initrd-{release}.gz"));
+    fs::write(&out, bytes)?;
+    fs::remove_dir_all(&root)?;
+    fs::remove_file(&extra)?;
+    Ok(out)
+}
+
+/// Boots one kernel and returns its results; the console goes to `log`.
 /// `no_timer_check`: under TCG on a busy host the kernel's IO-APIC timer check can fail and
 /// panic at boot.
-/// Boots one kernel and returns (check → (passed, detail)) and the console log.
-fn boot(
-    vmlinuz: &Path,
-    initrd: &Path,
-    expect: &str,
-    log: &Path,
-) -> Result<BTreeMap<String, (bool, String)>> {
+fn boot(vmlinuz: &Path, initrd: &Path, expect: &str, log: &Path) -> Result<Results> {
     let status = Command::new("timeout")
         .arg("240")
         .arg("qemu-system-x86_64")
@@ -249,25 +179,54 @@ pub fn test_kernels() -> Result<()> {
     let started = Instant::now();
     let work = util::workspace_root().join("target/kernels");
     fs::create_dir_all(&work)?;
-    let list = kernels();
-    let mut suites: Vec<&str> = list.iter().map(|k| k.suite.as_str()).collect();
-    suites.dedup();
-    let apt = Apt::new(work.join("apt"), &suites)?;
+    let list = kernels()?;
+    let archives = Archives::new(&work, &list)?;
     let agent = util::target_bin("redirect-agent", false);
     let initrd = initramfs(&work, &agent)?;
-    let mut table: Vec<(String, BTreeMap<String, (bool, String)>)> = Vec::new();
+    let mut vms = Vec::new();
     for k in &list {
-        let (release, vmlinuz) = apt.vmlinuz(k, &work)?;
-        util::step(&format!(
-            "test-kernels: booting {release} (expect {})",
-            k.expect
-        ));
-        let log = work.join(format!("console-{release}.log"));
-        let r = boot(&vmlinuz, &initrd, &k.expect, &log)?;
-        table.push((format!("{release} ({})", k.expect), r));
+        let f = archives.fetch(k, &work)?;
+        let initrd = kernel_initrd(&work, &initrd, &f.veth, &f.release)?;
+        vms.push((k, f, initrd));
+    }
+    // The VMs run side by side, one per core (each is one single-threaded TCG vCPU), taking the
+    // next kernel from a shared queue: the kernels that run every check (slow) go first, so that
+    // the quick refusals fill the gaps.
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut order: Vec<usize> = (0..vms.len()).collect();
+    order.sort_by_key(|&i| vms[i].0.expect == "refuse");
+    let next = std::sync::Mutex::new(order.into_iter());
+    let done = std::sync::Mutex::new(BTreeMap::new());
+    let work_dir = work.as_path();
+    std::thread::scope(|s| {
+        for _ in 0..at_once.min(vms.len()) {
+            s.spawn(|| {
+                loop {
+                    // Not `while let`: its guard would hold the queue's lock through the boot.
+                    let Some(i) = next.lock().unwrap().next() else {
+                        break;
+                    };
+                    let (k, f, initrd) = &vms[i];
+                    util::step(&format!(
+                        "test-kernels: booting {} (expect {})",
+                        f.release, k.expect
+                    ));
+                    let t = Instant::now();
+                    let log = work_dir.join(format!("console-{}.log", f.release));
+                    let r = boot(&f.vmlinuz, initrd, &k.expect, &log);
+                    println!("test-kernels: {} done in {}", f.release, secs(t.elapsed()));
+                    done.lock().unwrap().insert(i, r);
+                }
+            });
+        }
+    });
+    let mut table: Vec<(String, Results)> = Vec::new();
+    for (i, r) in done.into_inner().unwrap() {
+        let (k, f, _) = &vms[i];
+        table.push((format!("{} {} ({})", k.archive, f.release, k.expect), r?));
     }
     let failed = print_table(&table);
-    println!("test-kernels: {:.0?} in total", started.elapsed());
+    println!("test-kernels: {} in total", secs(started.elapsed()));
     if failed > 0 {
         bail!(
             "test-kernels: {failed} check(s) failed (console logs in {})",
@@ -277,41 +236,48 @@ pub fn test_kernels() -> Result<()> {
     Ok(())
 }
 
-/// kernel × check; returns the number of failures.
-fn print_table(table: &[(String, BTreeMap<String, (bool, String)>)]) -> usize {
+fn secs(d: Duration) -> String {
+    format!("{:.0}s", d.as_secs_f64())
+}
+
+/// kernel × check (a column per kernel, a failure's detail below the table); returns the number
+/// of failures.
+fn print_table(table: &[(String, Results)]) -> usize {
     let mut checks: Vec<&String> = table.iter().flat_map(|(_, r)| r.keys()).collect();
     checks.sort();
     checks.dedup();
     let w = checks.iter().map(|c| c.len()).max().unwrap_or(5).max(5);
     print!("{:w$}", "CHECK");
     for (k, _) in table {
-        print!("  {k:<34}");
+        print!("  {k}");
     }
     println!();
-    let mut failed = 0;
+    let mut failures = Vec::new();
     for c in &checks {
         print!("{c:w$}");
-        for (_, r) in table {
+        for (k, r) in table {
             let cell = match r.get(*c) {
-                Some((true, _)) => "pass".to_string(),
+                Some((true, _)) => "pass",
                 Some((false, d)) => {
-                    failed += 1;
-                    format!("FAIL {d}")
+                    failures.push(format!("{k} {c}: {d}"));
+                    "FAIL"
                 }
-                None => "-".into(),
+                None => "-",
             };
-            print!("  {cell:<34}");
+            print!("  {cell:<kw$}", kw = k.len());
         }
         println!();
     }
     for (k, r) in table {
         if r.is_empty() {
-            failed += 1;
-            println!("{k}: no results");
+            failures.push(format!("{k}: no results"));
         }
         if let Some((true, d)) = r.get("refused") {
             println!("{k}: {d}");
         }
     }
-    failed
+    for f in &failures {
+        println!("FAILED {f}");
+    }
+    failures.len()
 }

@@ -21,7 +21,7 @@ use tokio::{sync::mpsc, task::JoinSet};
 use tracing::info;
 
 use crate::{
-    cgroup::{CgroupError, watch::CgroupWatcher},
+    cgroup::{CgroupError, netns::NetnsWatcher, watch::CgroupWatcher},
     metrics::Metrics,
     proxy::ProxyConfig,
     reconcile::Owner,
@@ -45,6 +45,12 @@ pub struct KubeOptions {
     pub cgroup_root: PathBuf,
     /// Mesh-wide DNS capture default (`--dns-capture`, `--dns-port`); annotations override it.
     pub dns: crate::policy::DnsDefault,
+    /// Inbound interception (`--inbound`): each meshed pod's netns is found from its processes
+    /// and gets the sk_lookup program. Off, no pod gets it and no extra privilege is needed.
+    pub inbound: bool,
+    /// `--inbound-port`: the proxy's inbound port for every pod; None: by the pod's dialect
+    /// ([`pods::dialect_inbound_port`]), and a pod of no known dialect gets no inbound.
+    pub inbound_port: Option<u16>,
 }
 
 impl KubeOptions {
@@ -60,6 +66,8 @@ impl KubeOptions {
             proxy: ProxyConfig::default(),
             cgroup_root: cgroup_root.into(),
             dns: crate::policy::DnsDefault::default(),
+            inbound: true,
+            inbound_port: None,
         }
     }
 
@@ -98,6 +106,12 @@ pub async fn run(
     };
     // The scan of what exists already happens here, before any snapshot.
     let mut cgroups = CgroupWatcher::new(&opts.cgroup_root).map_err(cgroup_err)?;
+    let mut netns = NetnsWatcher::new().map_err(|e| {
+        cgroup_err(CgroupError::Io {
+            path: "inotify".into(),
+            source: e,
+        })
+    })?;
     info!(
         node = %opts.node_name,
         cgroup_root = %opts.cgroup_root.display(),
@@ -174,12 +188,13 @@ pub async fn run(
                 })?;
                 agg.cgroup_changes(&changes, Instant::now());
             }
+            pods = netns.next() => agg.netns_changes(&pods, Instant::now()),
         }
         // Take whatever else is already queued, so a burst becomes one snapshot.
         while let Ok(s) = rx.try_recv() {
             agg.signal(s);
         }
-        agg.maybe_submit(&owner, &mut cgroups);
+        agg.maybe_submit(&owner, &mut cgroups, &mut netns);
         if !owner.health().live() {
             return Err(KubeSourceError::OwnerStopped);
         }

@@ -60,6 +60,10 @@ pub struct MeshedPod {
     /// only the proxy's cgroup can exempt it.
     pub user_namespace: bool,
     pub by: MeshedBy,
+    /// The proxy's inbound listener port by the pod's dialect ([`dialect_inbound_port`]); None
+    /// (a sidecar name of no known mesh) means no inbound interception unless `--inbound-port`
+    /// names one.
+    pub inbound_port: Option<u16>,
 }
 
 impl MeshedPod {
@@ -102,6 +106,9 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
         return None;
     }
     let injection = injection(pod);
+    let by_key = injection
+        .as_ref()
+        .and_then(|(kv, _)| dialect_inbound_port(kv));
     if let Some((_, false)) = injection {
         return None;
     }
@@ -116,7 +123,12 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
         _ => return None,
     };
     let proxy_container_id = sidecar.and_then(|c| container_id(pod, &c.name));
+    let inbound_port = match &by {
+        MeshedBy::Sidecar(name) => dialect_inbound_port(name).or(by_key),
+        MeshedBy::Injection(_) => by_key,
+    };
     Some(MeshedPod {
+        inbound_port,
         uid,
         namespace,
         name,
@@ -126,6 +138,37 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
         user_namespace: spec.host_users == Some(false),
         by,
     })
+}
+
+/// Each mesh's inbound listener port, by its sidecar container name or injection key: Istio
+/// 15006 (istio-iptables `-z`), OSM/FSM 15003 (their init container's `PROXY_INBOUND_PORT`),
+/// Linkerd 4143 (proxy-init `--incoming-proxy-port`), Kuma 15006 (kuma-init's default).
+pub const DIALECT_INBOUND_PORTS: [(&str, u16); 8] = [
+    ("istio-proxy", 15006),
+    ("sidecar.istio.io/", 15006),
+    ("sidecar", 15003),
+    ("flomesh.io/", 15003),
+    ("openservicemesh.io/", 15003),
+    ("linkerd-proxy", 4143),
+    ("linkerd.io/", 4143),
+    ("kuma", 15006),
+];
+
+/// The inbound port of the dialect a sidecar container name (exact) or an injection
+/// `key=value` (by its key's prefix) belongs to.
+pub fn dialect_inbound_port(name_or_key: &str) -> Option<u16> {
+    DIALECT_INBOUND_PORTS
+        .iter()
+        .find(|(n, _)| {
+            if n.ends_with('/') {
+                name_or_key.starts_with(n)
+            } else if *n == "kuma" {
+                name_or_key == "kuma-sidecar" || name_or_key.starts_with("kuma.io/")
+            } else {
+                name_or_key == *n
+            }
+        })
+        .map(|(_, p)| *p)
 }
 
 /// The `containerID` of the container `name` (regular or init) in the pod status.
@@ -271,5 +314,27 @@ mod tests {
     fn the_sidecar_list_is_configurable() {
         let only = vec!["envoy".to_string()];
         assert_eq!(meshed(&pod(istio_pod()), &only), None);
+    }
+
+    #[test]
+    fn each_dialect_has_its_inbound_port() {
+        let port = |name: &str| {
+            let mut v = istio_pod();
+            v["spec"]["containers"][1]["name"] = name.into();
+            meshed(&pod(v), &[name.to_string()]).unwrap().inbound_port
+        };
+        assert_eq!(port("istio-proxy"), Some(15006));
+        assert_eq!(port("sidecar"), Some(15003));
+        assert_eq!(port("linkerd-proxy"), Some(4143));
+        assert_eq!(port("kuma-sidecar"), Some(15006));
+        assert_eq!(port("envoy"), None);
+        // An injection key names the dialect of a pod meshed by it alone.
+        let mut v = istio_pod();
+        v["spec"]["containers"] = serde_json::json!([{"name": "app"}]);
+        v["metadata"]["annotations"]["linkerd.io/inject"] = "enabled".into();
+        assert_eq!(
+            meshed(&pod(v), &sidecars()).unwrap().inbound_port,
+            Some(4143)
+        );
     }
 }

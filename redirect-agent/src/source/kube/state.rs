@@ -25,6 +25,7 @@ use super::{
 use crate::{
     cgroup::{
         discover,
+        netns::NetnsWatcher,
         watch::{CgroupWatcher, Change},
     },
     metrics::Metrics,
@@ -125,6 +126,14 @@ impl Aggregator {
         for c in changes {
             debug!(?c, "pod cgroup change");
         }
+        self.cgroups_changed = true;
+        self.touch(at);
+    }
+
+    /// Pods whose network namespace changed (found, replaced, gone): submit even if the paths
+    /// look the same.
+    pub fn netns_changes(&mut self, pods: &[String], at: Instant) {
+        debug!(?pods, "pod netns change");
         self.cgroups_changed = true;
         self.touch(at);
     }
@@ -236,14 +245,19 @@ impl Aggregator {
     }
 
     /// Submits a snapshot if something changed since the last one and every store is synced.
-    pub fn maybe_submit(&mut self, owner: &Owner, cgroups: &mut CgroupWatcher) {
+    pub fn maybe_submit(
+        &mut self,
+        owner: &Owner,
+        cgroups: &mut CgroupWatcher,
+        netns: &mut NetnsWatcher,
+    ) {
         let Some(since) = self.dirty_since else {
             return;
         };
         if !self.is_synced() {
             return;
         }
-        let snapshot = self.snapshot(cgroups);
+        let snapshot = self.snapshot(cgroups, netns);
         let same = self.last.as_ref() == Some(&snapshot);
         if !same || self.cgroups_changed {
             owner.submit(snapshot.clone(), since);
@@ -254,7 +268,7 @@ impl Aggregator {
     }
 
     /// The whole desired state, from the stores and the cgroup map.
-    pub fn snapshot(&mut self, cgroups: &mut CgroupWatcher) -> Snapshot {
+    pub fn snapshot(&mut self, cgroups: &mut CgroupWatcher, netns: &mut NetnsWatcher) -> Snapshot {
         self.update_mesh();
         let mesh = self.mesh.traffic.clone();
         let namespaces = self
@@ -287,6 +301,7 @@ impl Aggregator {
         // The cgroup ids the watcher already knows (and the proxy containers', looked up now), so
         // reconcile never stats a path itself.
         let mut ids = std::collections::BTreeMap::new();
+        let mut tracked = BTreeSet::new();
         for p in meshed {
             // A pod whose cgroup is not there yet gets an empty path: reconcile reports it as
             // pending, and the inotify event for its directory triggers the next pass.
@@ -315,6 +330,21 @@ impl Aggregator {
             {
                 ids.insert(pc.clone(), id);
             }
+            // Inbound: the pod's netns, read from its own processes (the sandbox's first),
+            // and its dialect's inbound port (or --inbound-port).
+            let inbound_port = self
+                .opts
+                .inbound_port
+                .or(p.inbound_port)
+                .filter(|_| self.opts.inbound);
+            let pod_netns = match inbound_port {
+                Some(_) if !cgroup.as_os_str().is_empty() => {
+                    tracked.insert(p.uid.clone());
+                    let label = format!("{}/{}", p.namespace, p.name);
+                    netns.track(&p.uid, &label, &cgroup).map(|n| n.path.clone())
+                }
+                _ => None,
+            };
             workloads.push(WorkloadSpec {
                 cgroup,
                 namespace: p.namespace,
@@ -322,10 +352,12 @@ impl Aggregator {
                 proxy_cgroup,
                 // In a user namespace the runAsUser is not the host uid the kernel sees.
                 proxy_uid: p.proxy_uid.filter(|_| !p.user_namespace),
-                netns: None,
+                netns: pod_netns,
+                inbound_port,
                 annotations: p.annotations,
             });
         }
+        netns.retain(&tracked);
         self.metrics.pods_not_exempt.set(
             found
                 .iter()

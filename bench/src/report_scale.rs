@@ -1,0 +1,186 @@
+//! The report's agent-at-scale sections: the real agent on the file source ([`scale_section`])
+//! and issue #13's node in the agent's own harness ([`harness_section`]).
+use std::fmt::Write as _;
+
+use super::{
+    report::num,
+    results::{Harness, Results},
+};
+
+pub fn scale_section(r: &Results, md: &mut String) {
+    let Some(s) = &r.scale else { return };
+    let mut lat: Vec<u64> = s.edits.iter().map(|e| e.0.as_micros() as u64).collect();
+    lat.sort_unstable();
+    let mut rec: Vec<u64> = s.edits.iter().map(|e| e.1).collect();
+    rec.sort_unstable();
+    let p = |v: &[u64], q: f64| num(super::stats::percentile(v, q) / 1e3, 1);
+    let _ = writeln!(
+        md,
+        "## The agent at scale: {} workloads × {} CIDRs ({} LPM entries)\n",
+        s.workloads,
+        s.cidrs_per_workload,
+        s.workloads * s.cidrs_per_workload
+    );
+    let _ = writeln!(md, "| what | value |\n|---|---:|");
+    let _ = writeln!(
+        md,
+        "| first reconcile (empty maps → all workloads) | {} ms |",
+        num(s.initial_us as f64 / 1e3, 1)
+    );
+    let _ = writeln!(
+        md,
+        "| RSS after it / peak (VmRSS / VmHWM) | {:.1} / {:.1} MiB |",
+        s.rss_kib as f64 / 1024.0,
+        s.hwm_kib as f64 / 1024.0
+    );
+    let _ = writeln!(
+        md,
+        "| one workload's CIDR edited: change-to-applied p50 / p99 ({} edits) | {} / {} ms |",
+        s.edits.len(),
+        p(&lat, 0.5),
+        p(&lat, 0.99)
+    );
+    let _ = writeln!(
+        md,
+        "| … of which the agent's reconcile p50 / p99 | {} / {} ms |",
+        p(&rec, 0.5),
+        p(&rec, 0.99)
+    );
+    if let Some((l, us)) = s.mesh_edit {
+        let _ = writeln!(
+            md,
+            "| mesh-wide edit (every workload changes): change-to-applied / reconcile | {} / {} ms |",
+            num(l.as_secs_f64() * 1e3, 1),
+            num(us as f64 / 1e3, 1)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "| RSS / peak at the end | {:.1} / {:.1} MiB |\n",
+        s.rss_after_kib as f64 / 1024.0,
+        s.hwm_after_kib as f64 / 1024.0
+    );
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn grouped(x: usize) -> String {
+    let s = x.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// How many full copies of (mesh list + extras + the include entry) fit beside the shared set
+/// (mesh list + include) and the reserved last-resort set: each workload with CIDRs of its own
+/// compiles to its own copy, because the trie key starts with the policy id.
+pub fn copies_that_fit(h: &Harness) -> usize {
+    let c = &h.config;
+    let shared = c.mesh_cidrs + 1;
+    let own = c.mesh_cidrs + c.own_extra_cidrs + 1;
+    c.max_rule_entries.saturating_sub(shared + 1) / own.max(1)
+}
+
+/// Ideal trie use: one shared mesh list, the extras once each, one include entry per set and
+/// the reserved set.
+pub fn ideal_entries(h: &Harness) -> usize {
+    let c = &h.config;
+    c.mesh_cidrs + c.own_workloads * c.own_extra_cidrs + c.own_workloads + 2
+}
+
+pub fn harness_section(r: &Results, md: &mut String) {
+    let Some(h) = &r.harness else { return };
+    let c = &h.config;
+    let ms = |us: u64| num(us as f64 / 1e3, 1);
+    let _ = writeln!(
+        md,
+        "## The agent at scale: issue #13's node ({} + {} workloads, a {}-CIDR mesh list)
+
+\
+         The agent's own harness (`redirect_agent::reconcile::scale`, run as `redirect-bench worker scale` in a process of its own): {} workloads with no annotations share the mesh exclusion list ({} /32s, none adjacent, so none merge); {} more add {} CIDRs of their own each (FSM's union annotation). \
+         The maps are the in-memory stand-ins of the reconcile unit tests, with the kernel tries' capacity ({} entries, the default `--max-rule-entries`), so the figures are the agent's own work (resolve, compile, diff, write) without the bpf(2) calls; the RSS is the harness process's, the in-memory maps included. \
+         The one-workload edits change an excluded port of one shared workload; the mesh-wide edit adds one CIDR to the mesh list.\n",
+        c.shared_workloads,
+        c.own_workloads,
+        grouped(c.mesh_cidrs),
+        c.shared_workloads,
+        grouped(c.mesh_cidrs),
+        c.own_workloads,
+        c.own_extra_cidrs,
+        grouped(c.max_rule_entries),
+    );
+    let _ = writeln!(md, "| what | value |\n|---|---:|");
+    let _ = writeln!(
+        md,
+        "| workloads registered | {} of {} |",
+        h.registered, h.workloads
+    );
+    let _ = writeln!(
+        md,
+        "| … on a fallback (their own entries did not fit) | {} |",
+        h.on_fallback
+    );
+    let _ = writeln!(
+        md,
+        "| IPv4 trie entries used / capacity | {} / {} ({} policy sets) |",
+        grouped(h.v4_entries),
+        grouped(c.max_rule_entries),
+        h.policy_sets
+    );
+    let _ = writeln!(
+        md,
+        "| … if every set were shared and the extras stored once | {} |",
+        grouped(ideal_entries(h))
+    );
+    let _ = writeln!(
+        md,
+        "| first reconcile (empty maps → all workloads) | {} ms |",
+        ms(h.first_reconcile_us)
+    );
+    let _ = writeln!(
+        md,
+        "| RSS after it / peak (VmRSS / VmHWM) | {} / {} MiB |",
+        mib(h.rss_kib),
+        mib(h.peak_rss_kib)
+    );
+    let _ = writeln!(
+        md,
+        "| a pass with nothing changed | {} ms |",
+        num(h.unchanged_pass_us as f64 / 1e3, 2)
+    );
+    let _ = writeln!(
+        md,
+        "| one workload edited: reconcile p50 / p99 ({} edits) | {} / {} ms |",
+        c.edits,
+        num(h.edit_p50_us as f64 / 1e3, 2),
+        num(h.edit_p99_us as f64 / 1e3, 2)
+    );
+    let _ = writeln!(
+        md,
+        "| mesh-wide edit (every workload changes): reconcile | {} ms |",
+        ms(h.mesh_edit_us)
+    );
+    let _ = writeln!(
+        md,
+        "| … workloads on a fallback after it | {} |\n",
+        h.mesh_edit_on_fallback
+    );
+    let fit = copies_that_fit(h);
+    let _ = writeln!(
+        md,
+        "With today's datapath the trie key starts with the policy id, so each workload with CIDRs of its own compiles to its own full copy of the mesh list ({} entries): beside the shared set, {} entries hold {} such copies, so {} of the {} fit and the rest run a fallback (the mesh default), as the agent's fallback rules say. \
+         A mesh-wide edit needs room for the old and the new entries at once (make before break), so on a full trie the changed sets that do not fit keep their last good policy.\n",
+        grouped(c.mesh_cidrs + c.own_extra_cidrs + 1),
+        grouped(c.max_rule_entries),
+        fit,
+        fit.min(c.own_workloads),
+        c.own_workloads
+    );
+}
