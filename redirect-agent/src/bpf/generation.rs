@@ -39,10 +39,10 @@ const GEN_PREFIX: &str = "gen";
 /// and that a new generation takes over from the old one when their layout still matches: the
 /// original destination of a connection redirected by the old programs is still answered after
 /// the switch, a listener recorded before it is still found by sk_lookup, and a socket keeps its
-/// owner uid. The maps the agent writes (POLICY, the tries, the inbound records) are never
-/// shared: a reconcile adopting another generation's entries would retire them under it.
-pub const SHARED: [&str; 9] = [
-    map_names::ORIG_COOKIE,
+/// owner uid. The maps the agent writes (POLICY, the tries, POLICY_GEN, the inbound records) are
+/// never shared: a reconcile adopting another generation's entries would retire them under it.
+/// Nor is CGROUP_CACHE: its entries point at the old generation's registrations.
+pub const SHARED: [&str; 8] = [
     map_names::ORIG_TUPLE,
     map_names::ORIG_STATS,
     map_names::COUNTERS,
@@ -404,8 +404,8 @@ mod tests {
         );
         assert_eq!(e[map_names::CIDR_V4].max_entries, 8);
         assert_eq!(
-            e[map_names::ORIG_COOKIE].max_entries,
-            expected(object, None).unwrap()[map_names::ORIG_COOKIE].max_entries
+            e[map_names::ORIG_TUPLE].max_entries,
+            expected(object, None).unwrap()[map_names::ORIG_TUPLE].max_entries
         );
         for name in SHARED {
             assert!(e.contains_key(name), "{name} is not a map of the object");
