@@ -13,7 +13,7 @@ fn a_proxy_listening_before_the_agent_starts_gets_its_inbound_connections() {
     // The proxy listens first (dual stack), with no program attached yet.
     let proxy = w.proxy(&["[::]:15006"]);
     let agent = w.agent(&[]);
-    let v = w.from_node(&format!("{POD4}:8080"));
+    let v = w.report_from_node(&format!("{POD4}:8080"));
     assert_eq!(v["proxy"]["local"], format!("[::ffff:{POD4}]:8080"), "{v}");
     assert_eq!(w.who(&format!("[{POD6}]:8080")), "proxy");
     assert_eq!(counter(&agent, "no_listener"), 0);

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 #[path = "../origdst_support/mod.rs"]
 pub mod origdst_support;
+#[allow(unused_imports)] // not every test binary asks for original destinations
 pub use origdst_support::{answered, client, spawn_in_netns, start_proxy};
 
 /// The pod's addresses on its veth (the node side is .1 / ::1).
