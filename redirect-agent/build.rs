@@ -40,10 +40,18 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: build scripts are single-threaded at this point.
         unsafe { env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
+    // The test-only layout feature reaches the eBPF object too, so that both sides of the maps
+    // agree on the record (tests/tests/upgrade.rs builds an agent with it).
+    let features: &[&str] = if env::var_os("CARGO_FEATURE_TEST_POLICY_PAD").is_some() {
+        &["test-policy-pad"]
+    } else {
+        &[]
+    };
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "redirect-ebpf",
             root_dir: &root_dir,
+            features,
             ..Default::default()
         }],
         Toolchain::Custom(&toolchain),

@@ -4,8 +4,10 @@
 //!
 //! flock rather than a pid file: the kernel drops the lock when the holder dies, however it
 //! dies, so a restart after `kill -9` adopts at once with no stale file to judge. The lock is on
-//! the directory because bpffs holds no regular files. Readers (`inspect`, `explain`) take no
-//! lock: they only read the pinned maps.
+//! the directory because bpffs holds no regular files. It is on `--bpffs-dir` itself, never on
+//! a layout generation's `gen<N>` sub-directory (bpf/generation.rs), so one lock covers every
+//! generation: the agent that builds a new one and releases the old ones is their only writer.
+//! Readers (`inspect`, `explain`) take no lock: they only read the pinned maps.
 use std::{
     fs::File,
     os::unix::fs::MetadataExt as _,

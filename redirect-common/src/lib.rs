@@ -90,6 +90,10 @@ pub struct Policy {
     /// Proxy address for IPv6 destinations. ::1 in sidecar mode.
     pub proxy_addr6: [u8; 16],
     pub _pad1: [u8; 4],
+    /// Test only (feature `test-policy-pad`): makes the record 8 bytes longer, a layout change
+    /// for the upgrade test (tests/tests/upgrade.rs).
+    #[cfg(feature = "test-policy-pad")]
+    pub _test_pad: [u8; 8],
 }
 
 /// What an entry of the CIDR or port tries says about a matching destination.

@@ -14,6 +14,8 @@ use crate::{Fixture, helper_bin};
 
 pub struct Agent {
     child: Option<Child>,
+    /// The agent binary's name among the helper binaries (another build in the upgrade test).
+    bin: &'static str,
     extra_args: Vec<String>,
     config: PathBuf,
     log: PathBuf,
@@ -31,10 +33,21 @@ impl Agent {
 
     /// [`Agent::start`] with extra `run` flags (kept for restarts).
     pub fn start_with(fx: &Fixture, config: &str, extra_args: &[&str]) -> Result<Agent> {
+        Self::start_bin(fx, config, "redirect-agent", extra_args)
+    }
+
+    /// [`Agent::start_with`] running another build of the agent (`bin`, found like the helpers).
+    pub fn start_bin(
+        fx: &Fixture,
+        config: &str,
+        bin: &'static str,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let workdir = std::env::temp_dir().join(fx.name());
         fs::create_dir_all(&workdir)?;
         let mut agent = Agent {
             child: None,
+            bin,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             config: workdir.join("config.yaml"),
             log: workdir.join("agent.log"),
@@ -50,7 +63,7 @@ impl Agent {
 
     fn spawn(&mut self) -> Result<()> {
         let log = fs::File::create(&self.log)?;
-        let child = Command::new(helper_bin("redirect-agent")?)
+        let child = Command::new(helper_bin(self.bin)?)
             .args(["run", "--log-format", "json", "--config"])
             .arg(&self.config)
             .arg("--bpffs-dir")
@@ -199,13 +212,18 @@ impl Agent {
 
     /// `redirect-agent inspect --output json` on the fixture's pin dir.
     pub fn inspect(&self) -> Result<Value> {
-        inspect(&self.bpffs)
+        inspect_with(self.bin, &self.bpffs)
     }
 }
 
 /// `redirect-agent inspect --output json` for any pin dir.
 pub fn inspect(bpffs: &Path) -> Result<Value> {
-    let out = Command::new(helper_bin("redirect-agent")?)
+    inspect_with("redirect-agent", bpffs)
+}
+
+/// [`inspect`] by another build of the agent (it reads only maps of its own layout).
+pub fn inspect_with(bin: &str, bpffs: &Path) -> Result<Value> {
+    let out = Command::new(helper_bin(bin)?)
         .args(["inspect", "--output", "json", "--bpffs-dir"])
         .arg(bpffs)
         .output()?;

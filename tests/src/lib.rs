@@ -49,7 +49,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-pub use agent::{Agent, inspect};
+pub use agent::{Agent, inspect, inspect_with};
 pub use bpffs::{BPFFS, ensure_bpffs};
 pub use cgroup::{cgroup_id, cgroup_of, cgroup2_mount, move_pid};
 pub use fixture::{Fixture, spawn_in_cgroup_netns};

@@ -82,6 +82,22 @@ fn test() -> anyhow::Result<()> {
     util::require_root("cargo xtask test")?;
     let env = setup::setup(setup::Needs { test_tools: true })?;
     util::build(&env, false)?;
+    // The upgrade test's "new release" (tests/tests/upgrade.rs): the agent with another Policy
+    // layout. Same packages as the build above, so it shares every dependency with it.
+    util::cargo(
+        &env,
+        &[
+            "build",
+            "-p",
+            "redirect-agent",
+            "-p",
+            "redirect-tests",
+            "--bin",
+            "redirect-agent-layout-test",
+            "--features",
+            "redirect-agent/test-policy-pad",
+        ],
+    )?;
     validate::validate_deploy()?;
     util::step("running the test suite (unit, property and real-kernel tests)");
     // Two test threads per binary, one per core here; the binaries run one after another. Each

@@ -86,7 +86,8 @@ fn ensure_bpffs_dir(dir: &Path) -> Result<(), BpfError> {
 }
 
 /// Loads the programs, pins or reuses the maps, attaches (or adopts) the links, and returns the
-/// pinned maps for the reconciler.
+/// pinned maps for the reconciler. The maps live in the layout generation this build runs
+/// (bpf/generation.rs): the pinned one when its layout matches, else a new one beside it.
 pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     if OBJECT.is_empty() {
         return Err(BpfError::NoObject);
@@ -94,10 +95,14 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     // Before the first pin: a kernel without a needed feature gets one line and no pins.
     super::probe::check(OBJECT, &own_programs().collect::<Vec<_>>())?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
-    let reused = opts.bpffs_dir.join(map_names::POLICY).exists();
+    // Before the first pin too: a pinned map of another layout is never handed to aya.
+    let expected = super::generation::expected(OBJECT, opts.max_rule_entries)?;
+    let generation = super::generation::prepare(&opts.bpffs_dir, &expected)?;
+    let dir = &generation.dir;
+    let reused = dir.join(map_names::POLICY).exists();
     let mut loader = EbpfLoader::new();
     for name in all_map_names() {
-        loader.map_pin_path(name, opts.bpffs_dir.join(name));
+        loader.map_pin_path(name, dir.join(name));
     }
     if let Some(n) = opts.max_rule_entries {
         for name in [map_names::CIDR_V4, map_names::CIDR_V6, map_names::PORTS] {
@@ -105,7 +110,7 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
         }
     }
     let mut ebpf = loader.load(OBJECT)?;
-    info!(dir = %opts.bpffs_dir.display(), reused, "maps pinned");
+    info!(dir = %dir.display(), generation = generation.number, reused, "maps pinned");
 
     let cgroup_id = cgroup::cgroup_id(&opts.cgroup_root).map_err(|e| {
         BpfError::io(
@@ -121,18 +126,18 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     for (program, hook) in PROGRAMS {
         load_program(&mut ebpf, program, hook)?;
     }
-    super::netns::load_program(&mut ebpf, &opts.bpffs_dir)?;
+    super::netns::load_program(&mut ebpf, dir)?;
     for (program, hook) in PROGRAMS {
         attach_program(
             &mut ebpf,
             program,
             hook,
             (&cgroup, &opts.cgroup_root, cgroup_id),
-            &opts.bpffs_dir,
+            dir,
         )?;
     }
-    release_unowned(&opts.bpffs_dir)?;
-    PinnedMaps::open(&opts.bpffs_dir)
+    release_unowned(dir)?;
+    PinnedMaps::open(dir)
 }
 
 fn program_err(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> BpfError {
@@ -430,7 +435,7 @@ pub(crate) fn all_map_names() -> impl Iterator<Item = &'static str> {
 /// Whether a pin name is one this project creates: a map of this build, or a link/program pin
 /// of a redirect program (any build's: a renamed program's pins are still ours to remove). Other
 /// software's pins in the same directory (`--bpffs-dir /sys/fs/bpf`) never match.
-fn owned_name(name: &str) -> bool {
+pub(super) fn owned_name(name: &str) -> bool {
     let name = name.strip_suffix("_new").unwrap_or(name);
     all_map_names().any(|m| m == name)
         || map_names::RETIRED.contains(&name)
@@ -475,39 +480,31 @@ fn release_unowned(dir: &Path) -> Result<(), BpfError> {
 }
 
 /// Detaches every link of redirect (by removing its pin, the last reference), unpins its
-/// programs and maps, then removes the directory if nothing else is left in it. Links go first
-/// so no program runs against half-removed maps. Names this project does not create are left
-/// alone, so a shared directory such as /sys/fs/bpf is safe.
+/// programs and maps, in every layout generation, then removes the directory if nothing else is
+/// left in it. Links go first so no program runs against half-removed maps. Names this project
+/// does not create are left alone, so a shared directory such as /sys/fs/bpf is safe.
 pub fn cleanup(dir: &Path) -> Result<CleanupReport, BpfError> {
     if !dir.exists() {
         return Err(BpfError::NotPinned(dir.to_path_buf()));
     }
     let mut report = CleanupReport::default();
-    let owned = |p: &PathBuf| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(owned_name)
-    };
-    for pin in link_pins(dir)?.into_iter().filter(owned) {
-        fs::remove_file(&pin).map_err(|e| BpfError::io("unpinning", &pin, e))?;
-        report.links.push(pin);
+    // Every layout generation (bpf/generation.rs), each one links first.
+    let mut gens = super::generation::list(dir);
+    if !gens.iter().any(|g| g.number == 0) {
+        // Stray link or program pins with no map beside them are still this project's.
+        gens.insert(
+            0,
+            super::generation::Generation {
+                number: 0,
+                dir: dir.to_path_buf(),
+            },
+        );
     }
-    let entries = fs::read_dir(dir).map_err(|e| BpfError::io("listing", dir, e))?;
-    for path in entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(owned)
-    {
-        fs::remove_file(&path).map_err(|e| BpfError::io("unpinning", &path, e))?;
-        let is_prog = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(PROG_PREFIX));
-        if is_prog {
-            report.programs.push(path);
-        } else {
-            report.maps.push(path);
-        }
+    for g in gens.iter().rev() {
+        let r = super::generation::release(dir, g)?;
+        report.links.extend(r.links);
+        report.programs.extend(r.programs);
+        report.maps.extend(r.maps);
     }
     let left = fs::read_dir(dir).map_err(|e| BpfError::io("listing", dir, e))?;
     report.left = left.filter_map(Result::ok).map(|e| e.path()).collect();

@@ -1,5 +1,6 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
 pub mod dns;
+pub mod generation;
 pub mod inbound_maps;
 pub mod loader;
 pub mod maps;
@@ -36,6 +37,10 @@ pub enum BpfError {
         "this binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild it with the eBPF toolchain (cargo xtask build)"
     )]
     NoObject,
+    #[error(
+        "the maps pinned in {dir} have another layout than this build's ({mismatches}); read them with the redirect-agent binary of the release that runs there"
+    )]
+    Layout { dir: PathBuf, mismatches: String },
     #[error(transparent)]
     Probe(#[from] probe::ProbeError),
     #[error("loading the eBPF object: {0}")]

@@ -108,7 +108,9 @@ pub fn explain(mut args: ExplainArgs) -> anyhow::Result<()> {
     let kernel = match &args.bpffs_dir {
         None => None,
         Some(dir) => {
-            let maps = PinnedMaps::open(dir)?;
+            let dir = crate::bpf::generation::current(dir);
+            crate::bpf::generation::check_readable(&dir)?;
+            let maps = PinnedMaps::open(&dir)?;
             let mount = cgroup::cgroup2_mount()?;
             let path = cgroup::resolve_path(&mount, &w.cgroup);
             let cgroup_id = cgroup::cgroup_id(&path)?;

@@ -41,6 +41,7 @@ pub fn explain(
                     w.name
                 );
             };
+            let dir = &crate::bpf::generation::current(dir);
             let maps = InboundMaps::open(dir)?;
             let cookie = netns::netns_cookie(ns)?;
             let record = maps.record(cookie).with_context(|| {

@@ -24,8 +24,13 @@ pub struct InspectArgs {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let maps = PinnedMaps::open(&args.bpffs.bpffs_dir)?;
-    let links = crate::bpf::loader::link_status(&args.bpffs.bpffs_dir);
+    // The newest layout generation (bpf/generation.rs); an upgrade in progress is named below.
+    let generations = crate::bpf::generation::list(&args.bpffs.bpffs_dir);
+    let dir = crate::bpf::generation::current(&args.bpffs.bpffs_dir);
+    // Another release's maps would be misread: say so instead (issue #13).
+    crate::bpf::generation::check_readable(&dir)?;
+    let maps = PinnedMaps::open(&dir)?;
+    let links = crate::bpf::loader::link_status(&dir);
     let policies = maps.policies()?;
     let entries = maps.entries()?;
     let counters = maps.counters()?;
@@ -33,7 +38,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         fill: maps.orig_fill()?,
         stats: maps.orig_stats()?,
     };
-    let dns = crate::bpf::dns::dns_stats(&args.bpffs.bpffs_dir)?;
+    let dns = crate::bpf::dns::dns_stats(&dir)?;
     let paths = cgroup_paths(policies.keys().copied().collect());
     match args.output {
         Output::Json => {
@@ -63,6 +68,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 .collect();
             let out = json!({
                 "bpffs_dir": maps.dir().display().to_string(),
+                "layout_generation": generations.last().map_or(0, |g| g.number),
+                "older_generations": generations.iter().filter(|g| g.dir != dir).map(|g| json!({"generation": g.number, "dir": g.dir.display().to_string()})).collect::<Vec<_>>(),
                 "workloads": workloads,
                 "counters": counters,
                 "original_destinations": orig.json(),
@@ -77,6 +84,15 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             let mut s = String::new();
             if !links.missing.is_empty() {
                 let _ = writeln!(s, "WARNING: {}\n", not_attached(&links.missing));
+            }
+            for g in generations.iter().filter(|g| g.dir != dir) {
+                let _ = writeln!(
+                    s,
+                    "upgrade in progress: layout generation {} ({}) stays attached until the agent running {} is ready\n",
+                    g.number,
+                    g.dir.display(),
+                    dir.display()
+                );
             }
             s += &render_text(&maps, &policies, &entries, &counters, &paths);
             s += &orig.text();

@@ -37,8 +37,8 @@ pub enum Command {
     /// Which rule decides a workload's connect to a destination, and why. Evaluates the policy
     /// alone, or with --bpffs-dir the kernel's pinned maps (and checks that the two agree).
     Explain(explain::ExplainArgs),
-    /// Detach every program and unpin every map under --bpffs-dir. The only command that stops
-    /// interception.
+    /// Detach every program and unpin every map under --bpffs-dir, in every layout generation
+    /// (gen<N> sub-directories included). The only command that stops interception.
     Cleanup(BpffsArg),
     /// Print the MeshConfig CustomResourceDefinition (config.flomesh.io/v1alpha3) that the
     /// kubernetes source reads (deploy/crds/meshconfig.yaml is this output).
@@ -47,7 +47,8 @@ pub enum Command {
 
 #[derive(Debug, clap::Args)]
 pub struct BpffsArg {
-    /// bpffs directory holding the pinned maps and links.
+    /// bpffs directory holding the pinned maps and links. After an upgrade that changed the map
+    /// layout they live in its newest gen<N> sub-directory; every command finds it.
     #[arg(long, env = "REDIRECT_BPFFS_DIR", default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
 }

@@ -97,7 +97,9 @@ pub struct RunArgs {
     #[arg(long, env = "REDIRECT_ADMIN_ADDR", default_value = "0.0.0.0:9102")]
     pub admin_addr: SocketAddr,
     /// Capacity of each rule trie (IPv4 CIDRs, IPv6 CIDRs, ports), shared by all workloads.
-    /// Used when the maps are first created; pinned maps keep their size until `cleanup`.
+    /// Pinned tries of another size are not resized in place: like any map layout change, the
+    /// agent builds a new generation of maps and programs beside them and releases the old one
+    /// once the new one is ready (docs/deploy.md, "Upgrades").
     /// Identical policies share entries; a change needs room for its old and new entries at once (make before break).
     #[arg(long, env = "REDIRECT_MAX_RULE_ENTRIES", default_value_t = redirect_common::MAX_RULE_ENTRIES)]
     pub max_rule_entries: u32,
@@ -209,6 +211,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         max_rule_entries: Some(args.max_rule_entries),
     })
     .context("attaching the datapath")?;
+    // The layout generation this build runs (bpf/generation.rs); older ones stay attached until
+    // it is ready.
+    let generation_dir = maps.dir().to_path_buf();
     let inbound = crate::reconcile::inbound::InboundApplier::adopt(maps.dir());
     let applier = Applier::adopt(maps)
         .context("adopting pinned state")?
@@ -219,7 +224,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         source = ?source,
         "datapath ready"
     );
-    let metrics = Arc::new(Metrics::new(Some(&args.bpffs.bpffs_dir)));
+    let metrics = Arc::new(Metrics::new(Some(&generation_dir)));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -244,6 +249,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         });
         let (owner, thread) = Owner::spawn(applier, metrics.clone())?;
+        tokio::spawn(release_older_generations(
+            args.bpffs.bpffs_dir.clone(),
+            generation_dir,
+            owner.health(),
+        ));
         // Interception matters more than observability: a taken port is logged, not fatal.
         let admin = match admin::serve(args.admin_addr, metrics.clone(), owner.health()).await {
             Ok((_, task)) => Some(task),
@@ -315,6 +325,28 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         outcome
     })
+}
+
+/// Releases the older layout generations once this one is ready (its first snapshot applied and
+/// nothing failing): until then they keep redirecting every connect this one does not yet, and
+/// this one's connect programs stand aside for the connects they already redirected. An agent
+/// that never gets ready leaves them attached, which fails safe.
+async fn release_older_generations(
+    base: PathBuf,
+    keep: PathBuf,
+    health: Arc<crate::reconcile::owner::Health>,
+) {
+    if !bpf::generation::list(&base).iter().any(|g| g.dir != keep) {
+        return;
+    }
+    info!(keep = %keep.display(), "older layout generations stay attached until this one is ready");
+    while !health.ready() {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    match bpf::generation::release_others(&base, &keep) {
+        Ok(released) => info!(?released, keep = %keep.display(), "upgrade complete"),
+        Err(e) => error!("releasing an older layout generation: {e}"),
+    }
 }
 
 async fn shutdown_signal() {
