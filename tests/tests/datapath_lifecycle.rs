@@ -108,6 +108,23 @@ fn kill_9_keeps_interception_and_restart_adopts_without_flush() {
 fn cleanup_detaches_and_unpins_everything() {
     let w = world("cleanup");
     let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
+    // Refused while the agent runs: it names the agent and removes nothing.
+    let out = Command::new(helper_bin("redirect-agent").unwrap())
+        .args(["cleanup", "--bpffs-dir"])
+        .arg(w.fx.pin_dir())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "cleanup ran beside a live agent");
+    let pid = agent.pid().unwrap();
+    assert!(
+        err.contains("cleanup refused") && err.contains(&format!("pid {pid}")),
+        "{err}"
+    );
+    assert_proxy(
+        probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
+        "after a refused cleanup",
+    );
     agent.kill9().unwrap();
     assert_proxy(
         probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),

@@ -38,7 +38,8 @@ pub enum Command {
     /// alone, or with --bpffs-dir the kernel's pinned maps (and checks that the two agree).
     Explain(explain::ExplainArgs),
     /// Detach every program and unpin every map under --bpffs-dir, in every layout generation
-    /// (gen<N> sub-directories included). The only command that stops interception.
+    /// (gen<N> sub-directories included). The only command that stops interception. Refused
+    /// while an agent runs on that directory (stop it first).
     Cleanup(BpffsArg),
     /// Print the MeshConfig CustomResourceDefinition (config.flomesh.io/v1alpha3) that the
     /// kubernetes source reads (deploy/crds/meshconfig.yaml is this output).
@@ -93,6 +94,16 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Cleanup(args) => {
+            // A running agent would go on maintaining what cleanup removes (and its restart
+            // would attach it all again): the same lock as `run`, so cleanup waits for no one
+            // and names the agent that holds the directory.
+            let _lock =
+                match args.bpffs_dir.exists() {
+                    true => Some(crate::lock::lock_pin_dir(&args.bpffs_dir).map_err(|e| {
+                        anyhow::anyhow!("cleanup refused: {e}; stop that agent first")
+                    })?),
+                    false => None,
+                };
             let report = crate::bpf::cleanup(&args.bpffs_dir)?;
             let removed = if report.left.is_empty() {
                 format!("removed {}", args.bpffs_dir.display())
