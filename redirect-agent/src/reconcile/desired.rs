@@ -217,34 +217,28 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
             record: record(&snapshot.proxy, p, proxy_cgroup, w.proxy_uid),
             rules: rules.clone(),
         };
+        let issue = |e: &PolicyError, fallback, cgroup_id| WorkloadIssue {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+            error: e.to_string(),
+            key: e.key.clone(),
+            value: e.value.clone(),
+            fallback,
+            cgroup_id,
+        };
         let own = memo.resolve(w, ns_annotations, &w.annotations);
         let own = match own.resolved {
             Ok((p, rules, warnings, inbound_error)) => {
                 out.warnings.extend(warnings);
                 if let Some(e) = inbound_error {
-                    out.issues.push(WorkloadIssue {
-                        namespace: w.namespace.clone(),
-                        name: w.name.clone(),
-                        error: e.to_string(),
-                        key: e.key.clone(),
-                        value: e.value.clone(),
-                        fallback: Fallback::InboundLastGood,
-                        // Not the outbound fallback's: the outbound policy itself is applied.
-                        cgroup_id: None,
-                    });
+                    // Not the outbound fallback's: the outbound policy itself is applied.
+                    out.issues.push(issue(&e, Fallback::InboundLastGood, None));
                 }
                 Some(candidate((&p, &rules)))
             }
             Err(e) => {
-                out.issues.push(WorkloadIssue {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                    error: e.to_string(),
-                    key: e.key.clone(),
-                    value: e.value.clone(),
-                    fallback: Fallback::Nothing,
-                    cgroup_id: Some(cgroup_id),
-                });
+                out.issues
+                    .push(issue(&e, Fallback::Nothing, Some(cgroup_id)));
                 None
             }
         };

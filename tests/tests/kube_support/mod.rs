@@ -3,6 +3,7 @@
 //! the objects, and kubepods cgroup layouts built inside the Fixture.
 #![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
+mod api_rules;
 pub mod fake_api;
 
 use std::{
