@@ -7,7 +7,10 @@
 //! goes defunct, and the reconcile releases its pin.
 use std::{
     fs,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd as _, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::{Path, PathBuf},
 };
 
@@ -19,6 +22,7 @@ use redirect_common::inbound::SK_LOOKUP_PROGRAM;
 use tracing::{debug, info};
 
 use super::BpfError;
+use crate::cgroup::netns_ids;
 
 const LINK_PREFIX: &str = "link_sk_lookup_";
 
@@ -62,16 +66,7 @@ pub fn load_program(ebpf: &mut Ebpf, dir: &Path) -> Result<(), BpfError> {
 
 /// The inode of a netns file: what names its link.
 pub fn netns_inode(netns: &Path) -> Result<u64, BpfError> {
-    fs::metadata(netns).map(|m| m.ino()).map_err(|e| {
-        let e = if e.kind() == std::io::ErrorKind::PermissionDenied {
-            std::io::Error::other(format!(
-                "{e} (another user's /proc/PID/ns/net needs CAP_SYS_PTRACE)"
-            ))
-        } else {
-            e
-        };
-        BpfError::io("opening netns", netns, e)
-    })
+    netns_ids::inode_of(netns).map_err(|e| BpfError::io("opening netns", netns, e))
 }
 
 /// True when the pinned link is alive in this very netns (a dead netns's inode may be reused)
@@ -88,18 +83,25 @@ fn adoptable(link: &Path, dir: &Path, inode: u64) -> bool {
     matches!((reference, running), (Ok(a), Ok(b)) if a == b)
 }
 
-/// Links an instance of the program into `netns`, or adopts the pinned link that already does.
-/// The instance carries the netns's cookie as a global (sk_lookup programs cannot ask for it);
-/// the maps are the pinned ones. Returns the netns inode the link is named by. An upgrade links
-/// the new instance first and releases the old link after (rename over its pin), so the netns
-/// is never without one.
-pub fn attach(dir: &Path, netns: &Path, cookie: u64) -> Result<u64, BpfError> {
-    let inode = netns_inode(netns)?;
+/// Links an instance of the program into `netns` (whose inode is `inode`, as the source found
+/// it), or adopts the pinned link that already does. The instance carries the netns's cookie as
+/// a global (sk_lookup programs cannot ask for it); the maps are the pinned ones. An upgrade
+/// links the new instance first and releases the old link after (rename over its pin), so the
+/// netns is never without one.
+pub fn attach(dir: &Path, netns: &Path, inode: u64, cookie: u64) -> Result<(), BpfError> {
     let pin = link_pin(dir, inode);
     if adoptable(&pin, dir, inode) {
-        return Ok(inode);
+        return Ok(());
     }
     let file = fs::File::open(netns).map_err(|e| BpfError::io("opening netns", netns, e))?;
+    // The path may name another namespace by now: never link one under another's pin name.
+    if file.metadata().map(|m| m.ino()).ok() != Some(inode) {
+        return Err(BpfError::io(
+            "linking",
+            netns,
+            std::io::Error::other(format!("the netns is no longer inode {inode}")),
+        ));
+    }
     let mut loader = EbpfLoader::new();
     let names: Vec<&str> = super::loader::all_map_names().collect();
     for name in &names {
@@ -123,7 +125,7 @@ pub fn attach(dir: &Path, netns: &Path, cookie: u64) -> Result<u64, BpfError> {
         .map_err(|e| BpfError::io("pinning link", &tmp, std::io::Error::other(e)))?;
     fs::rename(&tmp, &pin).map_err(|e| BpfError::io("renaming link pin", &pin, e))?;
     info!(netns = %netns.display(), cookie, pin = %pin.display(), "sk_lookup linked");
-    Ok(inode)
+    Ok(())
 }
 
 /// Releases a netns's link (its pin is the last reference).
@@ -148,36 +150,11 @@ pub fn linked(dir: &Path) -> Vec<u64> {
         .collect()
 }
 
-const SO_NETNS_COOKIE: libc::c_int = 71;
-
-/// The cookie the kernel programs key the netns by (bpf_get_netns_cookie): asked with
-/// SO_NETNS_COOKIE on a socket made inside the netns, from a short-lived thread that joins it
-/// (setns affects only the calling thread).
+/// The cookie the kernel programs key the netns by (bpf_get_netns_cookie), read now
+/// (cgroup/netns_ids.rs; the sources cache it, this is for `explain`).
 pub fn netns_cookie(netns: &Path) -> Result<u64, BpfError> {
     let file = fs::File::open(netns).map_err(|e| BpfError::io("opening netns", netns, e))?;
-    let joined = std::thread::scope(|s| {
-        s.spawn(|| -> std::io::Result<u64> {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                if e == nix::errno::Errno::EPERM {
-                    std::io::Error::other("setns: Operation not permitted (joining a network namespace needs CAP_SYS_ADMIN)")
-                } else {
-                    std::io::Error::from(e)
-                }
-            })?;
-            let sock = std::net::UdpSocket::bind("127.0.0.1:0")
-                .or_else(|_| std::net::UdpSocket::bind("[::1]:0"))?;
-            socket_netns_cookie(sock.as_raw_fd())
-        })
-        .join()
-    });
-    match joined {
-        Ok(r) => r.map_err(|e| BpfError::io("reading the netns cookie of", netns, e)),
-        Err(_) => Err(BpfError::io(
-            "reading the netns cookie of",
-            netns,
-            std::io::Error::other("thread panicked"),
-        )),
-    }
+    netns_ids::cookie_of(&file).map_err(|e| BpfError::io("reading the netns cookie of", netns, e))
 }
 
 /// Backfills `IN_LISTEN` with the proxy's inbound listener when it was already listening before
@@ -238,7 +215,7 @@ pub fn backfill(dir: &Path, pids: &[u32], cookie: u64, port: u16) -> Result<usiz
                 continue;
             };
             let (_, v6) = left.swap_remove(at);
-            let theirs = socket_netns_cookie(sock.as_raw_fd());
+            let theirs = netns_ids::socket_cookie(sock.as_fd());
             if theirs.as_ref().ok() != Some(&cookie) {
                 debug!(
                     pid,
@@ -306,25 +283,6 @@ fn listening_inodes(pid: u32, port: u16) -> Option<Vec<(u64, bool)>> {
         }
     }
     Some(out)
-}
-
-fn socket_netns_cookie(fd: i32) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid socket and a buffer of `len` bytes.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
 }
 
 /// The bpf(2) commands for link and program introspection that aya 0.14 does not expose (the

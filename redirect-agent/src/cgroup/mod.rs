@@ -2,6 +2,7 @@
 //! plus pod cgroup discovery ([`discover`]: pod UID → directory) and its inotify watch ([`watch`]).
 pub mod discover;
 pub mod netns;
+pub mod netns_ids;
 pub mod watch;
 
 use std::{

@@ -198,9 +198,17 @@ pub struct NetnsWatcher {
         mpsc::UnboundedReceiver<String>,
     ),
     host: BTreeSet<u64>,
+    /// The found namespaces' cookies, read once per namespace (the snapshot resolves through
+    /// it, [`crate::reconcile::Snapshot::resolve_netns`]).
+    ids: super::netns_ids::NetnsIds,
 }
 
 impl NetnsWatcher {
+    /// The cookie cache of the tracked pods' namespaces.
+    pub fn ids(&mut self) -> &mut super::netns_ids::NetnsIds {
+        &mut self.ids
+    }
+
     /// Must be called inside a tokio runtime.
     pub fn new() -> std::io::Result<Self> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
@@ -213,6 +221,7 @@ impl NetnsWatcher {
             pods: HashMap::new(),
             exits: mpsc::unbounded_channel(),
             host: host_netns(),
+            ids: Default::default(),
         })
     }
 

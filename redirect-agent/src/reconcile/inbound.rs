@@ -2,6 +2,10 @@
 //! the netns cookie, and the rule entries, written make-before-break with an id space of their
 //! own. Called once per reconcile pass, after the outbound applier.
 //!
+//! The netns inode and cookie come with the snapshot (the source reads a cookie once per
+//! namespace, cgroup/netns_ids.rs), and a netns is linked (or its pinned link adopted) once per
+//! agent life: a pass that changes nothing makes no syscall for an unchanged workload.
+//!
 //! Order of a change: link the netns (adopting a pinned link), write the new entries under a
 //! fresh id, swap the record, and delete the old entries after the same grace period as outbound
 //! (an sk_lookup run that read the old id a moment before the swap still finds its rules). A removal deletes the record and then
@@ -19,7 +23,7 @@ use tracing::warn;
 use super::{Snapshot, desired::entries};
 use crate::{
     bpf::{PolicyEntries, inbound_maps::InboundMaps, netns},
-    cgroup,
+    cgroup::{self, netns_ids::NetnsId},
     policy::{self, Annotations, WorkloadInputs, inbound},
 };
 
@@ -34,6 +38,8 @@ struct Applied {
     /// The cgroup whose processes were searched for a listener that predates the agent
     /// ([`netns::backfill`]), once per agent life and proxy cgroup.
     backfilled: Option<PathBuf>,
+    /// The netns inode this agent linked (or whose pinned link it adopted): not looked at again.
+    linked: Option<u64>,
 }
 
 /// What one pass did, for logs and tests.
@@ -41,6 +47,8 @@ struct Applied {
 pub struct InboundReport {
     pub applied: usize,
     pub removed: usize,
+    /// Netns links made or adopted (each once per agent life).
+    pub linked: usize,
     /// Workloads whose inbound state could not be written, with the reason.
     pub errors: Vec<String>,
 }
@@ -84,6 +92,7 @@ impl InboundApplier {
                             entries,
                             own: true,
                             backfilled: None,
+                            linked: None,
                         },
                     );
                 }
@@ -146,12 +155,14 @@ impl InboundApplier {
             return report;
         }
         for (cookie, w) in &want {
-            if let Err(e) = self.apply_one(*cookie, w) {
-                report
+            match self.apply_one(*cookie, w) {
+                Err(e) => report
                     .errors
-                    .push(format!("workload {}: inbound: {e}", w.workload));
-            } else {
-                report.applied += 1;
+                    .push(format!("workload {}: inbound: {e}", w.workload)),
+                Ok(linked) => {
+                    report.applied += 1;
+                    report.linked += usize::from(linked);
+                }
             }
         }
         let gone: Vec<u64> = self
@@ -196,8 +207,15 @@ impl InboundApplier {
         let empty = Annotations::new();
         for w in &s.workloads {
             let Some(path) = &w.netns else { continue };
-            let ids = netns::netns_inode(path).and_then(|i| Ok((i, netns::netns_cookie(path)?)));
-            let (inode, cookie) = match ids {
+            let ids = match s.netns.get(path) {
+                Some(found) => found.clone(),
+                // A snapshot made by hand, not by a source: read it now.
+                None => netns::netns_inode(path)
+                    .and_then(|i| Ok((i, netns::netns_cookie(path)?)))
+                    .map(|(inode, cookie)| NetnsId { inode, cookie })
+                    .map_err(|e| e.to_string()),
+            };
+            let NetnsId { inode, cookie } = match ids {
                 Ok(v) => v,
                 Err(e) => {
                     report.errors.push(format!("workload {}: {e}", w.id()));
@@ -247,9 +265,14 @@ impl InboundApplier {
         (want, keep)
     }
 
-    fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<(), crate::bpf::BpfError> {
-        // The link first: adopting an existing one is a no-op.
-        netns::attach(&self.dir, &w.path, cookie)?;
+    /// True when it linked (or adopted) the netns.
+    fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<bool, crate::bpf::BpfError> {
+        // The link first, once per agent life: a cookie names one netns for its whole life, so
+        // a link made (or adopted) for it stays right until its record goes.
+        let link = self.applied.get(&cookie).and_then(|a| a.linked) != Some(w.inode);
+        if link {
+            netns::attach(&self.dir, &w.path, w.inode, cookie)?;
+        }
         let backfilled = self.backfill(cookie, w);
         if let Some(old) = self.applied.get_mut(&cookie)
             && old.record.proxy_port == w.record.proxy_port
@@ -258,7 +281,8 @@ impl InboundApplier {
             old.workload = w.workload.clone();
             old.own = w.own;
             old.backfilled = backfilled;
-            return Ok(());
+            old.linked = Some(w.inode);
+            return Ok(link);
         }
         let id = self.allocate_id();
         let maps = self.maps.as_mut().expect("checked by apply");
@@ -277,12 +301,13 @@ impl InboundApplier {
             entries: w.entries.clone(),
             own: w.own,
             backfilled,
+            linked: Some(w.inode),
         };
         if let Some(old) = self.applied.insert(cookie, new) {
             self.retired
                 .push((Instant::now(), old.record.policy_id, old.entries));
         }
-        Ok(())
+        Ok(link)
     }
 
     /// A proxy that was listening before the sockops program was attached is not in

@@ -23,7 +23,10 @@ pub use maps::{Capacity, MemMaps, PolicyMaps};
 pub use owner::{Health, Owner, PassReport};
 
 use crate::{
-    cgroup,
+    cgroup::{
+        self,
+        netns_ids::{NetnsId, NetnsIds},
+    },
     policy::{Annotations, MeshTraffic},
     proxy::ProxyConfig,
 };
@@ -39,9 +42,31 @@ pub struct Snapshot {
     /// cgroup directory → its cgroup id, as the source found it. A workload (or proxy) cgroup
     /// missing here is pending.
     pub cgroups: BTreeMap<PathBuf, u64>,
+    /// netns file → its inode and cookie as the source found them ([`Self::resolve_netns`]), or
+    /// why they could not be read; the reconcile reads no netns itself.
+    pub netns: BTreeMap<PathBuf, Result<NetnsId, String>>,
 }
 
 impl Snapshot {
+    /// Resolves every workload's netns through `ids` (a cookie is read once per namespace and
+    /// then cached, cgroup/netns_ids.rs), and lets go of the namespaces no workload names now.
+    pub fn resolve_netns(&mut self, ids: &mut NetnsIds) {
+        self.netns.clear();
+        for w in &self.workloads {
+            if let Some(path) = &w.netns
+                && !self.netns.contains_key(path)
+            {
+                self.netns.insert(path.clone(), ids.resolve(path));
+            }
+        }
+        let keep = self
+            .netns
+            .values()
+            .filter_map(|r| r.as_ref().ok().map(|id| id.inode))
+            .collect();
+        ids.retain(&keep);
+    }
+
     /// Looks up the cgroup id of every workload and proxy cgroup path that exists now (for
     /// sources that know paths only, like the file source).
     pub fn resolve_cgroups(&mut self) {

@@ -351,6 +351,7 @@ impl FileConfig {
                 })
                 .collect(),
             cgroups: Default::default(),
+            netns: Default::default(),
         };
         snapshot.resolve_cgroups();
         snapshot

@@ -39,7 +39,7 @@ use super::{
     file::{FileConfig, read_config},
     inotify::{Event, Watcher, watch_point},
 };
-use crate::reconcile::Snapshot;
+use crate::{cgroup::netns_ids::NetnsIds, reconcile::Snapshot};
 
 /// How long after its writer closed (or renamed) the file it is read: lets a burst of events
 /// from one save end first.
@@ -97,6 +97,8 @@ struct State {
     dirty: Option<Dirty>,
     /// The last read error logged.
     last_error: Option<String>,
+    /// The workloads' netns cookies, read once per namespace (cgroup/netns_ids.rs).
+    netns_ids: NetnsIds,
 }
 
 pub async fn follow_file(src: FileSource) {
@@ -118,6 +120,7 @@ pub async fn follow_file(src: FileSource) {
         last_good: None,
         dirty: None,
         last_error: None,
+        netns_ids: NetnsIds::default(),
     };
     if let Some(w) = files.as_mut() {
         w.set(config_dirs(&src.path));
@@ -147,7 +150,7 @@ pub async fn follow_file(src: FileSource) {
             events = next_events(&mut cgroups) => {
                 if !events.is_empty() {
                     debug!(?events, "a registered cgroup path changed; resending the snapshot");
-                    if !src.resend(&st, cgroups.as_mut()) {
+                    if !src.resend(&mut st, cgroups.as_mut()) {
                         return;
                     }
                 }
@@ -177,7 +180,7 @@ pub async fn follow_file(src: FileSource) {
                 }
                 if next_retry <= now {
                     next_retry = now + RETRY;
-                    if src.pending.load(Ordering::Relaxed) && !src.resend(&st, cgroups.as_mut()) {
+                    if src.pending.load(Ordering::Relaxed) && !src.resend(&mut st, cgroups.as_mut()) {
                         return;
                     }
                 }
@@ -293,7 +296,7 @@ impl FileSource {
     }
 
     /// Sends the last good snapshot again and re-arms the cgroup watches on its paths.
-    fn resend(&self, st: &State, cgroups: Option<&mut Watcher>) -> bool {
+    fn resend(&self, st: &mut State, cgroups: Option<&mut Watcher>) -> bool {
         let Some(snap) = &st.last_good else {
             return true;
         };
@@ -304,17 +307,26 @@ impl FileSource {
         // up again.
         let mut snap = snap.clone();
         snap.resolve_cgroups();
+        snap.resolve_netns(&mut st.netns_ids);
         self.tx.send(snap).is_ok()
     }
 }
 
-/// The parents of every workload and proxy cgroup path, each with the entries of interest.
+/// The parents of every workload and proxy cgroup path, each with the entries of interest, and
+/// of every netns file (`ip netns del` and `add` remove and make it, so a namespace replaced
+/// under the same name is resolved again at once; /proc has no inotify).
 fn cgroup_dirs(snap: &Snapshot) -> HashMap<PathBuf, HashSet<OsString>> {
     let mut dirs: HashMap<PathBuf, HashSet<OsString>> = HashMap::new();
+    let netns = snap
+        .workloads
+        .iter()
+        .filter_map(|w| w.netns.as_ref())
+        .filter(|p| !p.starts_with("/proc"));
     let paths = snap
         .workloads
         .iter()
-        .flat_map(|w| std::iter::once(&w.cgroup).chain(w.proxy_cgroup.as_ref()));
+        .flat_map(|w| std::iter::once(&w.cgroup).chain(w.proxy_cgroup.as_ref()))
+        .chain(netns);
     for p in paths {
         if let Some((dir, name)) = watch_point(p) {
             dirs.entry(dir).or_default().insert(name);

@@ -369,7 +369,7 @@ impl Aggregator {
             *f = found;
             changed
         });
-        Snapshot {
+        let mut snapshot = Snapshot {
             mesh: crate::policy::MeshTraffic {
                 dns: self.opts.dns.clone(),
                 ..mesh
@@ -378,6 +378,10 @@ impl Aggregator {
             namespaces,
             workloads,
             cgroups: ids,
-        }
+            netns: Default::default(),
+        };
+        // Each pod's netns cookie, read once per namespace (cgroup/netns_ids.rs).
+        snapshot.resolve_netns(netns.ids());
+        snapshot
     }
 }
