@@ -184,8 +184,9 @@ pub struct OrigDst {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
-    /// The uid of the task that created the socket (cgroup/sock_create): the socket's owner, as
-    /// iptables' `--uid-owner` sees it, not whoever calls connect() later.
+    /// Written by earlier builds' cgroup/sock_create (the creator's uid); this build reads the
+    /// owner from the socket itself (`sk->sk_uid`) and leaves it alone. Kept so that the map
+    /// layout, and a `SOCK_STATE` pinned by an earlier build, stay as they are.
     pub owner_uid: u32,
     /// [`sock_state_flags`].
     pub flags: u32,
@@ -202,7 +203,7 @@ pub struct SockState {
 
 /// `SockState::flags` bits.
 pub mod sock_state_flags {
-    /// `owner_uid` is set.
+    /// `owner_uid` is set (earlier builds only; see `SockState::owner_uid`).
     pub const HAS_OWNER: u32 = 1 << 0;
     /// `peer_addr`/`peer_port` are set.
     pub const HAS_PEER: u32 = 1 << 1;

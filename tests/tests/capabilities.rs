@@ -23,7 +23,7 @@ mod inbound_support;
 
 /// setpriv names and kernel names of the capabilities the agent needs.
 /// Programs the agent links to the --cgroup-root (redirect-agent/src/bpf/loader.rs `PROGRAMS`).
-const CGROUP_PROGRAMS: usize = 13;
+const CGROUP_PROGRAMS: usize = 10;
 
 const NEEDED: [(&str, &str, u32); 3] = [
     ("bpf", "CAP_BPF", 39),
