@@ -1,17 +1,17 @@
 //! One scenario in the kind cluster: its namespace, MeshConfig and client pod, and the
 //! [`Cluster`] operations as kubectl commands.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::Spawned;
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use super::{
-    AGENT_LABEL, AGENT_NS, E2E_IMAGE, STOP_FILE,
+    AGENT_LABEL, AGENT_NS, E2E_IMAGE, SERVERS_NS, STOP_FILE,
     kube::{Kube, output},
 };
 use crate::e2e::{
@@ -21,6 +21,9 @@ use crate::e2e::{
     },
     scenario::{AnnotationPatch, Scenario, Vars},
 };
+
+/// The server pod that inbound steps connect from.
+const SERVER_POD: &str = "server-api";
 
 pub struct KindScenario<'a> {
     kube: &'a Kube,
@@ -171,6 +174,35 @@ impl Cluster for KindScenario<'_> {
                 APP_CONTAINER,
                 "--",
             ])
+            .args([
+                "redirect-testclient",
+                "connect",
+                &to,
+                "--json",
+                "--timeout-ms",
+                "3000",
+            ])
+            .output()?;
+        Conn::from_json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn pod_ip(&mut self) -> Result<IpAddr> {
+        let pod = self
+            .kube
+            .json(&["-n", &self.ns, "get", "pod", CLIENT_POD])?;
+        let ip = pod["status"]["podIP"]
+            .as_str()
+            .context("the client pod has no podIP")?;
+        Ok(ip.parse()?)
+    }
+
+    /// From the `api` server pod (another pod of the cluster, not meshed) to the client pod.
+    fn connect_inbound(&mut self, to: SocketAddr) -> Result<Conn> {
+        let to = to.to_string();
+        let out = self
+            .kube
+            .cmd()
+            .args(["-n", SERVERS_NS, "exec", SERVER_POD, "-c", "server", "--"])
             .args([
                 "redirect-testclient",
                 "connect",
