@@ -60,6 +60,43 @@ pub trait ClientLoop {
     fn stop(self: Box<Self>) -> Result<Vec<Conn>>;
 }
 
+/// The [`ClientLoop`] of both runners: `proc` runs [`super::objects::loop_script`], whose JSON
+/// lines are the connections; `stop` creates its stop file the runner's way, and the loop's last
+/// line is awaited for up to `timeout`.
+pub struct ScriptLoop {
+    pub proc: crate::Spawned,
+    pub stop: Box<dyn FnOnce() -> Result<()>>,
+    pub timeout: Duration,
+}
+
+/// The loop's output lines that are connections.
+fn loop_lines(proc: &crate::Spawned) -> Vec<String> {
+    proc.lines()
+        .into_iter()
+        .filter(|l| l.starts_with('{'))
+        .collect()
+}
+
+impl ClientLoop for ScriptLoop {
+    fn count(&self) -> usize {
+        loop_lines(&self.proc).len()
+    }
+
+    fn stop(self: Box<Self>) -> Result<Vec<Conn>> {
+        let ScriptLoop {
+            proc,
+            stop,
+            timeout,
+        } = *self;
+        stop()?;
+        proc.wait_for_prefix(super::objects::LOOP_DONE, timeout)?;
+        loop_lines(&proc)
+            .iter()
+            .map(|l| Conn::from_json(l))
+            .collect()
+    }
+}
+
 /// A cluster (or its local stand-in) with one scenario's namespace, MeshConfig and client pod in
 /// place and the agent ready.
 pub trait Cluster {

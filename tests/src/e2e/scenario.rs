@@ -280,6 +280,20 @@ fn fill(s: &str, vars: &Vars) -> Result<String> {
     Ok(out)
 }
 
+/// The destinations of e2e-local (addresses on its netns's `lo`: `api` and `db` in the "cluster
+/// range", `external` outside it), also used by the unit tests here.
+pub fn local_vars() -> Vars {
+    [
+        ("api", "198.18.0.10"),
+        ("db", "198.18.0.11"),
+        ("external", "198.19.0.10"),
+        ("cluster_cidr", "198.18.0.0/16"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// `db:5432` or `198.18.0.11:5432` → a socket address.
 pub fn resolve(to: &str, vars: &Vars) -> Result<SocketAddr> {
     if let Ok(a) = to.parse() {
@@ -301,15 +315,7 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        [
-            ("api", "198.18.0.10"),
-            ("db", "198.18.0.11"),
-            ("external", "198.19.0.10"),
-            ("cluster_cidr", "198.18.0.0/16"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        local_vars()
     }
 
     #[test]

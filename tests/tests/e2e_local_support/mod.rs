@@ -31,8 +31,8 @@ use anyhow::{Context as _, Result, bail};
 use redirect_tests::{
     Fixture, Spawned,
     e2e::{
-        engine::{self, ClientLoop, Cluster, Conn, EventSeen},
-        objects::{self, CLIENT_POD, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
+        engine::{self, ClientLoop, Cluster, Conn, EventSeen, ScriptLoop},
+        objects::{self, CLIENT_POD, INBOUND_PORT, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
         scenario::{self, AnnotationPatch, Scenario, Vars},
     },
     helper_bin, spawn_in_cgroup_netns, veth_pair,
@@ -45,22 +45,12 @@ use agent::{AgentProc, NODE};
 /// The client pod's address, on its veth to the client node (which has .1).
 const POD_IP: &str = "198.19.2.2";
 const NODE_IP: &str = "198.19.2.1";
-/// The sidecar's inbound listener (Istio's port).
-const INBOUND_PORT: u16 = 15006;
 
 /// The image name in the pod spec; locally nothing is pulled, it is only part of the object.
 const IMAGE: &str = "redirect-e2e:local";
 
 fn vars() -> Vars {
-    [
-        ("api", "198.18.0.10"),
-        ("db", "198.18.0.11"),
-        ("external", "198.19.0.10"),
-        ("cluster_cidr", "198.18.0.0/16"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    scenario::local_vars()
 }
 
 /// The scenario names, in file order (each has its own test in e2e_local.rs).
@@ -259,34 +249,6 @@ impl Drop for Local {
     }
 }
 
-/// The shell client loop of the rollout scenario, in the app container.
-struct LocalLoop {
-    proc: Spawned,
-    stop_file: PathBuf,
-}
-
-impl ClientLoop for LocalLoop {
-    fn count(&self) -> usize {
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .count()
-    }
-
-    fn stop(self: Box<Self>) -> Result<Vec<Conn>> {
-        fs::write(&self.stop_file, "")?;
-        self.proc
-            .wait_for_prefix(objects::LOOP_DONE, Duration::from_secs(30))?;
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| Conn::from_json(l))
-            .collect()
-    }
-}
-
 impl Cluster for Local {
     fn vars(&self) -> &Vars {
         &self.vars
@@ -379,7 +341,11 @@ impl Cluster for Local {
         let proc = self
             .fx
             .spawn_logged(&self.app, Command::new("sh").args(["-c", &script]))?;
-        Ok(Box::new(LocalLoop { proc, stop_file }))
+        Ok(Box::new(ScriptLoop {
+            proc,
+            stop: Box::new(move || Ok(fs::write(&stop_file, "")?)),
+            timeout: Duration::from_secs(30),
+        }))
     }
 
     fn restart_agent(&mut self) -> Result<String> {
