@@ -131,7 +131,7 @@ fn a_sandbox_restart_never_lets_a_steered_connection_reach_the_app() {
     let new_link = link_pin(&pins, &new.netns_path());
     let generation = agent.owner().health().generation();
     let at_start = new_app.connections();
-    let _pause2 = sleeper(&sandbox2_cg, new.netns_file());
+    let pause2 = sleeper(&sandbox2_cg, new.netns_file());
     poll_until(Duration::from_secs(10), || new_link.exists())
         .expect("the new sandbox's netns was not linked");
     let at_link = new_app.connections();
@@ -144,6 +144,7 @@ fn a_sandbox_restart_never_lets_a_steered_connection_reach_the_app() {
     looper.wait_for("proxy", 200);
     let after = new_app.connections() - at_up;
     let t = looper.finish();
+    kill(pause2);
     // Measured, not asserted: nothing is in the new netns to steer them before the link, and
     // the link is pinned before the pass writes the netns's record (reconcile/inbound.rs).
     println!(
