@@ -68,6 +68,9 @@ pub struct AttachOptions {
     /// Tries allocate per entry, so a large capacity costs nothing until it is used. It only
     /// applies when the maps are created: pinned maps keep the size they were made with.
     pub max_rule_entries: Option<u32>,
+    /// Inbound interception is on (`--inbound`, the default): a kernel that cannot run the
+    /// sk_lookup program is refused before anything is pinned (probe::check_inbound).
+    pub inbound: bool,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -91,6 +94,9 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     }
     // Before the first pin: a kernel without a needed feature gets one line and no pins.
     super::probe::check(OBJECT, &own_programs().collect::<Vec<_>>())?;
+    if opts.inbound {
+        super::probe::check_inbound(OBJECT)?;
+    }
     let sk_uid_offset = super::kernel_btf::sk_uid_offset()?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     // Before the first pin too: a pinned map of another layout is never handed to aya.
