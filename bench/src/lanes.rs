@@ -109,6 +109,29 @@ fn wait_listening(p: &Spawned, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// The bench server (`what` names it in errors) in `cg`, once it listens on `listen`.
+fn start_server(
+    fx: &Fixture,
+    cg: &Path,
+    worker: &Path,
+    listen: &str,
+    what: &str,
+) -> Result<Spawned> {
+    let server = fx.spawn_logged(
+        cg,
+        Command::new(worker).args(["worker", "server", "--listen", listen]),
+    )?;
+    wait_listening(&server, what)?;
+    Ok(server)
+}
+
+/// Which of the two a lane starts first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    ProxyFirst,
+    AgentFirst,
+}
+
 impl Lane {
     pub fn new(mode: Mode, bins: &Bins) -> Result<Lane> {
         let fx = Fixture::new(&format!("bench-{}", mode.name()))?;
@@ -119,23 +142,7 @@ impl Lane {
         let proxy_cg = fx.cgroup("pod/proxy")?;
         let tools = fx.cgroup("tools")?;
         let worker = bins.worker.clone();
-        let server = fx.spawn_logged(
-            &server_cg,
-            Command::new(&worker).args(["worker", "server", "--listen", SERVER]),
-        )?;
-        wait_listening(&server, "the bench server")?;
-        let proxy = if mode == Mode::None {
-            None
-        } else {
-            let at = ProxyAt {
-                fx: &fx,
-                cg: &proxy_cg,
-                bin: &bins.proxy,
-                listen: PROXY.parse()?,
-                fallback: SERVER.parse()?,
-            };
-            Some(start_proxy(at, mode, Kind::Proxied)?)
-        };
+        let server = start_server(&fx, &server_cg, &worker, SERVER, "the bench server")?;
         let dst = if mode == Mode::DirectToProxy {
             PROXY
         } else {
@@ -147,7 +154,7 @@ impl Lane {
             client: Mutex::new(None),
             agent: None,
             applied_config: String::new(),
-            proxy,
+            proxy: None,
             proxy_kind: Kind::Proxied,
             proxy_bin: bins.proxy.clone(),
             proxy_listen: PROXY.parse()?,
@@ -162,16 +169,45 @@ impl Lane {
             fx,
             node: None,
         };
-        if mode == Mode::Ebpf {
-            lane.applied_config = lane.agent_config(&[]);
-            lane.agent = Some(BenchAgent::start(
-                &lane.fx,
-                &bins.agent,
-                &lane.applied_config,
+        lane.start_interception(&bins.agent, Start::ProxyFirst)?;
+        Ok(lane)
+    }
+
+    /// The proxy (every mode but none) and the agent (ebpf, with this lane's own config), in
+    /// the order `start` says, each once it is ready.
+    fn start_interception(&mut self, agent: &Path, start: Start) -> Result<()> {
+        if start == Start::ProxyFirst {
+            self.start_lane_proxy()?;
+        }
+        if self.mode == Mode::Ebpf {
+            self.applied_config = self.agent_config(&[]);
+            self.agent = Some(BenchAgent::start(
+                &self.fx,
+                agent,
+                &self.applied_config,
                 Duration::from_secs(60),
             )?);
         }
-        Ok(lane)
+        if start == Start::AgentFirst {
+            self.start_lane_proxy()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the proxy for the lane's current kind, unless the mode has none.
+    fn start_lane_proxy(&mut self) -> Result<()> {
+        if self.mode == Mode::None {
+            return Ok(());
+        }
+        let at = ProxyAt {
+            fx: &self.fx,
+            cg: &self.proxy_cg,
+            bin: &self.proxy_bin,
+            listen: self.proxy_listen,
+            fallback: self.fallback,
+        };
+        self.proxy = Some(start_proxy(at, self.mode, self.proxy_kind)?);
+        Ok(())
     }
 
     /// The agent's standalone config: the same policy as the iptables lane (proxy uid 1337,
@@ -324,17 +360,10 @@ impl Lane {
         if self.proxy_kind == kind {
             return Ok(());
         }
-        if self.proxy.take().is_some() {
-            let at = ProxyAt {
-                fx: &self.fx,
-                cg: &self.proxy_cg,
-                bin: &self.proxy_bin,
-                listen: self.proxy_listen,
-                fallback: self.fallback,
-            };
-            self.proxy = Some(start_proxy(at, self.mode, kind)?);
-        }
         self.proxy_kind = kind;
+        if self.proxy.take().is_some() {
+            self.start_lane_proxy()?;
+        }
         Ok(())
     }
 

@@ -46,22 +46,15 @@ fn getpeername_after_a_failed_redirect_shows_the_real_peer() {
 fn proxy_uid_bypass_matches_the_socket_owner() {
     let w = world("esc-uid");
     let _agent = Agent::start(&w.fx, &config(&w)).unwrap();
-    let run = |create: &str, connect: &str| {
-        let v = sockcheck(
-            &w,
-            &w.app,
-            &[
-                "owner",
-                "--create-uid",
-                create,
-                "--connect-uid",
-                connect,
-                DEST,
-            ],
-        );
+    let run_with = |create: &str, extra: &[&str], connect: &str| {
+        let mut args = vec!["owner", "--create-uid", create, "--connect-uid", connect];
+        args.extend(extra);
+        args.push(DEST);
+        let v = sockcheck(&w, &w.app, &args);
         assert_eq!(v["connect"], "ok", "{v}");
         v["reply"].as_str().unwrap().to_string()
     };
+    let run = |create: &str, connect: &str| run_with(create, &[], connect);
     // Created by root, connected after switching to the proxy uid: iptables redirects it.
     let r = run("0", "1337");
     assert!(r.starts_with("proxy"), "root-owned socket escaped: {r}");
@@ -70,4 +63,13 @@ fn proxy_uid_bypass_matches_the_socket_owner() {
     // Consistent cases stay as they were.
     assert_eq!(run("1337", "1337"), DEST);
     assert!(run("0", "0").starts_with("proxy"));
+    // iptables compares the fsuid of the socket's file (xt_owner), which is what the kernel
+    // keeps as the socket's owner: real uid root, fsuid the proxy uid, is the proxy.
+    // Before sk_uid was read, the creator's real uid decided both of these the other way.
+    assert_eq!(run_with("0", &["--create-fsuid", "1337"], "0"), DEST);
+    let r = run_with("1337", &["--create-fsuid", "0"], "1337");
+    assert!(
+        r.starts_with("proxy"),
+        "socket with fsuid root escaped: {r}"
+    );
 }

@@ -2,15 +2,14 @@
 //! tests/tests/inbound_support), the app (the bench server) and the proxy's inbound listener in
 //! the pod, the client on the node connecting to the pod's address. The interception is in the
 //! pod: istio-iptables' ISTIO_INBOUND in PREROUTING, or the agent's sk_lookup program.
-use std::{process::Command, sync::Mutex, time::Duration};
+use std::sync::Mutex;
 
 use anyhow::Result;
 use redirect_tests::Fixture;
 
-use super::{Lane, ProxyAt, start_proxy, wait_listening};
+use super::{Lane, Start, start_server};
 use crate::{
     Bins, PROXY_UID,
-    agent::BenchAgent,
     results::{Kind, Mode},
 };
 
@@ -50,16 +49,13 @@ impl Lane {
         let client_cg = node.cgroup("client")?;
         let worker = bins.worker.clone();
         let app_addr = format!("{POD}:{APP_PORT}").parse()?;
-        let server = fx.spawn_logged(
+        let server = start_server(
+            &fx,
             &app,
-            Command::new(&worker).args([
-                "worker",
-                "server",
-                "--listen",
-                &format!("0.0.0.0:{APP_PORT}"),
-            ]),
+            &worker,
+            &format!("0.0.0.0:{APP_PORT}"),
+            "the bench app",
         )?;
-        wait_listening(&server, "the bench app")?;
         let proxy_listen = format!("0.0.0.0:{INBOUND_PORT}").parse()?;
         let dst = if mode == Mode::DirectToProxy {
             format!("{POD}:{INBOUND_PORT}").parse()?
@@ -87,27 +83,9 @@ impl Lane {
             fx,
             node: Some(node),
         };
-        if mode == Mode::Ebpf {
-            lane.applied_config = lane.agent_config(&[]);
-            lane.agent = Some(BenchAgent::start(
-                &lane.fx,
-                &bins.agent,
-                &lane.applied_config,
-                Duration::from_secs(60),
-            )?);
-        }
-        // After the agent: its sockops program records the proxy's listener when it starts
+        // The agent first: its sockops program records the proxy's listener when it starts
         // listening, so a listener older than the programs is not found (refused: fail closed).
-        if mode != Mode::None {
-            let at = ProxyAt {
-                fx: &lane.fx,
-                cg: &lane.proxy_cg,
-                bin: &lane.proxy_bin,
-                listen: proxy_listen,
-                fallback: app_addr,
-            };
-            lane.proxy = Some(start_proxy(at, mode, Kind::InboundProxied)?);
-        }
+        lane.start_interception(&bins.agent, Start::AgentFirst)?;
         Ok(lane)
     }
 }

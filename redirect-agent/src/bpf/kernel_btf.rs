@@ -267,6 +267,6 @@ mod tests {
     #[test]
     fn the_running_kernel_has_sk_uid() {
         let off = sk_uid_offset().unwrap();
-        assert!(off > 0 && off % 4 == 0, "{off}");
+        assert!(off > 0 && off.is_multiple_of(4), "{off}");
     }
 }

@@ -6,7 +6,9 @@
 //!   and what getpeername(2) shows.
 //! - `owner --create-uid U --connect-uid V ADDR`: creates the socket with real uid U, connects
 //!   it with real uid V (the saved uid stays 0 so the process can switch back), prints the
-//!   reply. iptables' `--uid-owner` matches the socket's creator (U), not V.
+//!   reply. iptables' `--uid-owner` matches the socket's creator (U), not V. With
+//!   `--create-fsuid F` the socket is created with fsuid F (setfsuid(2)) and real uid U:
+//!   iptables compares the fsuid.
 
 use std::{
     io::Read as _,
@@ -18,7 +20,7 @@ use std::{
 use clap::{Parser, Subcommand};
 use nix::{
     sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, connect, getpeername, socket},
-    unistd::{Uid, setresuid},
+    unistd::{Uid, setfsuid, setresuid},
 };
 use serde_json::json;
 
@@ -38,6 +40,8 @@ enum Cmd {
     Owner {
         #[arg(long)]
         create_uid: u32,
+        #[arg(long)]
+        create_fsuid: Option<u32>,
         #[arg(long)]
         connect_uid: u32,
         addr: SocketAddrV4,
@@ -89,10 +93,14 @@ fn main() {
         }
         Cmd::Owner {
             create_uid,
+            create_fsuid,
             connect_uid,
             addr,
         } => {
             as_uid(create_uid);
+            if let Some(f) = create_fsuid {
+                setfsuid(Uid::from_raw(f));
+            }
             let fd = tcp_socket();
             as_uid(0);
             as_uid(connect_uid);
