@@ -6,6 +6,7 @@ mod desired;
 pub mod inbound;
 pub mod maps;
 pub mod owner;
+mod pending;
 pub mod scale;
 #[cfg(test)]
 mod tests;
