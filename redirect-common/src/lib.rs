@@ -37,7 +37,10 @@ pub mod map_names {
     pub const POLICY_GEN: &str = "POLICY_GEN";
     /// Current cgroup id → the registered workload it belongs to (`CgroupCache`).
     pub const CGROUP_CACHE: &str = "CGROUP_CACHE";
-    pub const ALL: [&str; 10] = [
+    /// Per-CPU decision counts per registered workload (`POLICY` key → `PodDecisions`); the
+    /// agent creates an entry when it registers a workload and deletes it after unregistering.
+    pub const POD_STATS: &str = "POD_STATS";
+    pub const ALL: [&str; 11] = [
         POLICY,
         CIDR_V4,
         CIDR_V6,
@@ -48,6 +51,7 @@ pub mod map_names {
         SOCK_STATE,
         POLICY_GEN,
         CGROUP_CACHE,
+        POD_STATS,
     ];
     /// Maps earlier builds pinned and this one no longer has (`ORIG_COOKIE`: client records by
     /// socket cookie, now in `SOCK_STATE`): still ours for `cleanup` to remove.
@@ -161,6 +165,17 @@ counter_enum! {
         Disabled = 7 => "disabled",
         Error = 8 => "error",
     }
+}
+
+/// Capacity of `POD_STATS`: one entry per `POLICY` record.
+pub const POD_STATS_ENTRIES: u32 = 65536;
+
+/// Value of the per-CPU hash `POD_STATS`, keyed by a workload's registered cgroup id (its
+/// `POLICY` key): this CPU's count of each [`Decision`], indexed by the decision's slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodDecisions {
+    pub counts: [u64; DECISION_COUNT as usize],
 }
 
 /// `OrigDst::flags` bits.
@@ -302,4 +317,5 @@ mod pod {
     unsafe impl aya::Pod for OrigTupleKey {}
     unsafe impl aya::Pod for CgroupCache {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for PodDecisions {}
 }

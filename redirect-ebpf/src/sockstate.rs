@@ -67,7 +67,7 @@ pub fn redirect_sock_create(ctx: SockContext) -> i32 {
         return OK;
     }
     match crate::resolve::current_workload() {
-        Some((p, _)) if p.flags & flags::HAS_PROXY_UID != 0 => {}
+        Some((p, _, _)) if p.flags & flags::HAS_PROXY_UID != 0 => {}
         _ => return OK,
     }
     let st = storage(sk, true);

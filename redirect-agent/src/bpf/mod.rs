@@ -5,6 +5,7 @@ pub mod inbound_maps;
 pub mod loader;
 pub mod maps;
 pub mod netns;
+pub mod podstats;
 pub mod probe;
 pub mod tries;
 

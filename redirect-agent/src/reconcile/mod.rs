@@ -93,6 +93,8 @@ pub struct Outcome {
     /// Workloads whose cgroup (or proxy cgroup) does not exist (yet).
     pub pending: Vec<String>,
     pub inbound: inbound::InboundReport,
+    /// Registered cgroup id → `namespace/name`, for the per-pod counters' labels.
+    pub names: BTreeMap<u64, String>,
 }
 
 /// The applier and the memo of compiled policies: the reconcile state kept across passes.
@@ -114,6 +116,11 @@ impl<M: PolicyMaps> Reconciler<M> {
         let applier = &self.applier;
         let built = build(snapshot, &mut self.memo, |id| applier.is_applied(id));
         let report = self.applier.apply(&built.desired, &built.keep);
+        let names = built
+            .desired
+            .iter()
+            .map(|(id, d)| (*id, d.workload.clone()))
+            .collect();
         let mut issues = built.issues;
         for i in &mut issues {
             if let Some(f) = i.cgroup_id.and_then(|id| report.fallbacks.get(&id)) {
@@ -132,6 +139,7 @@ impl<M: PolicyMaps> Reconciler<M> {
             warnings: built.warnings,
             pending: built.pending,
             inbound,
+            names,
         }
     }
 }
