@@ -40,7 +40,7 @@ pub static CGROUP_CACHE: LruHashMap<u64, CgroupCache, { CGROUP_CACHE_ENTRIES as 
 /// container's cgroup, and the workload's registered cgroup id (its `POLICY` key). `None`: not
 /// in the mesh.
 #[inline(always)]
-pub fn current_workload() -> Option<(Policy, bool, u64)> {
+fn current_workload() -> Option<(Policy, bool, u64)> {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let generation = POLICY_GEN
         .get_ptr(0)
@@ -119,9 +119,9 @@ fn walk() -> (u64, bool) {
 }
 
 /// The workload of a connect (or a DNS datagram) and whether its caller is the proxy: in the
-/// proxy container's cgroup, or the socket's owner is the proxy uid, compared as iptables'
-/// `--uid-owner` does (sockstate.rs), not with whoever calls connect(). Also returns the
-/// workload's registered cgroup id (the `POD_STATS` key).
+/// proxy container's cgroup, or the socket's owner (`sk->sk_uid`) is the proxy uid, compared as
+/// iptables' `--uid-owner` does (sockstate.rs), not with whoever calls connect(). Also returns
+/// the workload's registered cgroup id (the `POD_STATS` key).
 #[inline(always)]
 pub fn lookup_policy(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> Option<(Policy, bool, u64)> {
     let (policy, in_proxy_cgroup, workload) = current_workload()?;

@@ -6,7 +6,9 @@ mod kube_support;
 
 use std::time::Duration;
 
-use kube_support::{Agent, Driver, NODE, Res, fake_api::wait_for, pod, pod_cgroup_rel, put_defaults, uid};
+use kube_support::{
+    Agent, Driver, NODE, Res, fake_api::wait_for, pod, pod_cgroup_rel, put_defaults, uid,
+};
 use redirect_common::Decision;
 use redirect_tests::{Fixture, Reached, Spawned, cgroup_id, helper_bin, probe, serve_identity};
 use serde_json::json;
@@ -59,7 +61,10 @@ fn per_pod_counts_are_exact_and_go_with_the_pod() {
     let run = |app: &std::path::Path, redirected: usize, bypassed: usize| {
         for _ in 0..redirected {
             let r = probe(&fx, app, "198.18.0.10:80", &[]).unwrap();
-            assert!(matches!(&r, Reached::Proxy { orig } if orig == "198.18.0.10:80"), "{r:?}");
+            assert!(
+                matches!(&r, Reached::Proxy { orig } if orig == "198.18.0.10:80"),
+                "{r:?}"
+            );
         }
         for _ in 0..bypassed {
             let r = probe(&fx, app, "198.18.0.10:8080", &[]).unwrap();
