@@ -99,7 +99,7 @@ fn per_pod_counts_are_exact_and_go_with_the_pod() {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }
     let inspect = redirect_tests::inspect(fx.pin_dir()).unwrap();
-    let w = inspect["workloads"]
+    let w = inspect["workload_counters"]
         .as_array()
         .unwrap()
         .iter()

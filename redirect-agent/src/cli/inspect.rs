@@ -58,7 +58,6 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         "proxy_uid": (p.flags & flags::HAS_PROXY_UID != 0).then_some(p.proxy_uid),
                         "proxy_cgroup_id": (p.flags & flags::HAS_PROXY_CGROUP != 0).then_some(p.proxy_cgroup),
                         "dns": dns_json(p),
-                        "decisions": pod_counts.get(cg).map(|c| crate::bpf::podstats::by_decision(c).map(|(d, n)| (d.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>()),
                         "cidrs": cidr_rows(&e).into_iter().map(|(c, a)| json!({"cidr": c, "action": a})).collect::<Vec<_>>(),
                         "ports": port_rows(&e).into_iter().map(|(c, a)| json!({"ports": c, "action": a})).collect::<Vec<_>>(),
                     })
@@ -74,6 +73,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "older_generations": generations.iter().filter(|g| g.dir != dir).map(|g| json!({"generation": g.number, "dir": g.dir.display().to_string()})).collect::<Vec<_>>(),
                 "workloads": workloads,
                 "counters": counters,
+                // Per workload, apart from the records: they change with every connect.
+                "workload_counters": pod_counts.iter().map(|(cg, c)| json!({"cgroup_id": cg, "decisions": crate::bpf::podstats::by_decision(c).map(|(d, n)| (d.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>()})).collect::<Vec<_>>(),
                 "original_destinations": orig.json(),
                 "dns_counters": dns.iter().map(|(e, n)| (e.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "inbound": super::inspect_inbound::json(maps.dir()),
