@@ -60,6 +60,9 @@ pub struct Metrics {
     pub meshconfig_rejected: Gauge,
     /// Meshed pods not registered because their proxy cannot be exempted (Kubernetes source).
     pub pods_not_exempt: Gauge,
+    /// Registered cgroup id → `namespace/name`, set after each pass: the labels of the per-pod
+    /// decision counters read from `POD_STATS` at scrape time.
+    workload_names: Arc<Mutex<BTreeMap<u64, String>>>,
 }
 
 /// Per watched resource: None while the watch is healthy, else when it started failing. Read at
@@ -143,6 +146,7 @@ impl Metrics {
             watch_down: Arc::default(),
             meshconfig_rejected: Gauge::default(),
             pods_not_exempt: Gauge::default(),
+            workload_names: Arc::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -221,6 +225,7 @@ impl Metrics {
         if let Some(dir) = bpffs_dir {
             r.register_collector(Box::new(KernelCollector {
                 dir: dir.to_path_buf(),
+                names: m.workload_names.clone(),
             }));
         }
         Self { registry, ..m }
@@ -235,6 +240,17 @@ impl Metrics {
         out
     }
 
+    /// The workloads' names after a pass (the per-pod counters' `namespace` and `pod` labels).
+    pub fn set_workload_names(&self, names: &BTreeMap<u64, String>) {
+        let mut n = self
+            .workload_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *n != *names {
+            *n = names.clone();
+        }
+    }
+
     pub fn observe_latency(&self, d: Duration) {
         self.reconcile_latency.observe(d.as_secs_f64());
     }
@@ -244,6 +260,43 @@ impl Metrics {
 #[derive(Debug)]
 struct KernelCollector {
     dir: PathBuf,
+    names: Arc<Mutex<BTreeMap<u64, String>>>,
+}
+
+impl KernelCollector {
+    /// `redirect_pod_decisions_total{namespace,pod,decision}` from `POD_STATS`. A workload
+    /// the agent has no name for (a record adopted after a restart, before its first pass)
+    /// is labelled `pod="cgroup-<id>"`.
+    fn pod_decisions(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stats) = crate::bpf::podstats::read_pinned(&self.dir) else {
+            return Ok(());
+        };
+        if stats.is_empty() {
+            return Ok(());
+        }
+        let names = self.names.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut e = encoder.encode_descriptor(
+            "pod_decisions",
+            "connect() decisions made by the kernel program, per registered workload (pod) and decision",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, counts) in &stats {
+            let (namespace, pod) = match names.get(id).and_then(|n| n.split_once('/')) {
+                Some((ns, pod)) => (ns.to_string(), pod.to_string()),
+                None => (String::new(), format!("cgroup-{id}")),
+            };
+            for (decision, n) in crate::bpf::podstats::by_decision(counts) {
+                let labels = [
+                    ("namespace", namespace.as_str()),
+                    ("pod", pod.as_str()),
+                    ("decision", decision.name()),
+                ];
+                ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Collector for KernelCollector {
@@ -264,6 +317,7 @@ impl Collector for KernelCollector {
                 ConstCounter::new(n).encode(e.encode_family(&labels)?)?;
             }
         }
+        self.pod_decisions(&mut encoder)?;
         if let Ok(inbound) = crate::bpf::inbound_maps::InboundMaps::open(&self.dir)
             && let Ok(counters) = inbound.counters()
         {

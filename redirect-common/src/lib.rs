@@ -38,6 +38,9 @@ pub mod map_names {
         POLICY_GEN = "POLICY_GEN";
         /// Current cgroup id → the registered workload it belongs to (`CgroupCache`).
         CGROUP_CACHE = "CGROUP_CACHE";
+        /// Per-CPU decision counts per registered workload (`POLICY` key → `PodDecisions`); the
+        /// agent creates an entry when it registers a workload and deletes it after unregistering.
+        POD_STATS = "POD_STATS";
     }
     /// Maps earlier builds pinned and this one no longer has (`ORIG_COOKIE`: client records by
     /// socket cookie, now in `SOCK_STATE`): still ours for `cleanup` to remove.
@@ -151,6 +154,17 @@ counter_enum! {
         Disabled = 7 => "disabled",
         Error = 8 => "error",
     }
+}
+
+/// Capacity of `POD_STATS`: one entry per `POLICY` record.
+pub const POD_STATS_ENTRIES: u32 = 65536;
+
+/// Value of the per-CPU hash `POD_STATS`, keyed by a workload's registered cgroup id (its
+/// `POLICY` key): this CPU's count of each [`Decision`], indexed by the decision's slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodDecisions {
+    pub counts: [u64; DECISION_COUNT as usize],
 }
 
 /// `OrigDst::flags` bits.
@@ -293,4 +307,5 @@ mod pod {
     unsafe impl aya::Pod for OrigTupleKey {}
     unsafe impl aya::Pod for CgroupCache {}
     unsafe impl aya::Pod for SockState {}
+    unsafe impl aya::Pod for PodDecisions {}
 }

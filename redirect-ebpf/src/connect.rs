@@ -13,7 +13,7 @@ use redirect_common::{
 
 use crate::{
     addr::{ctx_ip4, ctx_ip6, ctx_port, mapped, set_ctx_ip4, set_ctx_ip6, set_ctx_port},
-    maps::{CIDR_V4, CIDR_V6, PORTS, addr_rule, count, port_rule},
+    maps::{CIDR_V4, CIDR_V6, PORTS, addr_rule, count, count_pod, port_rule},
 };
 
 /// Returning 1 lets the connect() proceed (with whatever address we wrote).
@@ -39,20 +39,24 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
     if crate::dns::connect(ctx, v6) {
         return ALLOW;
     }
-    let Some((policy, is_proxy)) = workload(sa) else {
+    let Some((policy, is_proxy, workload)) = workload(sa) else {
         return ALLOW;
     };
     if v6 {
         // ::ffff:a.b.c.d on an AF_INET6 socket is an IPv4 connection: the v4 rules decide, and
         // the proxy's v4 address (mapped) is the target, exactly as iptables would see it.
         let ip = ctx_ip6(sa);
-        if let Some((target, port)) = redirect(sa, &policy, is_proxy, Dest::from_v6(ip), ip) {
+        if let Some((target, port)) =
+            redirect(sa, &policy, is_proxy, workload, Dest::from_v6(ip), ip)
+        {
             set_ctx_ip6(sa, &target);
             set_ctx_port(sa, port);
         }
     } else {
         let ip = ctx_ip4(sa);
-        if let Some((target, port)) = redirect(sa, &policy, is_proxy, Dest::V4(ip), mapped(ip)) {
+        if let Some((target, port)) =
+            redirect(sa, &policy, is_proxy, workload, Dest::V4(ip), mapped(ip))
+        {
             set_ctx_ip4(sa, [target[12], target[13], target[14], target[15]]);
             set_ctx_port(sa, port);
         }
@@ -61,9 +65,10 @@ fn connect(ctx: &SockAddrContext, v6: bool) -> i32 {
 }
 
 /// The shared prologue: TCP only, and only from a registered workload (else counted as not in
-/// the mesh). Returns the policy and whether the caller is the proxy.
+/// the mesh). Returns the policy, whether the caller is the proxy and the workload's registered
+/// cgroup id (its per-pod counters' key).
 #[inline(always)]
-fn workload(sa: *mut bpf_sock_addr) -> Option<(Policy, bool)> {
+fn workload(sa: *mut bpf_sock_addr) -> Option<(Policy, bool, u64)> {
     if unsafe { read_volatile(addr_of!((*sa).type_)) } != SOCK_STREAM {
         return None;
     }
@@ -82,6 +87,7 @@ fn redirect(
     sa: *mut bpf_sock_addr,
     policy: &Policy,
     is_proxy: bool,
+    workload: u64,
     dest: Dest,
     orig: [u8; 16],
 ) -> Option<([u8; 16], [u8; 2])> {
@@ -95,6 +101,7 @@ fn redirect(
         |dest| addr_rule(&CIDR_V4, &CIDR_V6, id, dest),
     );
     count(step.decision());
+    count_pod(workload, step.decision());
     if !step.redirects() {
         return None;
     }

@@ -63,7 +63,7 @@ fn capture(sa: *mut bpf_sock_addr, port: [u8; 2]) -> Option<Policy> {
     if u16::from_be_bytes(port) != DNS_PORT {
         return None;
     }
-    let Some((policy, is_proxy)) = lookup_policy(sa) else {
+    let Some((policy, is_proxy, _)) = lookup_policy(sa) else {
         count(DnsEvent::NotInMesh);
         return None;
     };

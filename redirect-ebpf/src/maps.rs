@@ -1,12 +1,13 @@
 //! The maps shared with the agent, and the lookups and counters every program uses. Names must
 //! match `redirect_common::map_names`; the agent pins each one under `--bpffs-dir/<NAME>`.
 use aya_ebpf::{
-    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
     macros::btf_map,
 };
 use redirect_common::{
     CidrV4Key, CidrV6Key, DECISION_COUNT, Decision, MAX_RULE_ENTRIES, ORIG_EVENT_COUNT, OrigDst,
-    OrigEvent, OrigTupleKey, POLICY_ID_BITS, Policy, PortKey, Rule,
+    OrigEvent, OrigTupleKey, POD_STATS_ENTRIES, POLICY_ID_BITS, PodDecisions, Policy, PortKey,
+    Rule,
     decide::{Dest, NO_RULE},
 };
 
@@ -29,6 +30,12 @@ pub static PORTS: LpmTrie<PortKey, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTri
 /// Per-CPU decision counters, indexed by `Decision`.
 #[btf_map]
 pub static COUNTERS: PerCpuArray<u64, { DECISION_COUNT as usize }> = PerCpuArray::new();
+
+/// Registered workload (its `POLICY` key) → this CPU's decision counts. Entries are made and
+/// deleted by the agent only; a workload without one is simply not counted per pod.
+#[btf_map]
+pub static POD_STATS: PerCpuHashMap<u64, PodDecisions, { POD_STATS_ENTRIES as usize }> =
+    PerCpuHashMap::new();
 
 /// {client netns, client → proxy 4-tuple} → original destination: the hand-off from a client
 /// socket (or from sk_lookup, inbound) to the proxy's accepted socket, which has another
@@ -54,6 +61,17 @@ pub fn bump<const N: usize, const F: usize>(map: &PerCpuArray<u64, N, F>, index:
 #[inline(always)]
 pub fn count(decision: Decision) {
     bump(&COUNTERS, decision as u32);
+}
+
+/// Adds one to `decision`'s slot of the workload's `POD_STATS` entry (one per-CPU hash lookup).
+#[inline(always)]
+pub fn count_pod(workload: u64, decision: Decision) {
+    if let Some(p) = POD_STATS.get_ptr_mut(workload)
+        && let Some(slot) = unsafe { (*p).counts.get_mut(decision as usize) }
+    {
+        // Per-CPU value: no other writer can race with this increment.
+        *slot += 1;
+    }
 }
 
 #[inline(always)]

@@ -37,9 +37,10 @@ pub static CGROUP_CACHE: LruHashMap<u64, CgroupCache, { CGROUP_CACHE_ENTRIES as 
 /// The policy record of the calling task's workload (copied to the stack: POLICY is a
 /// preallocated hash, and an update of the same key may recycle the slot a pointer refers to
 /// while this program still reads it), and whether the task sits in (or below) the proxy
-/// container's cgroup. `None`: not in the mesh.
+/// container's cgroup, and the workload's registered cgroup id (its `POLICY` key). `None`: not
+/// in the mesh.
 #[inline(always)]
-fn current_workload() -> Option<(Policy, bool)> {
+fn current_workload() -> Option<(Policy, bool, u64)> {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let generation = POLICY_GEN
         .get_ptr(0)
@@ -56,7 +57,11 @@ fn current_workload() -> Option<(Policy, bool)> {
             // Gone although the generation is current: the agent removed the record and has
             // not bumped yet; walk, as a connect at this instant would without the cache.
             if let Some(p) = POLICY.get_ptr(c.workload_cgroup) {
-                return Some((unsafe { read_volatile(p) }, c.in_proxy_cgroup != 0));
+                return Some((
+                    unsafe { read_volatile(p) },
+                    c.in_proxy_cgroup != 0,
+                    c.workload_cgroup,
+                ));
             }
         }
     }
@@ -73,9 +78,13 @@ fn current_workload() -> Option<(Policy, bool)> {
     if workload_cgroup == 0 {
         return None;
     }
-    POLICY
-        .get_ptr(workload_cgroup)
-        .map(|p| (unsafe { read_volatile(p) }, in_proxy_cgroup))
+    POLICY.get_ptr(workload_cgroup).map(|p| {
+        (
+            unsafe { read_volatile(p) },
+            in_proxy_cgroup,
+            workload_cgroup,
+        )
+    })
 }
 
 /// Walks from the root's first level down to the current cgroup and keeps the deepest
@@ -111,12 +120,13 @@ fn walk() -> (u64, bool) {
 
 /// The workload of a connect (or a DNS datagram) and whether its caller is the proxy: in the
 /// proxy container's cgroup, or the socket's owner (`sk->sk_uid`) is the proxy uid, compared as
-/// iptables' `--uid-owner` does (sockstate.rs), not with whoever calls connect().
+/// iptables' `--uid-owner` does (sockstate.rs), not with whoever calls connect(). Also returns
+/// the workload's registered cgroup id (the `POD_STATS` key).
 #[inline(always)]
-pub fn lookup_policy(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> Option<(Policy, bool)> {
-    let (policy, in_proxy_cgroup) = current_workload()?;
+pub fn lookup_policy(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> Option<(Policy, bool, u64)> {
+    let (policy, in_proxy_cgroup, workload) = current_workload()?;
     let is_proxy = in_proxy_cgroup
         || (policy.flags & flags::HAS_PROXY_UID != 0
             && crate::sockstate::owner_uid(sa) == policy.proxy_uid);
-    Some((policy, is_proxy))
+    Some((policy, is_proxy, workload))
 }

@@ -235,8 +235,14 @@ fn a_pod_that_cannot_be_exempted_is_reported_and_not_registered() {
             .any(|n| n.contains("demo/kata") && n.contains("\"kata\"") && n.contains("hostUsers")),
         "{notes:?}"
     );
-    assert!(maps.policy(cgroup_id(&cgs[0]).unwrap()).is_none());
-    assert!(maps.policy(cgroup_id(&cgs[1]).unwrap()).is_none());
+    // Not registered as meshed: each holds a disabled record (never redirected, never caught
+    // by the startup-race guard).
+    for cg in &cgs[..2] {
+        let rec = maps
+            .policy(cgroup_id(cg).unwrap())
+            .expect("disabled record");
+        assert_eq!(rec.flags & redirect_common::flags::ENABLED, 0, "{rec:?}");
+    }
     assert!(
         agent
             .metrics

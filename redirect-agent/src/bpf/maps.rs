@@ -40,6 +40,8 @@ pub struct PinnedMaps {
     /// The original-destination maps. Optional so that `inspect` still reads a directory pinned
     /// by an agent that predates them.
     orig: Option<OrigMaps>,
+    /// `POD_STATS` (per-workload decision counts): made and deleted with the records.
+    pod_stats: Option<super::podstats::PodStats>,
 }
 
 struct OrigMaps {
@@ -120,7 +122,27 @@ impl PinnedMaps {
             } else {
                 None
             },
+            pod_stats: super::podstats::PodStats::open(dir)?,
         })
+    }
+
+    /// Per-workload decision counts by registered cgroup id (empty if not pinned).
+    pub fn pod_decisions(&self) -> Result<BTreeMap<u64, super::podstats::Counts>, BpfError> {
+        self.pod_stats
+            .as_ref()
+            .map_or(Ok(BTreeMap::new()), |s| s.read())
+    }
+
+    /// When the next removed workload's counts are due for deletion.
+    pub fn pod_stats_due(&self) -> Option<std::time::Instant> {
+        self.pod_stats.as_ref().and_then(|s| s.next_due())
+    }
+
+    /// Deletes the counts of workloads removed at least the grace period ago.
+    pub fn collect_pod_stats(&mut self, now: std::time::Instant) {
+        if let Some(s) = &mut self.pod_stats {
+            s.collect(now);
+        }
     }
 
     /// Entries and capacity of ORIG_TUPLE (hand-offs not yet taken by a proxy socket); empty if
@@ -192,12 +214,22 @@ impl PinnedMaps {
             .insert(cgroup_id, policy, 0)
             .map_err(|e| BpfError::map(map_names::POLICY, e));
         self.bump_generation();
+        if r.is_ok()
+            && let Some(s) = &mut self.pod_stats
+            && let Err(e) = s.register(cgroup_id)
+        {
+            // Observability only: the record is in, the workload is intercepted.
+            tracing::warn!(cgroup_id, error = %e, "no per-pod counters for this workload");
+        }
         r
     }
 
     pub fn remove_policy(&mut self, cgroup_id: u64) {
         let _ = self.policy.remove(&cgroup_id);
         self.bump_generation();
+        if let Some(s) = &mut self.pod_stats {
+            s.retire(cgroup_id, std::time::Instant::now());
+        }
     }
 
     /// After a `POLICY` write (never before it: redirect-ebpf/src/resolve.rs), so that no

@@ -6,6 +6,7 @@ pub mod kernel_btf;
 pub mod loader;
 pub mod maps;
 pub mod netns;
+pub mod podstats;
 pub mod probe;
 pub mod tries;
 

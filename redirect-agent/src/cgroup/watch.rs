@@ -107,6 +107,36 @@ impl CgroupWatcher {
         &self.root
     }
 
+    /// The top directories of the kubepods tree (`kubepods.slice`, `kubepods`, kind's
+    /// `kubelet-kubepods.slice`), each with its cgroup id: every pod cgroup lies below one. A QoS
+    /// directory inside one is not listed (the root covers it).
+    pub fn kubepods_roots(&self) -> Vec<PodCgroup> {
+        let tops: Vec<&Path> = self
+            .watched
+            .values()
+            .filter(|w| w.in_tree)
+            .filter(|w| {
+                w.path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.contains("kubepods"))
+            })
+            .map(|w| w.path.as_path())
+            .collect();
+        let mut out: Vec<PodCgroup> = tops
+            .iter()
+            .filter(|p| !tops.iter().any(|q| q != *p && p.starts_with(q)))
+            .filter_map(|p| {
+                discover::inode(p).map(|ino| PodCgroup {
+                    path: p.to_path_buf(),
+                    ino,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
     /// The cgroup of `uid`, probing the tree directly if no inotify event has been read for it
     /// yet (the pod event can overtake the directory's inotify event).
     pub fn lookup(&mut self, uid: &str) -> Option<PodCgroup> {

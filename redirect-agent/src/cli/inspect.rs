@@ -34,6 +34,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let policies = maps.policies()?;
     let entries = maps.entries()?;
     let counters = maps.counters()?;
+    let pod_counts = maps.pod_decisions()?;
     let orig = OrigView {
         fill: maps.orig_fill()?,
         stats: maps.orig_stats()?,
@@ -72,6 +73,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 "older_generations": generations.iter().filter(|g| g.dir != dir).map(|g| json!({"generation": g.number, "dir": g.dir.display().to_string()})).collect::<Vec<_>>(),
                 "workloads": workloads,
                 "counters": counters,
+                // Per workload, apart from the records: they change with every connect.
+                "workload_counters": pod_counts.iter().map(|(cg, c)| json!({"cgroup_id": cg, "decisions": crate::bpf::podstats::by_decision(c).map(|(d, n)| (d.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>()})).collect::<Vec<_>>(),
                 "original_destinations": orig.json(),
                 "dns_counters": dns.iter().map(|(e, n)| (e.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
                 "inbound": super::inspect_inbound::json(maps.dir()),
@@ -95,6 +98,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                 );
             }
             s += &render_text(&maps, &policies, &entries, &counters, &paths);
+            s += &pod_counts_text(&pod_counts);
             s += &orig.text();
             s += &dns_text(&policies, &dns);
             s += &super::inspect_inbound::text(maps.dir());
@@ -268,6 +272,30 @@ fn render_text(
     let _ = writeln!(s, "\nCOUNTERS (connects since the maps were created)");
     for (d, n) in counters {
         let _ = writeln!(s, "{:<22} {}", d.name(), n);
+    }
+    s
+}
+
+/// Per-workload decision counts (`POD_STATS`), the decisions that occurred.
+fn pod_counts_text(counts: &BTreeMap<u64, crate::bpf::podstats::Counts>) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\nCOUNTERS PER WORKLOAD ({})", counts.len());
+    let _ = writeln!(s, "{:<12} DECISIONS", "CGROUP_ID");
+    for (cg, c) in counts {
+        let row: Vec<String> = crate::bpf::podstats::by_decision(c)
+            .filter(|(_, n)| *n > 0)
+            .map(|(d, n)| format!("{}={n}", d.name()))
+            .collect();
+        let _ = writeln!(
+            s,
+            "{:<12} {}",
+            cg,
+            if row.is_empty() {
+                "-".to_string()
+            } else {
+                row.join(" ")
+            }
+        );
     }
     s
 }

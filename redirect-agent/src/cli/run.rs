@@ -209,13 +209,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let _lock = crate::lock::lock_pin_dir(&args.bpffs.bpffs_dir)?;
     let mount = cgroup::cgroup2_mount_for(args.cgroup_root.as_deref())?;
     let cgroup_root = args.cgroup_root.clone().unwrap_or_else(|| mount.clone());
-    let maps = bpf::load_and_attach(&AttachOptions {
+    let mut maps = bpf::load_and_attach(&AttachOptions {
         bpffs_dir: args.bpffs.bpffs_dir.clone(),
         cgroup_root: cgroup_root.clone(),
         max_rule_entries: Some(args.max_rule_entries),
         inbound: args.inbound,
     })
     .context("attaching the datapath")?;
+    if kube_opts.is_some() {
+        // docs/kubernetes.md, "The startup race": a stale guard must not cut the agent off.
+        crate::source::kube::guard::free_own_cgroup(&mut maps, &mount);
+    }
     // The layout generation this build runs (bpf/generation.rs); older ones stay attached until
     // it is ready.
     let generation_dir = maps.dir().to_path_buf();

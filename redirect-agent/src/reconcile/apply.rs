@@ -334,7 +334,7 @@ impl<M: PolicyMaps> Applier<M> {
         let mut report = ApplyReport::default();
         self.collect(Instant::now());
         let mut full = Vec::new();
-        for (&cgroup_id, want) in desired {
+        for (&cgroup_id, want) in super::pending::disabled_first(desired) {
             let rejected = self.apply_one(cgroup_id, want, &mut report);
             if rejected {
                 full.push(cgroup_id);

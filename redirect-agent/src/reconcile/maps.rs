@@ -28,6 +28,12 @@ pub trait PolicyMaps {
     /// One atomic update of a cgroup's record.
     fn set_policy(&mut self, cgroup_id: u64, policy: &Policy) -> Result<(), BpfError>;
     fn remove_policy(&mut self, cgroup_id: u64);
+    /// When deferred deletions (the per-pod counters of removed workloads) are due.
+    fn next_due(&self) -> Option<std::time::Instant> {
+        None
+    }
+    /// Runs the deferred deletions due at `now`.
+    fn collect_due(&mut self, _now: std::time::Instant) {}
 }
 
 impl PolicyMaps for PinnedMaps {
@@ -51,6 +57,12 @@ impl PolicyMaps for PinnedMaps {
     }
     fn remove_policy(&mut self, cgroup_id: u64) {
         PinnedMaps::remove_policy(self, cgroup_id)
+    }
+    fn next_due(&self) -> Option<std::time::Instant> {
+        self.pod_stats_due()
+    }
+    fn collect_due(&mut self, now: std::time::Instant) {
+        self.collect_pod_stats(now)
     }
 }
 

@@ -6,6 +6,7 @@ mod desired;
 pub mod inbound;
 pub mod maps;
 pub mod owner;
+mod pending;
 pub mod scale;
 #[cfg(test)]
 mod tests;
@@ -117,6 +118,8 @@ pub struct Outcome {
     /// Workloads whose cgroup (or proxy cgroup) does not exist (yet).
     pub pending: Vec<String>,
     pub inbound: inbound::InboundReport,
+    /// Registered cgroup id → `namespace/name`, for the per-pod counters' labels.
+    pub names: BTreeMap<u64, String>,
 }
 
 /// The applier and the memo of compiled policies: the reconcile state kept across passes.
@@ -138,6 +141,11 @@ impl<M: PolicyMaps> Reconciler<M> {
         let applier = &self.applier;
         let built = build(snapshot, &mut self.memo, |id| applier.is_applied(id));
         let report = self.applier.apply(&built.desired, &built.keep);
+        let names = built
+            .desired
+            .iter()
+            .map(|(id, d)| (*id, d.workload.clone()))
+            .collect();
         let mut issues = built.issues;
         for i in &mut issues {
             if let Some(f) = i.cgroup_id.and_then(|id| report.fallbacks.get(&id)) {
@@ -156,6 +164,7 @@ impl<M: PolicyMaps> Reconciler<M> {
             warnings: built.warnings,
             pending: built.pending,
             inbound,
+            names,
         }
     }
 }

@@ -175,10 +175,14 @@ fn run<M: PolicyMaps>(
     // A write refused for lack of room, waiting for retired entries to be freed.
     let mut want_room = false;
     loop {
-        let wake = [retry_at, rec.applier.next_collect()]
-            .into_iter()
-            .flatten()
-            .min();
+        let wake = [
+            retry_at,
+            rec.applier.next_collect(),
+            rec.applier.maps().next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let received = match wake {
             None => match rx.recv() {
                 Ok(u) => Some(u),
@@ -206,6 +210,7 @@ fn run<M: PolicyMaps>(
             None => {
                 let now = Instant::now();
                 let freed = rec.applier.collect(now);
+                rec.applier.maps_mut().collect_due(now);
                 let due = retry_at.is_some_and(|t| t <= now) || (freed > 0 && want_room);
                 if !due || last.is_none() {
                     record_fill(metrics, &rec.applier);
@@ -253,6 +258,7 @@ fn run<M: PolicyMaps>(
             pending: outcome.pending.clone(),
         };
         record(metrics, &rec.applier, &report);
+        metrics.set_workload_names(&outcome.names);
         log(generation, &outcome, started);
         let _ = reports.send(Arc::new(report));
         health.first_applied.store(true, Ordering::Release);

@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod events;
 pub mod explain;
+pub mod guard;
 pub mod pods;
 pub mod state;
 pub mod watch;

@@ -81,6 +81,20 @@ impl MeshedPod {
     }
 }
 
+/// The UID the kubelet names the pod's cgroup after (a mirror pod's config hash, else its
+/// UID), its namespace and its name.
+pub fn identity(pod: &Pod) -> Option<(String, String, String)> {
+    let meta = &pod.metadata;
+    let uid = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MIRROR_ANNOTATION))
+        .filter(|h| !h.is_empty())
+        .or(meta.uid.as_ref())?
+        .clone();
+    Some((uid, meta.namespace.clone()?, meta.name.clone()?))
+}
+
 /// The rule, first match wins:
 /// 1. hostNetwork pods are never touched (their connects are the node's);
 /// 2. finished pods (Succeeded, Failed) have no processes left;
@@ -90,16 +104,7 @@ impl MeshedPod {
 /// 5. an injection key set to its "in" value brings it in;
 /// 6. otherwise the pod is not in the mesh.
 pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
-    let meta = &pod.metadata;
-    let uid = meta
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MIRROR_ANNOTATION))
-        .filter(|h| !h.is_empty())
-        .or(meta.uid.as_ref())?
-        .clone();
-    let namespace = meta.namespace.clone()?;
-    let name = meta.name.clone()?;
+    let (uid, namespace, name) = identity(pod)?;
     let spec = pod.spec.as_ref()?;
     if spec.host_network == Some(true) {
         return None;
@@ -135,7 +140,7 @@ pub fn meshed(pod: &Pod, sidecars: &[String]) -> Option<MeshedPod> {
         uid,
         namespace,
         name,
-        annotations: meta.annotations.clone().unwrap_or_default(),
+        annotations: pod.metadata.annotations.clone().unwrap_or_default(),
         proxy_uid,
         proxy_container_id,
         user_namespace: spec.host_users == Some(false),

@@ -19,6 +19,7 @@ use super::{
     KubeOptions,
     crd::MeshConfig,
     events::{self, Finding, Regarding},
+    guard,
     pods::{self, MeshedBy, MeshedPod},
     watch::{Signal, Watched},
 };
@@ -271,7 +272,7 @@ impl Aggregator {
     pub fn snapshot(&mut self, cgroups: &mut CgroupWatcher, netns: &mut NetnsWatcher) -> Snapshot {
         self.update_mesh();
         let mesh = self.mesh.traffic.clone();
-        let namespaces = self
+        let namespaces: std::collections::BTreeMap<String, Annotations> = self
             .stores
             .namespaces
             .state()
@@ -281,16 +282,19 @@ impl Aggregator {
                 Some((name, ns.metadata.annotations.clone().unwrap_or_default()))
             })
             .collect();
-        let mut meshed: Vec<MeshedPod> = self
+        let on_node: Vec<Arc<Pod>> = self
             .stores
             .pods
             .state()
-            .iter()
+            .into_iter()
             .filter(|p| {
                 // The field selector already says so; a pod that moved is not ours.
                 p.spec.as_ref().and_then(|s| s.node_name.as_deref())
                     == Some(self.opts.node_name.as_str())
             })
+            .collect();
+        let mut meshed: Vec<MeshedPod> = on_node
+            .iter()
             .filter_map(|p| pods::meshed(p, &self.opts.sidecar_containers))
             .collect();
         // Stable order, so that equal states compare equal.
@@ -302,6 +306,15 @@ impl Aggregator {
         // reconcile never stats a path itself.
         let mut ids = std::collections::BTreeMap::new();
         let mut tracked = BTreeSet::new();
+        // Meshed pods registered below, and the proxy uids of those whose cgroup is not there
+        // yet (the startup-race guard, guard.rs).
+        let mut registered = BTreeSet::new();
+        let mut pending = Vec::new();
+        let deleting: BTreeSet<String> = on_node
+            .iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| pods::identity(p).map(|(uid, _, _)| uid))
+            .collect();
         for p in meshed {
             // A pod whose cgroup is not there yet gets an empty path: reconcile reports it as
             // pending, and the inotify event for its directory triggers the next pass.
@@ -345,19 +358,48 @@ impl Aggregator {
                 }
                 _ => None,
             };
+            let proxy_uid = p.proxy_uid.filter(|_| !p.user_namespace);
+            // A pod being deleted is not started any more, so it holds no guard.
+            if cgroup.as_os_str().is_empty() && !deleting.contains(&p.uid) {
+                pending.push(proxy_uid.or(self.opts.proxy.uid));
+            }
+            registered.insert(p.uid.clone());
             workloads.push(WorkloadSpec {
                 cgroup,
                 namespace: p.namespace,
                 name: p.name,
                 proxy_cgroup,
                 // In a user namespace the runAsUser is not the host uid the kernel sees.
-                proxy_uid: p.proxy_uid.filter(|_| !p.user_namespace),
+                proxy_uid,
                 netns: pod_netns,
                 inbound_port,
                 annotations: p.annotations,
             });
         }
         netns.retain(&tracked);
+        // Every other known pod with a cgroup gets a disabled record, so that the guard never
+        // catches it; the guard goes on the kubepods roots while a meshed pod is pending.
+        let mut check = guard::NamespaceCheck::new(&mesh, &namespaces);
+        for p in &on_node {
+            let Some((uid, ns, name)) = pods::identity(p) else {
+                continue;
+            };
+            if registered.contains(&uid) {
+                continue;
+            }
+            if let Some(c) = cgroups.lookup(&uid) {
+                ids.insert(c.path.clone(), c.ino);
+                let ok = check.ok(&ns);
+                workloads.push(guard::left_alone(&ns, &name, c.path, ok));
+            }
+        }
+        let roots = cgroups.kubepods_roots();
+        for g in guard::guards(&roots, &pending) {
+            if let Some(r) = roots.iter().find(|r| r.path == g.cgroup) {
+                ids.insert(r.path.clone(), r.ino);
+            }
+            workloads.push(g);
+        }
         self.metrics.pods_not_exempt.set(
             found
                 .iter()
