@@ -21,7 +21,12 @@ mod values;
 #[cfg(test)]
 mod proptests;
 
-pub use compile::{Overlay, compile, overlay::Layered, overlay_of};
+pub use compile::{
+    Overlay, compile,
+    overlay::Layered,
+    overlay_of,
+    union::{Lists, extra_exclusions},
+};
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{

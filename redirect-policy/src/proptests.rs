@@ -9,7 +9,9 @@ use proptest::prelude::*;
 
 use super::compile::{range_prefixes, trie};
 use super::types::{EffectivePolicy, Origin, PortRange, Source, Sourced};
-use super::{compile, evaluate, evaluate_compiled, evaluate_layered, overlay_of};
+use super::{
+    Lists, compile, evaluate, evaluate_compiled, evaluate_layered, extra_exclusions, overlay_of,
+};
 
 fn src(key: &str) -> Source {
     Source::new(Origin::Pod("p/p".into()), key)
@@ -220,10 +222,17 @@ proptest! {
         base in policy(),
         extra in policy(),
         replace in any::<bool>(),
+        exclusions_only in any::<bool>(),
         extra_v4 in any::<u32>(),
         extra_port in any::<u16>(),
         proxy in prop::bool::weighted(0.05),
     ) {
+        let mut extra = extra;
+        if exclusions_only {
+            // The union annotations' case, which `extra_exclusions` builds without compiling.
+            extra.include_cidrs.clear();
+            extra.include_ports.clear();
+        }
         let own = if replace {
             EffectivePolicy { enabled: base.enabled, ..extra }
         } else {
@@ -240,6 +249,8 @@ proptest! {
         };
         let (cb, co) = (compile(&base), compile(&own));
         let o = overlay_of(&co, &cb);
+        let fast = extra_exclusions(&own, &Lists::of(&base));
+        prop_assert!(fast.is_some() || !exclusions_only || replace, "a union of exclusions was not recognised");
         // Probe every boundary of both policies: the base's rules matter where the overlay is silent.
         let both = EffectivePolicy {
             exclude_cidrs: [own.exclude_cidrs.clone(), base.exclude_cidrs.clone()].concat(),
@@ -257,6 +268,10 @@ proptest! {
             let want = evaluate(&own, dest, proxy);
             let got = evaluate_layered(&o, &cb, own.enabled, dest, proxy);
             prop_assert_eq!((want.redirect, want.step), got, "dest {} overlay {:?} base {:?}", dest, o, cb);
+            if let Some(f) = &fast {
+                let got = evaluate_layered(f, &cb, own.enabled, dest, proxy);
+                prop_assert_eq!((want.redirect, want.step), got, "dest {} fast overlay {:?} base {:?}", dest, f, cb);
+            }
         }
         if co == cb {
             prop_assert!(o.is_empty());

@@ -5,11 +5,15 @@ use std::{collections::HashMap, sync::Arc};
 
 use redirect_common::{Policy, flags};
 
-use super::{Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec, layering::layer};
+use super::{
+    Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec,
+    layering::{Base, layer, layer_exclusions},
+};
 use crate::{
     bpf::PolicyEntries,
     policy::{
-        self, Annotations, Compiled, EffectivePolicy, MeshTraffic, PolicyError, WorkloadInputs,
+        self, Annotations, Compiled, EffectivePolicy, Lists, MeshTraffic, PolicyError,
+        WorkloadInputs,
     },
     proxy::ProxyConfig,
 };
@@ -109,8 +113,9 @@ struct Resolution {
     /// Its entries: the whole table, or an overlay over `base` (layering.rs).
     rules: Arc<Rules>,
     base: Option<Arc<Rules>>,
-    /// The compiled table of a policy that can be a base (one without pod annotations).
-    compiled: Option<Arc<Compiled>>,
+    /// The compiled table and the lists of a policy that can be a base (one without pod
+    /// annotations).
+    compiled: Option<Arc<(Compiled, Lists)>>,
     warnings: Vec<String>,
     /// The inbound-only error (`Resolved::inbound_error`).
     inbound_error: Option<PolicyError>,
@@ -191,16 +196,33 @@ impl Memo {
             pod_annotations,
         })
         .map(|r| {
-            let compiled = policy::compile(&r.policy);
-            let base = base.and_then(|b| Some((b.compiled.as_deref()?, &b.rules)));
-            let (e, base) = layer(&compiled, base);
+            let base = base.and_then(|b| {
+                let (table, lists) = b.compiled.as_deref()?;
+                Some(Base {
+                    table,
+                    lists,
+                    rules: &b.rules,
+                })
+            });
+            let mut compiled = None;
+            let (e, base) = match base.as_ref().and_then(|b| layer_exclusions(&r.policy, b)) {
+                Some((e, b)) => (e, Some(b)),
+                None => {
+                    let c = policy::compile(&r.policy);
+                    let layered = layer(&c, base.as_ref());
+                    if pod_annotations.is_empty() {
+                        compiled = Some(Arc::new((c, Lists::of(&r.policy))));
+                    }
+                    layered
+                }
+            };
             let fresh = Rules::new(e);
             let rules = self.rules.entry(fresh.digest()).or_insert(fresh).clone();
             Resolution {
                 inputs: RecordInputs::of(&r.policy),
                 rules,
                 base,
-                compiled: pod_annotations.is_empty().then(|| Arc::new(compiled)),
+                compiled,
                 warnings: r.warnings,
                 inbound_error: r.inbound_error,
             }

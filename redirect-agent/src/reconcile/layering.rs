@@ -10,8 +10,26 @@ use std::sync::Arc;
 use super::{Rules, desired::entries};
 use crate::{
     bpf::PolicyEntries,
-    policy::{Compiled, Overlay, overlay_of},
+    policy::{Compiled, EffectivePolicy, Lists, Overlay, extra_exclusions, overlay_of},
 };
+
+/// A policy other workloads' tables can overlay: its compiled table, its lists and its entries.
+pub struct Base<'a> {
+    pub table: &'a Compiled,
+    pub lists: &'a Lists,
+    pub rules: &'a Arc<Rules>,
+}
+
+/// The overlay of a policy that only adds exclusions to its base's, from the lists alone,
+/// without compiling the whole table (redirect-policy's compile/union.rs); None when that is not
+/// the case or the overlay would not pay (then [`layer`] decides from the compiled table).
+pub fn layer_exclusions(own: &EffectivePolicy, base: &Base) -> Option<(PolicyEntries, Arc<Rules>)> {
+    let base_len = base.table.v4.len() + base.table.v6.len() + base.table.ports.len();
+    let o = extra_exclusions(own, base.lists)?;
+    // The whole table would have at most base_len + o.len() entries: the same rule as `layer`.
+    (base_len + o.len() >= MIN_LAYERED && !o.is_empty() && o.len() <= base_len)
+        .then(|| (overlay_entries(&o), base.rules.clone()))
+}
 
 /// Tables smaller than this are written whole: the overlay would save little, and costs a
 /// second trie lookup on every connect it does not match.
@@ -19,18 +37,15 @@ pub const MIN_LAYERED: usize = 64;
 
 /// The entries for `own`, and the base they overlay (if they do). An overlay is chosen when it
 /// is at most half the size of the whole table.
-pub fn layer(
-    own: &Compiled,
-    base: Option<(&Compiled, &Arc<Rules>)>,
-) -> (PolicyEntries, Option<Arc<Rules>>) {
+pub fn layer(own: &Compiled, base: Option<&Base>) -> (PolicyEntries, Option<Arc<Rules>>) {
     let whole = own.v4.len() + own.v6.len() + own.ports.len();
-    if let Some((base_table, base_rules)) = base
+    if let Some(base) = base
         && whole >= MIN_LAYERED
-        && base_table != own
+        && base.table != own
     {
-        let o = overlay_of(own, base_table);
+        let o = overlay_of(own, base.table);
         if !o.is_empty() && o.len() * 2 <= whole {
-            return (overlay_entries(&o), Some(base_rules.clone()));
+            return (overlay_entries(&o), Some(base.rules.clone()));
         }
     }
     (entries(own), None)

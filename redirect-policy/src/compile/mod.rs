@@ -5,6 +5,7 @@
 
 pub mod overlay;
 pub(crate) mod trie;
+pub mod union;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
