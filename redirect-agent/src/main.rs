@@ -6,12 +6,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // A kernel that lacks a feature gets exactly the probe's one line (issue #16).
             use redirect_agent::bpf::{BpfError, probe::ProbeError};
-            if let Some(BpfError::Probe(ProbeError::Missing(m))) =
-                e.chain().find_map(|c| c.downcast_ref::<BpfError>())
-            {
-                eprintln!("Error: {m}");
-            } else {
-                eprintln!("Error: {e:?}");
+            // So does one that cannot run inbound while it is on.
+            match e.chain().find_map(|c| c.downcast_ref::<BpfError>()) {
+                Some(BpfError::Probe(ProbeError::Missing(m))) => eprintln!("Error: {m}"),
+                Some(BpfError::Probe(ProbeError::Inbound(m))) => eprintln!("Error: {m}"),
+                _ => eprintln!("Error: {e:?}"),
             }
             ExitCode::FAILURE
         }

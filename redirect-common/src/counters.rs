@@ -44,3 +44,15 @@ macro_rules! counter_enum {
         };
     };
 }
+
+/// Declares a module's map names (also their pin file names, 15 characters at most): one
+/// `pub const` per map, and `ALL`, every name in the order written, which `cleanup`, the layout
+/// check and `inspect` walk.
+#[macro_export]
+macro_rules! map_names {
+    ($($(#[$meta:meta])* $name:ident = $value:literal;)+) => {
+        $($(#[$meta])* pub const $name: &str = $value;)+
+        /// Every map name above, in the order written.
+        pub const ALL: [&str; [$($value),+].len()] = [$($name),+];
+    };
+}

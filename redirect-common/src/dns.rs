@@ -12,11 +12,12 @@ pub const DNS_PORT: u16 = 53;
 
 /// Map names (pin file names under `--bpffs-dir`).
 pub mod map_names {
-    /// Socket-local storage: the server a captured socket sent to ([`super::DnsOrig`]).
-    pub const DNS_ORIG: &str = "DNS_ORIG";
-    /// Per-CPU counters of the DNS programs, indexed by [`super::DnsEvent`].
-    pub const DNS_STATS: &str = "DNS_STATS";
-    pub const ALL: [&str; 2] = [DNS_ORIG, DNS_STATS];
+    map_names! {
+        /// Socket-local storage: the server a captured socket sent to ([`super::DnsOrig`]).
+        DNS_ORIG = "DNS_ORIG";
+        /// Per-CPU counters of the DNS programs, indexed by [`super::DnsEvent`].
+        DNS_STATS = "DNS_STATS";
+    }
 }
 
 /// `DnsOrig::flags` bits.

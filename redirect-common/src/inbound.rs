@@ -5,19 +5,20 @@
 
 /// Map names, also the pin file names (15 characters at most).
 pub mod map_names {
-    /// Network namespace cookie → [`super::InboundRecord`].
-    pub const INBOUND: &str = "INBOUND";
-    /// {inbound policy id, port prefix} → exclude/include.
-    pub const IN_PORTS: &str = "IN_PORTS";
-    /// {inbound policy id, IPv4 source prefix} → exclude.
-    pub const IN_SRC_V4: &str = "IN_SRC_V4";
-    /// {inbound policy id, IPv6 source prefix} → exclude.
-    pub const IN_SRC_V6: &str = "IN_SRC_V6";
-    /// SOCKHASH of TCP listeners keyed by [`super::ListenerKey`].
-    pub const IN_LISTEN: &str = "IN_LISTEN";
-    /// Per-CPU counters indexed by [`super::InboundCounter`].
-    pub const IN_STATS: &str = "IN_STATS";
-    pub const ALL: [&str; 6] = [INBOUND, IN_PORTS, IN_SRC_V4, IN_SRC_V6, IN_LISTEN, IN_STATS];
+    map_names! {
+        /// Network namespace cookie → [`super::InboundRecord`].
+        INBOUND = "INBOUND";
+        /// {inbound policy id, port prefix} → exclude/include.
+        IN_PORTS = "IN_PORTS";
+        /// {inbound policy id, IPv4 source prefix} → exclude.
+        IN_SRC_V4 = "IN_SRC_V4";
+        /// {inbound policy id, IPv6 source prefix} → exclude.
+        IN_SRC_V6 = "IN_SRC_V6";
+        /// SOCKHASH of TCP listeners keyed by [`super::ListenerKey`].
+        IN_LISTEN = "IN_LISTEN";
+        /// Per-CPU counters indexed by [`super::InboundCounter`].
+        IN_STATS = "IN_STATS";
+    }
 }
 
 /// The sk_lookup program's function name (also its pin name suffix).

@@ -19,36 +19,26 @@ pub const MAX_CGROUP_DEPTH: u32 = 16;
 /// Map names. They double as the pin file names under `--bpffs-dir` (BPF object names are
 /// limited to 15 characters).
 pub mod map_names {
-    pub const POLICY: &str = "POLICY";
-    pub const CIDR_V4: &str = "CIDR_V4";
-    pub const CIDR_V6: &str = "CIDR_V6";
-    pub const PORTS: &str = "PORTS";
-    pub const COUNTERS: &str = "COUNTERS";
-    /// Hand-offs of original destinations from client sockets to the proxy's accepted sockets,
-    /// by {netns, 4-tuple}; each lives from the client's establishment to the proxy's.
-    pub const ORIG_TUPLE: &str = "ORIG_TUPLE";
-    /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
-    pub const ORIG_STATS: &str = "ORIG_STATS";
-    /// Socket-local storage: the socket's owner uid and its original-destination record
-    /// (`SockState`).
-    pub const SOCK_STATE: &str = "SOCK_STATE";
-    /// Slot 0: the generation of the `POLICY` registrations, bumped by the agent after every
-    /// `POLICY` write so that `CGROUP_CACHE` entries of earlier generations are not used.
-    pub const POLICY_GEN: &str = "POLICY_GEN";
-    /// Current cgroup id → the registered workload it belongs to (`CgroupCache`).
-    pub const CGROUP_CACHE: &str = "CGROUP_CACHE";
-    pub const ALL: [&str; 10] = [
-        POLICY,
-        CIDR_V4,
-        CIDR_V6,
-        PORTS,
-        COUNTERS,
-        ORIG_TUPLE,
-        ORIG_STATS,
-        SOCK_STATE,
-        POLICY_GEN,
-        CGROUP_CACHE,
-    ];
+    map_names! {
+        POLICY = "POLICY";
+        CIDR_V4 = "CIDR_V4";
+        CIDR_V6 = "CIDR_V6";
+        PORTS = "PORTS";
+        COUNTERS = "COUNTERS";
+        /// Hand-offs of original destinations from client sockets to the proxy's accepted sockets,
+        /// by {netns, 4-tuple}; each lives from the client's establishment to the proxy's.
+        ORIG_TUPLE = "ORIG_TUPLE";
+        /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
+        ORIG_STATS = "ORIG_STATS";
+        /// Socket-local storage: the socket's owner uid and its original-destination record
+        /// (`SockState`).
+        SOCK_STATE = "SOCK_STATE";
+        /// Slot 0: the generation of the `POLICY` registrations, bumped by the agent after every
+        /// `POLICY` write so that `CGROUP_CACHE` entries of earlier generations are not used.
+        POLICY_GEN = "POLICY_GEN";
+        /// Current cgroup id → the registered workload it belongs to (`CgroupCache`).
+        CGROUP_CACHE = "CGROUP_CACHE";
+    }
     /// Maps earlier builds pinned and this one no longer has (`ORIG_COOKIE`: client records by
     /// socket cookie, now in `SOCK_STATE`): still ours for `cleanup` to remove.
     pub const RETIRED: [&str; 1] = ["ORIG_COOKIE"];
@@ -201,8 +191,9 @@ pub struct OrigDst {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct SockState {
-    /// The uid of the task that created the socket (cgroup/sock_create): the socket's owner, as
-    /// iptables' `--uid-owner` sees it, not whoever calls connect() later.
+    /// Written by earlier builds' cgroup/sock_create (the creator's uid); this build reads the
+    /// owner from the socket itself (`sk->sk_uid`) and leaves it alone. Kept so that the map
+    /// layout, and a `SOCK_STATE` pinned by an earlier build, stay as they are.
     pub owner_uid: u32,
     /// [`sock_state_flags`].
     pub flags: u32,
@@ -219,7 +210,7 @@ pub struct SockState {
 
 /// `SockState::flags` bits.
 pub mod sock_state_flags {
-    /// `owner_uid` is set.
+    /// `owner_uid` is set (earlier builds only; see `SockState::owner_uid`).
     pub const HAS_OWNER: u32 = 1 << 0;
     /// `peer_addr`/`peer_port` are set.
     pub const HAS_PEER: u32 = 1 << 1;

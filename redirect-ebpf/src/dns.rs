@@ -6,7 +6,7 @@
 //!   connect (the resolver's fallback for a truncated answer) goes to the listener;
 //! - recvmsg4/6: a reply from the listener gets the original server as its source, because
 //!   resolvers (glibc's among them) drop answers from an address they did not ask;
-//! - getpeername4/6: a connected socket shows the original server.
+//! - getpeername4/6 (from origdst.rs's programs): a connected socket shows the original server.
 //!
 //! The original server lives in socket-local storage, so it is bounded by the sockets that
 //! exist and freed with them: nothing to expire or leak. One record per socket, the last server
@@ -217,14 +217,16 @@ dns_program!(
     Restored
 );
 dns_program!(recvmsg6, redirect_dns_recvmsg6, restore6, Restored);
-dns_program!(
-    /// A connected socket's peer (the listener) shows as the original server.
-    getpeername4,
-    redirect_dns_getpeername4,
-    restore4,
-    Peername
-);
-dns_program!(getpeername6, redirect_dns_getpeername6, restore6, Peername);
+/// getpeername4/6's DNS step (origdst.rs runs one program per hook for both records): a
+/// connected socket's peer (the listener) shows as the original server. True if rewritten.
+#[inline(always)]
+pub fn peername(ctx: &SockAddrContext, v6: bool) -> bool {
+    let done = if v6 { restore6(ctx) } else { restore4(ctx) };
+    if done {
+        count(DnsEvent::Peername);
+    }
+    done
+}
 
 /// Rewrites an AF_INET address that is the recorded listener to the recorded server.
 #[inline(always)]

@@ -374,38 +374,56 @@ fn client_record(sa: *mut bpf_sock_addr) -> Option<(OrigDst, [u8; 16], [u8; 2])>
     Some((st.orig, st.peer_addr, st.peer_port))
 }
 
-/// The client's getpeername on an AF_INET socket: the original destination, not the proxy.
+/// getpeername on an AF_INET socket: a redirected client's original destination, not the
+/// proxy; else a DNS-captured socket's original server (dns.rs). One program for both records,
+/// so a socket with neither costs one program run and two storage lookups.
 #[cgroup_sock_addr(getpeername4)]
 pub fn redirect_getpeername4(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
+    if !client_peername4(ctx.sock_addr) {
+        crate::dns::peername(&ctx, false);
+    }
+    OK
+}
+
+/// getpeername on an AF_INET6 socket, as [`redirect_getpeername4`].
+#[cgroup_sock_addr(getpeername6)]
+pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
+    if !client_peername6(ctx.sock_addr) {
+        crate::dns::peername(&ctx, true);
+    }
+    OK
+}
+
+/// The client's getpeername on an AF_INET socket: the original destination, not the proxy.
+#[inline(always)]
+fn client_peername4(sa: *mut bpf_sock_addr) -> bool {
     let Some((rec, target, target_port)) = client_record(sa) else {
-        return OK;
+        return false;
     };
     if rec.flags & orig_flags::V4 == 0
         || mapped(ctx_ip4(sa)) != target
         || ctx_port(sa) != target_port
     {
-        return OK;
+        return false;
     }
     set_ctx_ip4(sa, [rec.addr[12], rec.addr[13], rec.addr[14], rec.addr[15]]);
     set_ctx_port(sa, rec.port);
     orig_count(OrigEvent::Peername);
-    OK
+    true
 }
 
 /// The client's getpeername on an AF_INET6 socket; an IPv4 destination shows v4-mapped, as the
 /// kernel itself reports IPv4 peers of such sockets.
-#[cgroup_sock_addr(getpeername6)]
-pub fn redirect_getpeername6(ctx: SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
+#[inline(always)]
+fn client_peername6(sa: *mut bpf_sock_addr) -> bool {
     let Some((rec, target, target_port)) = client_record(sa) else {
-        return OK;
+        return false;
     };
     if ctx_ip6(sa) != target || ctx_port(sa) != target_port {
-        return OK;
+        return false;
     }
     set_ctx_ip6(sa, &rec.addr);
     set_ctx_port(sa, rec.port);
     orig_count(OrigEvent::Peername);
-    OK
+    true
 }

@@ -39,7 +39,7 @@ pub static CGROUP_CACHE: LruHashMap<u64, CgroupCache, { CGROUP_CACHE_ENTRIES as 
 /// while this program still reads it), and whether the task sits in (or below) the proxy
 /// container's cgroup. `None`: not in the mesh.
 #[inline(always)]
-pub fn current_workload() -> Option<(Policy, bool)> {
+fn current_workload() -> Option<(Policy, bool)> {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     let generation = POLICY_GEN
         .get_ptr(0)
@@ -110,8 +110,8 @@ fn walk() -> (u64, bool) {
 }
 
 /// The workload of a connect (or a DNS datagram) and whether its caller is the proxy: in the
-/// proxy container's cgroup, or the socket's owner is the proxy uid, compared as iptables'
-/// `--uid-owner` does (sockstate.rs), not with whoever calls connect().
+/// proxy container's cgroup, or the socket's owner (`sk->sk_uid`) is the proxy uid, compared as
+/// iptables' `--uid-owner` does (sockstate.rs), not with whoever calls connect().
 #[inline(always)]
 pub fn lookup_policy(sa: *mut aya_ebpf::bindings::bpf_sock_addr) -> Option<(Policy, bool)> {
     let (policy, in_proxy_cgroup) = current_workload()?;

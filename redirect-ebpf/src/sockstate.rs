@@ -1,11 +1,10 @@
 //! Per-socket state in socket-local storage (`SOCK_STATE`): freed by the kernel with the socket,
 //! so nothing here can leak or be read for a later socket.
 //!
-//! - **Owner uid.** iptables' `--uid-owner` matches the socket's owner (the creator's credentials
-//!   at socket creation), not the task that calls connect() later. cgroup/sock_create records the
-//!   creator's uid for TCP sockets created in a meshed cgroup with a proxy uid; connect compares
-//!   the proxy uid with it, and only falls back to the calling task's uid for sockets created
-//!   before the programs were attached (or outside the mesh and passed in).
+//! - **Owner uid.** iptables' `--uid-owner` matches the socket's owner (the fsuid of its file,
+//!   fixed at socket creation), not the task that calls connect() later. The kernel keeps that
+//!   uid in the socket itself (`sk->sk_uid`, set from the socket inode's owner at creation), so
+//!   connect reads it there ([`owner_uid`]): no per-socket program, no storage for it.
 //! - **Original destination.** A redirected client socket keeps where it meant to go (for
 //!   getpeername, and for the hand-off to the proxy's socket) and where the redirect sent it:
 //!   getpeername answers only while the socket's real peer is that target, as Cilium's reverse
@@ -17,17 +16,21 @@ use core::ptr::{self, addr_of, read_volatile};
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock, bpf_sock_addr},
     btf_maps::SkStorage,
-    helpers::generated::{bpf_get_current_uid_gid, bpf_sk_storage_get},
-    macros::{btf_map, cgroup_sock},
-    programs::SockContext,
+    helpers::generated::{bpf_get_current_uid_gid, bpf_sk_storage_get, bpf_skc_to_tcp_sock},
+    macros::btf_map,
 };
-use redirect_common::{SockState, flags, sock_state_flags};
+use redirect_common::SockState;
 
 #[btf_map]
 pub static SOCK_STATE: SkStorage<SockState> = SkStorage::new();
 
-const OK: i32 = 1;
-const SOCK_STREAM: u32 = 1;
+/// Byte offset of `sk_uid` in the running kernel's `struct sock` (which starts every
+/// `tcp_sock`), read from its BTF by the agent at load time and set here as a read-only global
+/// (redirect-agent/src/bpf/kernel_btf.rs). The verifier folds it into a constant, so the load in
+/// [`owner_uid`] is checked against the kernel's own type like a field access. 0 (the
+/// per-netns loader's instances, which run no connect program) means unknown.
+#[unsafe(no_mangle)]
+static SK_UID_OFFSET: u32 = 0;
 
 /// The socket's state, created (zeroed) if `create` and missing; null if there is none (or the
 /// kernel could not allocate it).
@@ -57,38 +60,17 @@ pub fn sock_addr_sk(sa: *mut bpf_sock_addr) -> *mut bpf_sock {
     unsafe { read_volatile(addr_of!((*sa).__bindgen_anon_1.sk)) }
 }
 
-/// cgroup/sock_create: runs in the creating task, so the current uid is the creator's. Only
-/// sockets of workloads with a proxy uid need an owner, so other sockets cost no storage; the
-/// workload comes from the per-cgroup cache, not a walk per socket.
-#[cgroup_sock(sock_create)]
-pub fn redirect_sock_create(ctx: SockContext) -> i32 {
-    let sk = ctx.sock;
-    if unsafe { read_volatile(addr_of!((*sk).type_)) } != SOCK_STREAM {
-        return OK;
-    }
-    match crate::resolve::current_workload() {
-        Some((p, _)) if p.flags & flags::HAS_PROXY_UID != 0 => {}
-        _ => return OK,
-    }
-    let st = storage(sk, true);
-    if !st.is_null() {
-        unsafe {
-            (*st).owner_uid = bpf_get_current_uid_gid() as u32;
-            (*st).flags |= sock_state_flags::HAS_OWNER;
-        }
-    }
-    OK
-}
-
-/// The uid iptables' `--uid-owner` would compare for this connect: the socket's owner if
-/// sock_create saw the socket, else the calling task's uid.
+/// The uid iptables' `--uid-owner` compares for this connect: the socket's owner
+/// (`sk->sk_uid`), read through the BTF pointer `bpf_skc_to_tcp_sock` gives. A socket that is
+/// not TCP (MPTCP, or UDP for DNS capture) falls back to the calling task's uid.
 #[inline(always)]
 pub fn owner_uid(sa: *mut bpf_sock_addr) -> u32 {
-    let st = storage(sock_addr_sk(sa), false);
-    if !st.is_null() {
-        let (f, uid) = unsafe { (read_volatile(&(*st).flags), read_volatile(&(*st).owner_uid)) };
-        if f & sock_state_flags::HAS_OWNER != 0 {
-            return uid;
+    let off = unsafe { read_volatile(&raw const SK_UID_OFFSET) } as usize;
+    let sk = sock_addr_sk(sa);
+    if off != 0 && !sk.is_null() {
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+        if !tp.is_null() {
+            return unsafe { read_volatile(tp.cast::<u8>().add(off).cast::<u32>()) };
         }
     }
     unsafe { bpf_get_current_uid_gid() as u32 }

@@ -21,17 +21,18 @@ use super::types::{Annotations, EffectivePolicy, Origin, PolicyError, Source, So
 use super::values::{self, Ctx};
 
 pub mod keys {
-    /// Istio's per-pod ProxyConfig; we read `proxyMetadata.ISTIO_META_DNS_CAPTURE` from it.
-    pub const ISTIO_PROXY_CONFIG: &str = "proxy.istio.io/config";
-    /// The proxyMetadata variable inside [`ISTIO_PROXY_CONFIG`].
+    keys! {
+        /// Istio's per-pod ProxyConfig; we read `proxyMetadata.ISTIO_META_DNS_CAPTURE` from it.
+        ISTIO_PROXY_CONFIG = "proxy.istio.io/config";
+        KUMA_BUILTIN_DNS = "kuma.io/builtin-dns";
+        KUMA_BUILTIN_DNS_PORT = "kuma.io/builtin-dns-port";
+    }
+    /// The proxyMetadata variable inside [`ISTIO_PROXY_CONFIG`] (not an annotation).
     pub const ISTIO_DNS_CAPTURE: &str = "ISTIO_META_DNS_CAPTURE";
-    pub const KUMA_BUILTIN_DNS: &str = "kuma.io/builtin-dns";
-    pub const KUMA_BUILTIN_DNS_PORT: &str = "kuma.io/builtin-dns-port";
     /// The file's mesh-wide default (`dns:`), as `explain` names it.
     pub const FILE_DEFAULT: &str = "dns";
     /// The Kubernetes source's mesh-wide default.
     pub const FLAG_DEFAULT: &str = "--dns-capture";
-    pub const ALL: &[&str] = &[ISTIO_PROXY_CONFIG, KUMA_BUILTIN_DNS, KUMA_BUILTIN_DNS_PORT];
 }
 use keys::*;
 

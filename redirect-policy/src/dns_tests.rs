@@ -11,6 +11,10 @@ fn run(
     crate::test_inputs::run(mesh, ns, pod).map(|r| r.policy.dns)
 }
 
+fn run_pod(pod: &[(&str, &str)]) -> Result<DnsPolicy, PolicyError> {
+    run(&MeshTraffic::default(), &[], pod)
+}
+
 fn mesh(capture: bool, port: u16) -> MeshTraffic {
     MeshTraffic {
         dns: DnsDefault {
@@ -26,19 +30,14 @@ const ISTIO_ON: &str = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n";
 
 #[test]
 fn off_by_default() {
-    let d = run(&MeshTraffic::default(), &[], &[]).unwrap();
+    let d = run_pod(&[]).unwrap();
     assert!(!d.enabled());
     assert_eq!(d.record_port(), 0);
 }
 
 #[test]
 fn istio_pod_annotation_turns_it_on_at_15053() {
-    let d = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(ISTIO_PROXY_CONFIG, ISTIO_ON)],
-    )
-    .unwrap();
+    let d = run_pod(&[(ISTIO_PROXY_CONFIG, ISTIO_ON)]).unwrap();
     assert!(d.enabled());
     assert_eq!(d.record_port(), 15053);
     let c = d.capture.unwrap();
@@ -50,7 +49,7 @@ fn istio_pod_annotation_turns_it_on_at_15053() {
 fn istio_json_and_parse_bool_values() {
     for (v, on) in [("true", true), ("1", true), ("False", false), ("f", false)] {
         let raw = format!(r#"{{"proxyMetadata": {{"ISTIO_META_DNS_CAPTURE": "{v}"}}}}"#);
-        let d = run(&MeshTraffic::default(), &[], &[(ISTIO_PROXY_CONFIG, &raw)]).unwrap();
+        let d = run_pod(&[(ISTIO_PROXY_CONFIG, &raw)]).unwrap();
         assert_eq!(d.enabled(), on, "{v}");
     }
     // A ProxyConfig without the variable says nothing: the mesh default stands.
@@ -62,28 +61,19 @@ fn istio_json_and_parse_bool_values() {
 
 #[test]
 fn bad_values_name_pod_key_and_value() {
-    let e = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(
-            ISTIO_PROXY_CONFIG,
-            "proxyMetadata: {ISTIO_META_DNS_CAPTURE: yes-please}",
-        )],
-    )
+    let e = run_pod(&[(
+        ISTIO_PROXY_CONFIG,
+        "proxyMetadata: {ISTIO_META_DNS_CAPTURE: yes-please}",
+    )])
     .unwrap_err();
     assert_eq!(e.object, "pod demo/app");
     assert_eq!(e.key, ISTIO_PROXY_CONFIG);
     assert!(e.value.contains("yes-please"), "{e}");
-    let e = run(&MeshTraffic::default(), &[], &[(ISTIO_PROXY_CONFIG, "[")]).unwrap_err();
+    let e = run_pod(&[(ISTIO_PROXY_CONFIG, "[")]).unwrap_err();
     assert_eq!(e.key, ISTIO_PROXY_CONFIG);
-    let e = run(&MeshTraffic::default(), &[], &[(KUMA_BUILTIN_DNS, "on")]).unwrap_err();
+    let e = run_pod(&[(KUMA_BUILTIN_DNS, "on")]).unwrap_err();
     assert_eq!((e.key.as_str(), e.value.as_str()), (KUMA_BUILTIN_DNS, "on"));
-    let e = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(KUMA_BUILTIN_DNS_PORT, "70000")],
-    )
-    .unwrap_err();
+    let e = run_pod(&[(KUMA_BUILTIN_DNS_PORT, "70000")]).unwrap_err();
     assert_eq!(
         (e.key.as_str(), e.value.as_str()),
         (KUMA_BUILTIN_DNS_PORT, "70000")
@@ -93,14 +83,10 @@ fn bad_values_name_pod_key_and_value() {
 
 #[test]
 fn kuma_enabled_with_its_port() {
-    let d = run(
-        &MeshTraffic::default(),
-        &[],
-        &[
-            (KUMA_BUILTIN_DNS, "enabled"),
-            (KUMA_BUILTIN_DNS_PORT, "25053"),
-        ],
-    )
+    let d = run_pod(&[
+        (KUMA_BUILTIN_DNS, "enabled"),
+        (KUMA_BUILTIN_DNS_PORT, "25053"),
+    ])
     .unwrap();
     assert!(d.enabled());
     assert_eq!(d.record_port(), 25053);
@@ -136,25 +122,17 @@ fn pod_over_namespace_over_mesh() {
 
 #[test]
 fn disagreeing_keys_on_one_object_are_an_error() {
-    let e = run(
-        &MeshTraffic::default(),
-        &[],
-        &[
-            (ISTIO_PROXY_CONFIG, ISTIO_ON),
-            (KUMA_BUILTIN_DNS, "disabled"),
-        ],
-    )
+    let e = run_pod(&[
+        (ISTIO_PROXY_CONFIG, ISTIO_ON),
+        (KUMA_BUILTIN_DNS, "disabled"),
+    ])
     .unwrap_err();
     assert!(e.to_string().contains("conflicts"), "{e}");
     // Agreeing keys are fine.
-    run(
-        &MeshTraffic::default(),
-        &[],
-        &[
-            (ISTIO_PROXY_CONFIG, ISTIO_ON),
-            (KUMA_BUILTIN_DNS, "enabled"),
-        ],
-    )
+    run_pod(&[
+        (ISTIO_PROXY_CONFIG, ISTIO_ON),
+        (KUMA_BUILTIN_DNS, "enabled"),
+    ])
     .unwrap();
 }
 

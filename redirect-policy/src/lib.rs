@@ -7,6 +7,16 @@
 //! - [`evaluate`] / [`evaluate_compiled`]: the decision (docs/architecture.md), from the lists
 //!   and from the compiled tables.
 
+/// Declares a module's keys: one `pub const` per key, and `ALL`, every key in the order written
+/// (what `is_policy_key` and the unknown-key checks read).
+macro_rules! keys {
+    ($($(#[$meta:meta])* $name:ident = $key:literal;)+) => {
+        $($(#[$meta])* pub const $name: &str = $key;)+
+        /// Every key above, in the order written.
+        pub const ALL: &[&str] = &[$($name),+];
+    };
+}
+
 mod compile;
 mod dialect;
 mod dns;
@@ -50,6 +60,11 @@ mod test_inputs {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// A pod's own annotations over the default mesh config and a bare namespace.
+    pub fn run_pod(pod: &[(&str, &str)]) -> Result<Resolved, PolicyError> {
+        run(&MeshTraffic::default(), &[], pod)
     }
 
     pub fn run(

@@ -72,54 +72,40 @@ pub(crate) fn mode_disables(raw: &str) -> bool {
 pub(crate) fn layer(mesh: &MeshTraffic, warnings: &mut Vec<String>) -> Result<Layer, PolicyError> {
     let origin = Origin::Mesh;
     let mut layer = Layer::default();
-    let cidrs = |key: &str, list: &[String], w: &mut Vec<String>| {
-        let ctx = Ctx::new(&origin, key);
-        list.iter()
-            .map(|s| values::cidr(&ctx, s.trim(), CidrSyntax::CidrOnly, w))
-            .collect::<Result<Vec<_>, _>>()
-            .map(|v| Setting::new(Merge::Override, ctx.source(), v))
-    };
-    if !mesh.outbound_ip_range_exclusion_list.is_empty() {
-        let s = cidrs(
-            KEY_EXCLUDE_CIDRS,
-            &mesh.outbound_ip_range_exclusion_list,
-            warnings,
-        )?;
-        layer.exclude_cidrs.push(s);
-    }
-    if !mesh.outbound_ip_range_inclusion_list.is_empty() {
-        let s = cidrs(
-            KEY_INCLUDE_CIDRS,
-            &mesh.outbound_ip_range_inclusion_list,
-            warnings,
-        )?;
-        layer.include_cidrs.push(s);
-    }
-    if !mesh.outbound_port_exclusion_list.is_empty() {
-        let ctx = Ctx::new(&origin, KEY_EXCLUDE_PORTS);
-        let v = json_ports(&ctx, &mesh.outbound_port_exclusion_list)?;
-        layer
-            .exclude_ports
-            .push(Setting::new(Merge::Override, ctx.source(), v));
-    }
-    if !mesh.inbound_port_exclusion_list.is_empty() {
-        let ctx = Ctx::new(&origin, KEY_INBOUND_EXCLUDE_PORTS);
-        let v = json_ports(&ctx, &mesh.inbound_port_exclusion_list)?;
-        layer
-            .inbound_exclude_ports
-            .push(Setting::new(Merge::Override, ctx.source(), v));
-    }
-    if !mesh.network_interface_exclusion_list.is_empty() {
-        let ctx = Ctx::new(&origin, KEY_INTERFACES);
-        let v = mesh
-            .network_interface_exclusion_list
-            .iter()
-            .map(|s| values::interface(&ctx, s.trim()))
-            .collect::<Result<Vec<_>, _>>()?;
-        layer
-            .exclude_interfaces
-            .push(Setting::new(Merge::Override, ctx.source(), v));
-    }
+    let (l, t) = (&mut layer, mesh);
+    let mut cidr = |c: &Ctx, s: &String| values::cidr(c, s.trim(), CidrSyntax::CidrOnly, warnings);
+    let interface = |c: &Ctx, s: &String| values::interface(c, s.trim());
+    set(
+        &mut l.exclude_cidrs,
+        KEY_EXCLUDE_CIDRS,
+        &t.outbound_ip_range_exclusion_list,
+        &mut cidr,
+    )?;
+    set(
+        &mut l.include_cidrs,
+        KEY_INCLUDE_CIDRS,
+        &t.outbound_ip_range_inclusion_list,
+        &mut cidr,
+    )?;
+    set(
+        &mut l.exclude_ports,
+        KEY_EXCLUDE_PORTS,
+        &t.outbound_port_exclusion_list,
+        json_port,
+    )?;
+    let inbound = &mut l.inbound_exclude_ports;
+    set(
+        inbound,
+        KEY_INBOUND_EXCLUDE_PORTS,
+        &t.inbound_port_exclusion_list,
+        json_port,
+    )?;
+    set(
+        &mut l.exclude_interfaces,
+        KEY_INTERFACES,
+        &t.network_interface_exclusion_list,
+        interface,
+    )?;
     if let Some(raw) = &mesh.interception_mode {
         let raw = raw.trim();
         if !raw.is_empty() {
@@ -136,18 +122,31 @@ pub(crate) fn layer(mesh: &MeshTraffic, warnings: &mut Vec<String>) -> Result<La
     Ok(layer)
 }
 
+/// Adds the setting a list field of the mesh config gives under `key`, each item parsed by
+/// `item`; an empty list sets nothing.
+fn set<I, T>(
+    field: &mut Vec<Setting<T>>,
+    key: &str,
+    items: &[I],
+    mut item: impl FnMut(&Ctx, &I) -> Result<T, PolicyError>,
+) -> Result<(), PolicyError> {
+    if !items.is_empty() {
+        let ctx = Ctx::new(&Origin::Mesh, key);
+        let v = items.iter().map(|i| item(&ctx, i));
+        let v = v.collect::<Result<Vec<_>, _>>()?;
+        field.push(Setting::new(Merge::Override, ctx.source(), v));
+    }
+    Ok(())
+}
+
 /// FSM declares these lists as `[]int`: accept JSON integers 1-65535 only.
-fn json_ports(ctx: &Ctx, list: &[serde_json::Value]) -> Result<Vec<PortRange>, PolicyError> {
-    list.iter()
-        .map(|v| match v.as_u64() {
-            Some(n) if (1..=65535).contains(&n) => Ok(PortRange::single(n as u16)),
-            Some(_) => Err(ctx.error(&v.to_string(), "port out of range 1-65535")),
-            None if v.as_i64().is_some() => {
-                Err(ctx.error(&v.to_string(), "port out of range 1-65535"))
-            }
-            None => Err(ctx.error(&v.to_string(), "expected an integer port number")),
-        })
-        .collect()
+fn json_port(ctx: &Ctx, v: &serde_json::Value) -> Result<PortRange, PolicyError> {
+    match v.as_u64() {
+        Some(n) if (1..=65535).contains(&n) => Ok(PortRange::single(n as u16)),
+        Some(_) => Err(ctx.error(&v.to_string(), "port out of range 1-65535")),
+        None if v.as_i64().is_some() => Err(ctx.error(&v.to_string(), "port out of range 1-65535")),
+        None => Err(ctx.error(&v.to_string(), "expected an integer port number")),
+    }
 }
 
 #[cfg(test)]

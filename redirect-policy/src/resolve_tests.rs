@@ -3,7 +3,7 @@
 use super::*;
 use crate::dialect::keys::{istio, kuma, linkerd};
 use crate::mesh::{KEY_EXCLUDE_CIDRS, KEY_EXCLUDE_PORTS, KEY_MODE};
-use crate::test_inputs::run;
+use crate::test_inputs::{run, run_pod};
 use crate::types::{PortRange, Step};
 use crate::{MeshTraffic, evaluate};
 
@@ -33,7 +33,7 @@ fn mesh_with_excludes() -> MeshTraffic {
 
 #[test]
 fn defaults_include_everything() {
-    let r = run(&MeshTraffic::default(), &[], &[]).unwrap();
+    let r = run_pod(&[]).unwrap();
     let p = r.policy;
     assert!(p.enabled && p.enabled_source.is_none());
     assert_eq!(cidrs(&p.include_cidrs), vec!["0.0.0.0/0", "::/0"]);
@@ -118,7 +118,7 @@ fn fsm_and_osm_union_with_mesh_and_overrides() {
 #[test]
 fn fsm_inclusion_list_restricts_when_mesh_includes_all() {
     let pod = [("flomesh.io/outbound-ip-range-inclusion-list", "10.0.0.0/8")];
-    let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
+    let p = run_pod(&pod).unwrap().policy;
     assert_eq!(cidrs(&p.include_cidrs), vec!["10.0.0.0/8"]);
     // Istio `*` on the namespace plus an FSM pod list: `*` still covers everything.
     let ns = [(istio::INCLUDE_OUTBOUND_IP_RANGES, "*")];
@@ -133,7 +133,7 @@ fn fsm_inclusion_list_restricts_when_mesh_includes_all() {
 #[test]
 fn empty_include_ranges_disable_unless_ports_included() {
     let pod = [(istio::INCLUDE_OUTBOUND_IP_RANGES, "")];
-    let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
+    let p = run_pod(&pod).unwrap().policy;
     assert!(!p.enabled);
     assert_eq!(
         p.enabled_source,
@@ -150,7 +150,7 @@ fn empty_include_ranges_disable_unless_ports_included() {
         (istio::INCLUDE_OUTBOUND_IP_RANGES, ""),
         (istio::INCLUDE_OUTBOUND_PORTS, "6379"),
     ];
-    let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
+    let p = run_pod(&pod).unwrap().policy;
     assert!(p.enabled);
     let v = evaluate(&p, "1.2.3.4:6379".parse().unwrap(), false);
     assert_eq!((v.redirect, v.step), (true, Step::IncludedPort));
@@ -220,11 +220,11 @@ fn dialects_on_one_object_union() {
 #[test]
 fn conflicting_proxy_uids_are_an_error() {
     let pod = [(linkerd::PROXY_UID, "2102"), (kuma::SIDECAR_UID, "5678")];
-    let e = run(&MeshTraffic::default(), &[], &pod).unwrap_err();
+    let e = run_pod(&pod).unwrap_err();
     assert_eq!(e.object, "pod demo/app");
     assert!(e.reason.contains(linkerd::PROXY_UID), "{e}");
     let pod = [(linkerd::PROXY_UID, "2102"), (kuma::SIDECAR_UID, "2102")];
-    assert!(run(&MeshTraffic::default(), &[], &pod).is_ok());
+    assert!(run_pod(&pod).is_ok());
 }
 
 #[test]
@@ -249,7 +249,7 @@ fn errors_name_the_object() {
 #[test]
 fn warnings_name_object_key_and_value() {
     let pod = [(istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3/8")];
-    let r = run(&MeshTraffic::default(), &[], &pod).unwrap();
+    let r = run_pod(&pod).unwrap();
     assert_eq!(cidrs(&r.policy.exclude_cidrs), vec!["10.0.0.0/8"]);
     assert_eq!(r.warnings.len(), 1);
     let w = &r.warnings[0];
@@ -263,21 +263,13 @@ fn warnings_name_object_key_and_value() {
 
 #[test]
 fn inbound_lists() {
-    let p = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(istio::INCLUDE_INBOUND_PORTS, "*")],
-    )
-    .unwrap()
-    .policy;
+    let p = run_pod(&[(istio::INCLUDE_INBOUND_PORTS, "*")])
+        .unwrap()
+        .policy;
     assert_eq!(p.inbound_include_ports, None);
-    let p = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(istio::INCLUDE_INBOUND_PORTS, "")],
-    )
-    .unwrap()
-    .policy;
+    let p = run_pod(&[(istio::INCLUDE_INBOUND_PORTS, "")])
+        .unwrap()
+        .policy;
     assert_eq!(p.inbound_include_ports, Some(vec![]));
     let ns = [(istio::INCLUDE_INBOUND_PORTS, "8080")];
     let p = run(&MeshTraffic::default(), &ns, &[]).unwrap().policy;
@@ -289,7 +281,7 @@ fn inbound_lists() {
         (kuma::EXCLUDE_INBOUND_IPS, "10.0.0.0/8"),
         (linkerd::SKIP_SUBNETS, "192.168.0.0/16"),
     ];
-    let p = run(&MeshTraffic::default(), &[], &pod).unwrap().policy;
+    let p = run_pod(&pod).unwrap().policy;
     assert_eq!(
         cidrs(&p.inbound_exclude_cidrs),
         vec!["192.168.0.0/16", "10.0.0.0/8"]
@@ -299,14 +291,10 @@ fn inbound_lists() {
 
 #[test]
 fn a_huge_bad_value_is_cut_in_the_message_which_says_how_long_it_was() {
-    let e = run(
-        &MeshTraffic::default(),
-        &[],
-        &[(
-            istio::EXCLUDE_OUTBOUND_PORTS,
-            &format!("{}x", "9".repeat(20_000_000)),
-        )],
-    )
+    let e = run_pod(&[(
+        istio::EXCLUDE_OUTBOUND_PORTS,
+        &format!("{}x", "9".repeat(20_000_000)),
+    )])
     .unwrap_err();
     let msg = e.to_string();
     assert!(msg.len() < 1_000, "{} bytes", msg.len());
@@ -345,15 +333,10 @@ fn a_bad_inbound_value_leaves_the_outbound_policy_alone() {
 
     // A bad outbound value still fails the whole workload.
     let pod = [(istio::EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33")];
-    assert!(run(&MeshTraffic::default(), &[], &pod).is_err());
+    assert!(run_pod(&pod).is_err());
     // Good inbound values: no error.
     let pod = [(istio::EXCLUDE_INBOUND_PORTS, "7001")];
-    assert!(
-        run(&MeshTraffic::default(), &[], &pod)
-            .unwrap()
-            .inbound_error
-            .is_none()
-    );
+    assert!(run_pod(&pod).unwrap().inbound_error.is_none());
 }
 
 #[test]

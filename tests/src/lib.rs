@@ -54,7 +54,8 @@ pub use bpffs::{BPFFS, ensure_bpffs};
 pub use cgroup::{cgroup_id, cgroup_of, cgroup2_mount, move_pid};
 pub use fixture::{Fixture, spawn_in_cgroup_netns};
 pub use mesh::{
-    MeshPods, MeshWorld, agent_cleanup, agent_cli, serve_own_addresses, start_testproxy, veth_pair,
+    MeshPods, MeshWorld, agent_cleanup, agent_cli, assert_cleanup_refused, serve_own_addresses,
+    setpriv_args, spawn_client_shell, start_testproxy, veth_pair,
 };
 pub use netns::{NETNS_DIR, enter_current_thread, ip, netns_path};
 pub use origdst::{IP6T_SO_ORIGINAL_DST, SO_ORIGINAL_DST, original_dst};

@@ -146,3 +146,61 @@ pub fn agent_cleanup(bpffs: &Path) -> Result<()> {
     ])
     .map(drop)
 }
+
+/// Runs `redirect-agent cleanup --bpffs-dir BPFFS` beside the live agent `pid` and asserts that it
+/// was refused, naming that agent (it holds the pin directory's lock) and removing nothing.
+pub fn assert_cleanup_refused(bpffs: &Path, pid: u32) -> Result<()> {
+    let out = Command::new(helper_bin("redirect-agent")?)
+        .args(["cleanup", "--bpffs-dir"])
+        .arg(bpffs)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        bail!("cleanup ran beside a live agent (pid {pid})");
+    }
+    if !(err.contains("cleanup refused") && err.contains(&format!("pid {pid}"))) {
+        bail!("cleanup failed, but not refused naming pid {pid}: {err}");
+    }
+    Ok(())
+}
+
+/// `sh -c SCRIPT` in `cgroup` of `fx`, with `$CLIENT` set to redirect-testclient and stdout piped:
+/// a workload that runs the client in a loop or on request, without being restarted.
+pub fn spawn_client_shell(
+    fx: &Fixture,
+    cgroup: &Path,
+    script: &str,
+    stdin: std::process::Stdio,
+) -> Result<std::process::Child> {
+    fx.spawn_in(
+        cgroup,
+        Command::new("sh")
+            .args(["-c", script])
+            .env("CLIENT", helper_bin("redirect-testclient")?)
+            .stdin(stdin)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    )
+}
+
+/// `setpriv` arguments (up to and including `--`) that run the next program with exactly `caps`
+/// (setpriv names such as `bpf`, `net_admin`): as uid 0, exec gives a process its bounding set as
+/// permitted and effective set, and the inheritable and ambient sets are cleared so that nothing
+/// comes back in.
+pub fn setpriv_args<S: AsRef<str>>(caps: &[S]) -> Vec<String> {
+    let bounding = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{}", c.as_ref())))
+        .collect::<Vec<_>>()
+        .join(",");
+    [
+        "--bounding-set",
+        &bounding,
+        "--inh-caps",
+        "-all",
+        "--ambient-caps",
+        "-all",
+        "--",
+    ]
+    .map(String::from)
+    .to_vec()
+}

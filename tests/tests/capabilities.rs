@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_tests::{Fixture, Reached, Spawned, cgroup2_mount, helper_bin, probe, serve_identity};
+use redirect_tests::{
+    Fixture, Reached, Spawned, cgroup2_mount, helper_bin, probe, serve_identity, setpriv_args,
+};
 use serde_json::Value;
 
 mod common;
@@ -23,7 +25,7 @@ mod inbound_support;
 
 /// setpriv names and kernel names of the capabilities the agent needs.
 /// Programs the agent links to the --cgroup-root (redirect-agent/src/bpf/loader.rs `PROGRAMS`).
-const CGROUP_PROGRAMS: usize = 13;
+const CGROUP_PROGRAMS: usize = 10;
 
 const NEEDED: [(&str, &str, u32); 3] = [
     ("bpf", "CAP_BPF", 39),
@@ -63,10 +65,6 @@ impl CappedAgent {
             dir,
         };
         fs::write(&agent.config, config).unwrap();
-        let bounding = std::iter::once("-all".to_string())
-            .chain(caps.iter().map(|c| format!("+{c}")))
-            .collect::<Vec<_>>()
-            .join(",");
         let mount = cgroup2_mount().unwrap();
         let (mut cmd, bpffs_dir, cgroup_root) = match layout {
             Layout::Direct => (
@@ -102,15 +100,7 @@ impl CappedAgent {
         };
         let log = fs::File::create(&agent.log).unwrap();
         let child = cmd
-            .args([
-                "--bounding-set",
-                &bounding,
-                "--inh-caps",
-                "-all",
-                "--ambient-caps",
-                "-all",
-                "--",
-            ])
+            .args(setpriv_args(caps))
             .arg(helper_bin("redirect-agent").unwrap())
             .args(["run", "--source", "file", "--log-format", "json"])
             .arg("--config")
@@ -316,15 +306,7 @@ fn exactly_bpf_net_admin_perfmon_load_attach_and_reconcile() {
     // The uninstall step (deploy/uninstall) runs cleanup with no capability at all: removing
     // the pins is what detaches, and that is plain file removal for their owner.
     let out = Command::new("setpriv")
-        .args([
-            "--bounding-set",
-            "-all",
-            "--inh-caps",
-            "-all",
-            "--ambient-caps",
-            "-all",
-            "--",
-        ])
+        .args(setpriv_args::<&str>(&[]))
         .arg(helper_bin("redirect-agent").unwrap())
         .args(["cleanup", "--bpffs-dir"])
         .arg(fx.pin_dir())
@@ -515,20 +497,8 @@ fn inbound_adds_sys_ptrace_sys_admin_and_host_pid() {
 
     // The kubernetes source checks at start: the two are named; --inbound=false needs neither.
     let kube = |caps: &[&str], extra: &[&str]| {
-        let bounding = std::iter::once("-all".to_string())
-            .chain(caps.iter().map(|c| format!("+{c}")))
-            .collect::<Vec<_>>()
-            .join(",");
         let out = Command::new("setpriv")
-            .args([
-                "--bounding-set",
-                &bounding,
-                "--inh-caps",
-                "-all",
-                "--ambient-caps",
-                "-all",
-                "--",
-            ])
+            .args(setpriv_args(caps))
             .arg(helper_bin("redirect-agent").unwrap())
             .args([
                 "run",

@@ -9,7 +9,7 @@ use std::{
 };
 
 use datapath_support::*;
-use redirect_tests::{Agent, agent_cleanup, helper_bin, probe};
+use redirect_tests::{Agent, agent_cleanup, probe};
 
 /// A shell that stays alive in the app cgroup and runs the client on request: the workload is
 /// never restarted while its policy changes.
@@ -20,20 +20,13 @@ struct LongLivedWorkload {
 
 impl LongLivedWorkload {
     fn start(w: &World) -> Self {
-        let client = helper_bin("redirect-testclient").unwrap();
-        let script = format!(
-            "while read dest; do {} connect \"$dest\" --json --timeout-ms 3000; done",
-            client.display()
-        );
-        let mut child =
-            w.fx.spawn_in(
-                &w.app,
-                Command::new("sh")
-                    .args(["-c", &script])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped()),
-            )
-            .unwrap();
+        let mut child = redirect_tests::spawn_client_shell(
+            &w.fx,
+            &w.app,
+            "while read dest; do \"$CLIENT\" connect \"$dest\" --json --timeout-ms 3000; done",
+            Stdio::piped(),
+        )
+        .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Self { child, stdout }
     }
@@ -109,18 +102,7 @@ fn cleanup_detaches_and_unpins_everything() {
     let w = world("cleanup");
     let mut agent = Agent::start(&w.fx, &config(&w, "")).unwrap();
     // Refused while the agent runs: it names the agent and removes nothing.
-    let out = Command::new(helper_bin("redirect-agent").unwrap())
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(w.fx.pin_dir())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "cleanup ran beside a live agent");
-    let pid = agent.pid().unwrap();
-    assert!(
-        err.contains("cleanup refused") && err.contains(&format!("pid {pid}")),
-        "{err}"
-    );
+    redirect_tests::assert_cleanup_refused(w.fx.pin_dir(), agent.pid().unwrap()).unwrap();
     assert_proxy(
         probe(&w.fx, &w.app, "198.18.0.10:80", &[]).unwrap(),
         "after a refused cleanup",

@@ -8,12 +8,13 @@ mod kube_support;
 use e2e_local_support::{names, run};
 
 /// The scenario of each test below, in file order.
-const TESTED: [&str; 5] = [
+const TESTED: [&str; 6] = [
     "fsm-000-ip-range-exclusion",
     "asm-003-pod-over-namespace",
     "istio-001-include-ranges",
     "bad-annotation",
     "agent-rollout",
+    "asm-003-exclude-inbound-ports",
 ];
 
 fn scenario(name: &str) {
@@ -50,4 +51,9 @@ fn bad_annotation() {
 #[test]
 fn agent_rollout() {
     scenario(TESTED[4]);
+}
+
+#[test]
+fn asm_003_exclude_inbound_ports() {
+    scenario(TESTED[5]);
 }

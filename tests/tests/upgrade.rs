@@ -9,126 +9,13 @@
 //! `cargo build -p redirect-agent -p redirect-tests --bin redirect-agent-layout-test --features redirect-agent/test-policy-pad`.
 mod escapes_support;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use escapes_support::{DEST, World, both, config, registered, world};
+use escapes_support::{Counts, Looper, World, both, config, registered, world};
 use nix::sys::signal::Signal;
 use redirect_tests::{Agent, Spawned, helper_bin};
 
 const NEW_LAYOUT: &str = "redirect-agent-layout-test";
-
-/// Where each looped connect went.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Counts {
-    /// Reached the proxy, which read the right original destination.
-    ok: usize,
-    /// Reached the proxy with another original destination (or none): a double rewrite or a
-    /// lost record.
-    wrong_orig: usize,
-    escaped: usize,
-    failed: usize,
-}
-
-/// A workload looping connects to [`DEST`], classified strictly.
-struct Looper {
-    child: Child,
-    counts: Arc<Mutex<Counts>>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Looper {
-    fn start(w: &World) -> Looper {
-        let client = helper_bin("redirect-testclient").unwrap();
-        let script = format!(
-            "while :; do {} connect {DEST} --json --timeout-ms 2000; done",
-            client.display()
-        );
-        let mut child =
-            w.fx.spawn_in(
-                &w.app,
-                Command::new("sh")
-                    .args(["-c", &script])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null()),
-            )
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let counts = Arc::new(Mutex::new(Counts::default()));
-        let reader = std::thread::spawn({
-            let counts = counts.clone();
-            move || {
-                let want = format!("proxy orig={DEST} ");
-                for line in stdout.lines() {
-                    let Ok(line) = line else { break };
-                    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                    let reply = v["reply"].as_str().unwrap_or("");
-                    let mut c = counts.lock().unwrap();
-                    if reply.starts_with(&want) {
-                        c.ok += 1;
-                    } else if reply.starts_with("proxy") {
-                        c.wrong_orig += 1;
-                    } else if reply.trim() == DEST {
-                        c.escaped += 1;
-                    } else {
-                        c.failed += 1;
-                    }
-                }
-            }
-        });
-        let l = Looper {
-            child,
-            counts,
-            reader: Some(reader),
-        };
-        l.wait_ok(5);
-        l
-    }
-
-    fn counts(&self) -> Counts {
-        *self.counts.lock().unwrap()
-    }
-
-    /// Waits for `n` more correctly redirected connects: the loop is alive and working.
-    fn wait_ok(&self, n: usize) {
-        let target = self.counts().ok + n;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.counts().ok < target {
-            assert!(
-                Instant::now() < deadline,
-                "looped connects stopped being redirected: {:?}",
-                self.counts()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn finish(mut self) -> Counts {
-        self.wait_ok(5);
-        self.stop();
-        self.counts()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
-    }
-}
-
-impl Drop for Looper {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn assert_clean(c: Counts, what: &str) {
     eprintln!("{what}: {c:?}");
@@ -137,7 +24,7 @@ fn assert_clean(c: Counts, what: &str) {
         (0, 0, 0),
         "{what}: {c:?}"
     );
-    assert!(c.ok > 0, "{what}: nothing redirected: {c:?}");
+    assert!(c.redirected > 0, "{what}: nothing redirected: {c:?}");
 }
 
 /// The DaemonSet rollout: SIGTERM to the old agent, wait for it to exit, start the new build.
@@ -250,11 +137,11 @@ fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
     assert!(programs > 0, "nothing attached");
     assert_eq!(link_pins(&base), programs);
     let old_size = policy_value_size(&base);
-    let looper = Looper::start(w);
+    let looper = Looper::start(w, &w.app);
 
     let agent = roll(agent, w, cfg, NEW_LAYOUT);
     agent.wait_log("upgrade complete").unwrap();
-    looper.wait_ok(20);
+    looper.wait_redirected(20);
     let gen1 = base.join("gen1");
     // The old generation is gone: only the new directory is left, and only its links run.
     assert_eq!(
@@ -285,25 +172,19 @@ fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
     // And back (a rollback is an upgrade too): generation 2 beside generation 1.
     let agent = roll(agent, w, cfg, "redirect-agent");
     agent.wait_log("upgrade complete").unwrap();
-    looper.wait_ok(20);
+    looper.wait_redirected(20);
     assert_eq!(names(&base), ["gen2"]);
     assert_eq!(policy_value_size(&base.join("gen2")), old_size);
     assert_eq!(attached(w), programs);
     assert_eq!(registered(&agent), both(w));
-    assert_clean(looper.finish(), &format!("upgrade across layouts, {what}"));
+    assert_clean(
+        looper.finish(Duration::ZERO),
+        &format!("upgrade across layouts, {what}"),
+    );
 
     // cleanup removes every generation, and the directory with them.
     drop(agent);
-    let out = Command::new(helper_bin("redirect-agent").unwrap())
-        .args(["cleanup", "--bpffs-dir"])
-        .arg(&base)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    redirect_tests::agent_cleanup(&base).unwrap();
     assert!(!base.exists(), "{} left after cleanup", base.display());
     assert_eq!(attached(w), 0);
 }
@@ -318,9 +199,9 @@ fn a_same_layout_upgrade_adopts_in_place() {
     let before = agent.inspect().unwrap()["workloads"].clone();
     let pins = names(&base);
     let programs = attached(&w);
-    let looper = Looper::start(&w);
+    let looper = Looper::start(&w, &w.app);
     let agent = roll(agent, &w, &config(&w), "redirect-agent");
-    looper.wait_ok(20);
+    looper.wait_redirected(20);
     assert!(
         agent
             .log()
@@ -336,7 +217,7 @@ fn a_same_layout_upgrade_adopts_in_place() {
         before,
         "records rewritten"
     );
-    assert_clean(looper.finish(), "same-layout upgrade");
+    assert_clean(looper.finish(Duration::ZERO), "same-layout upgrade");
 }
 
 /// An upgrade that never gets ready keeps the old generation attached (fail safe), and a kill -9
@@ -354,7 +235,7 @@ fn a_killed_upgrade_keeps_the_old_generation_and_the_restart_releases_the_new_on
     let agent = Agent::start(&w.fx, &cfg).unwrap();
     let programs = attached(&w);
     let pins = names(&base);
-    let looper = Looper::start(&w);
+    let looper = Looper::start(&w, &w.app);
 
     let mut agent = agent;
     agent
@@ -367,7 +248,7 @@ fn a_killed_upgrade_keeps_the_old_generation_and_the_restart_releases_the_new_on
         .unwrap();
     // Both generations run side by side, and both have a redirecting record for the workload.
     assert_eq!(registered(&stuck), both(&w), "{}", stuck.log());
-    looper.wait_ok(50);
+    looper.wait_redirected(50);
     assert!(base.join("gen1").is_dir());
     assert_eq!(attached(&w), 2 * programs, "{}", stuck.log());
     assert!(!stuck.log().contains("upgrade complete"), "{}", stuck.log());
@@ -376,9 +257,9 @@ fn a_killed_upgrade_keeps_the_old_generation_and_the_restart_releases_the_new_on
 
     let agent = Agent::start(&w.fx, &cfg).unwrap();
     agent.wait_log("upgrade complete").unwrap();
-    looper.wait_ok(20);
+    looper.wait_redirected(20);
     assert_eq!(names(&base), pins, "gen1 left behind");
     assert_eq!(attached(&w), programs);
     assert_eq!(registered(&agent), both(&w));
-    assert_clean(looper.finish(), "killed upgrade");
+    assert_clean(looper.finish(Duration::ZERO), "killed upgrade");
 }

@@ -14,8 +14,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader, include_bytes_aligned,
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, CgroupSockopt, Program, ProgramError,
-        ProgramInfo, SockOps,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, Program, ProgramError, ProgramInfo,
+        SockOps,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
@@ -31,7 +31,6 @@ pub(super) static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR")
 #[derive(Clone, Copy, Debug)]
 enum Hook {
     SockAddr,
-    Sock,
     SockOps,
     GetSockopt,
 }
@@ -39,18 +38,16 @@ enum Hook {
 /// The programs, by their function names in redirect-ebpf, in attach order: the programs that
 /// keep and answer original destinations go first, so that the first redirected connect already
 /// finds them in place.
-const PROGRAMS: [(&str, Hook); 13] = [
-    ("redirect_sock_create", Hook::Sock),
+const PROGRAMS: [(&str, Hook); 10] = [
     ("redirect_sockops", Hook::SockOps),
     ("redirect_getsockopt", Hook::GetSockopt),
+    // getpeername answers for both a redirected client and DNS capture (redirect-ebpf/src/dns.rs).
     ("redirect_getpeername4", Hook::SockAddr),
     ("redirect_getpeername6", Hook::SockAddr),
-    // DNS capture (redirect-ebpf/src/dns.rs): the programs that restore the server's address
-    // go before the ones that capture.
+    // DNS capture: the programs that restore the server's address go before the ones that
+    // capture.
     ("redirect_dns_recvmsg4", Hook::SockAddr),
     ("redirect_dns_recvmsg6", Hook::SockAddr),
-    ("redirect_dns_getpeername4", Hook::SockAddr),
-    ("redirect_dns_getpeername6", Hook::SockAddr),
     ("redirect_dns_sendmsg4", Hook::SockAddr),
     ("redirect_dns_sendmsg6", Hook::SockAddr),
     ("redirect_connect4", Hook::SockAddr),
@@ -71,6 +68,9 @@ pub struct AttachOptions {
     /// Tries allocate per entry, so a large capacity costs nothing until it is used. It only
     /// applies when the maps are created: pinned maps keep the size they were made with.
     pub max_rule_entries: Option<u32>,
+    /// Inbound interception is on (`--inbound`, the default): a kernel that cannot run the
+    /// sk_lookup program is refused before anything is pinned (probe::check_inbound).
+    pub inbound: bool,
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -94,6 +94,10 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     }
     // Before the first pin: a kernel without a needed feature gets one line and no pins.
     super::probe::check(OBJECT, &own_programs().collect::<Vec<_>>())?;
+    if opts.inbound {
+        super::probe::check_inbound(OBJECT)?;
+    }
+    let sk_uid_offset = super::kernel_btf::sk_uid_offset()?;
     ensure_bpffs_dir(&opts.bpffs_dir)?;
     // Before the first pin too: a pinned map of another layout is never handed to aya.
     let expected = super::generation::expected(OBJECT, opts.max_rule_entries)?;
@@ -104,6 +108,8 @@ pub fn load_and_attach(opts: &AttachOptions) -> Result<PinnedMaps, BpfError> {
     for name in all_map_names() {
         loader.map_pin_path(name, dir.join(name));
     }
+    // The socket owner's uid for the proxy-uid bypass (redirect-ebpf/src/sockstate.rs).
+    loader.override_global("SK_UID_OFFSET", &sk_uid_offset, true);
     if let Some(n) = opts.max_rule_entries {
         for name in [map_names::CIDR_V4, map_names::CIDR_V6, map_names::PORTS] {
             loader.map_max_entries(name, n);
@@ -161,7 +167,6 @@ where
 fn load_program(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<(), BpfError> {
     let loaded = match hook {
         Hook::SockAddr => typed::<CgroupSockAddr>(ebpf, program)?.load(),
-        Hook::Sock => typed::<CgroupSock>(ebpf, program)?.load(),
         Hook::SockOps => typed::<SockOps>(ebpf, program)?.load(),
         Hook::GetSockopt => typed::<CgroupSockopt>(ebpf, program)?.load(),
     };
@@ -213,14 +218,6 @@ fn attach_program(
         match hook {
             Hook::SockAddr => {
                 let prog: &mut CgroupSockAddr = typed(ebpf, program)?;
-                let id = prog
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(program_err(program))?;
-                let link = prog.take_link(id).map_err(program_err(program))?;
-                pin_fd_link(program, link.try_into(), &pin)?;
-            }
-            Hook::Sock => {
-                let prog: &mut CgroupSock = typed(ebpf, program)?;
                 let id = prog
                     .attach(cgroup, CgroupAttachMode::Single)
                     .map_err(program_err(program))?;

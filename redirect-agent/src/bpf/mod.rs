@@ -2,6 +2,7 @@
 pub mod dns;
 pub mod generation;
 pub mod inbound_maps;
+pub mod kernel_btf;
 pub mod loader;
 pub mod maps;
 pub mod netns;

@@ -31,10 +31,29 @@ pub struct MissingFeature {
     pub since: String,
 }
 
+/// The running kernel cannot run the inbound (sk_lookup) program, and inbound is on.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "kernel {kernel} lacks {feature} (needed by {program} for inbound interception{since}); run with --inbound=false for outbound interception only, or use Linux {INBOUND_MIN_KERNEL} or later"
+)]
+pub struct InboundUnsupported {
+    pub kernel: String,
+    pub feature: String,
+    pub program: String,
+    /// ", added in Linux X.Y" where known.
+    pub since: String,
+}
+
+/// The oldest kernel whose sk_lookup context has every field the inbound program reads
+/// (`ingress_ifindex` came last, in 5.17; measured by `cargo xtask test-kernels`).
+pub const INBOUND_MIN_KERNEL: &str = "5.17";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
     #[error(transparent)]
     Missing(#[from] MissingFeature),
+    #[error(transparent)]
+    Inbound(#[from] InboundUnsupported),
     #[error("probing kernel features: parsing the eBPF object: {0}")]
     Object(#[from] aya_obj::ParseError),
     #[error("probing kernel features: program {0} is not in the eBPF object")]
@@ -154,13 +173,17 @@ fn helpers_of(obj: &Object, section_index: usize) -> BTreeSet<u32> {
         .collect()
 }
 
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// Checks that the running kernel has every hook and helper that `programs` (function names in
 /// the object) need.
 pub fn check(object: &[u8], programs: &[&str]) -> Result<(), ProbeError> {
     let obj = Object::parse(object)?;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
+    let kernel = kernel_release();
     for &name in programs {
         let prog = obj
             .programs
@@ -214,6 +237,91 @@ pub fn check(object: &[u8], programs: &[&str]) -> Result<(), ProbeError> {
         }
     }
     Ok(())
+}
+
+/// The offset of `ingress_ifindex` in `struct bpf_sk_lookup` (include/uapi/linux/bpf.h: an 8-byte
+/// socket/cookie union, family, protocol, remote_ip4, remote_ip6[4], remote_port with 2 bytes of
+/// padding, local_ip4, local_ip6[4], local_port, then ingress_ifindex).
+const SK_LOOKUP_INGRESS_IFINDEX: u32 = 64;
+
+/// Loads the sk_lookup program exactly as a netns link runs it, with a non-zero netns cookie,
+/// and returns the verifier's refusal as [`InboundUnsupported`]. The helper probes of
+/// [`check`] cannot see a missing *context field*, and the loader's own instance (cookie 0)
+/// does not either: the verifier drops the code behind `if cookie == 0 { return }` as dead
+/// before it checks its context reads, so 5.15 and 5.16 (no `ingress_ifindex`) load that
+/// instance and then refuse every per-netns one. Nothing is pinned: the object's maps are
+/// created unpinned, at one entry where the map type allows it, and freed on return.
+pub fn check_inbound(object: &[u8]) -> Result<(), ProbeError> {
+    use aya_obj::generated::bpf_map_type as mt;
+    use redirect_common::inbound::SK_LOOKUP_PROGRAM;
+    let obj = Object::parse(object)?;
+    let mut loader = aya::EbpfLoader::new();
+    // The verifier does not look at a map's size; the probe need not allocate the real ones.
+    let shrinkable = [
+        mt::BPF_MAP_TYPE_HASH,
+        mt::BPF_MAP_TYPE_LRU_HASH,
+        mt::BPF_MAP_TYPE_LPM_TRIE,
+        mt::BPF_MAP_TYPE_SOCKHASH,
+    ]
+    .map(|t| t as u32);
+    for (name, map) in &obj.maps {
+        if shrinkable.contains(&map.map_type()) {
+            loader.map_max_entries(name, 1);
+        }
+    }
+    // Any non-zero value: the code behind the cookie test must be live for the verifier.
+    let cookie = u64::MAX;
+    loader.override_global("INBOUND_NETNS_COOKIE", &cookie, true);
+    let unsupported = |feature: String, since: &str| InboundUnsupported {
+        kernel: kernel_release(),
+        feature,
+        program: SK_LOOKUP_PROGRAM.into(),
+        since: since.into(),
+    };
+    let mut ebpf = match loader.load(object) {
+        Ok(e) => e,
+        Err(e) => {
+            return Err(unsupported(
+                format!("what the sk_lookup program needs (loading its object: {e})"),
+                "",
+            )
+            .into());
+        }
+    };
+    let prog: &mut aya::programs::SkLookup = ebpf
+        .program_mut(SK_LOOKUP_PROGRAM)
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| ProbeError::NoProgram(SK_LOOKUP_PROGRAM.into()))?;
+    let Err(e) = prog.load() else {
+        return Ok(());
+    };
+    let log = match &e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } => verifier_log.to_string(),
+        other => other.to_string(),
+    };
+    let ifindex = format!("invalid bpf_context access off={SK_LOOKUP_INGRESS_IFINDEX} ");
+    Err(if log.contains(&ifindex) {
+        unsupported(
+            "the sk_lookup context field ingress_ifindex".into(),
+            ", added in Linux 5.17",
+        )
+    } else {
+        // Another refusal: still no inbound on this kernel. Its telling line (the last one
+        // that is not the verifier's statistics) keeps the message to one line.
+        let why = log
+            .lines()
+            .map(str::trim)
+            .rfind(|l| {
+                !l.is_empty() && !l.starts_with("processed ") && !l.starts_with("verification time")
+            })
+            .unwrap_or("rejected")
+            .to_string();
+        unsupported(
+            format!("what the sk_lookup program needs (the verifier: {why})"),
+            "",
+        )
+    }
+    .into())
 }
 
 /// One eBPF instruction with dst_reg = src_reg = 0 and off = 0, in its 8-byte wire form.
@@ -308,5 +416,32 @@ mod tests {
             "kernel 5.10.0-32-cloud-amd64 lacks helper bpf_get_netns_cookie in sock_ops programs \
              (needed by redirect_sockops, added in Linux 5.15); redirect needs Linux 5.15 or later"
         );
+    }
+
+    #[test]
+    fn the_inbound_message_names_the_field_the_minimum_and_the_flag() {
+        let e = InboundUnsupported {
+            kernel: "5.15.0-1072-kvm".into(),
+            feature: "the sk_lookup context field ingress_ifindex".into(),
+            program: "redirect_sk_lookup".into(),
+            since: ", added in Linux 5.17".into(),
+        };
+        let s = e.to_string();
+        assert!(!s.contains('\n'));
+        assert_eq!(
+            s,
+            "kernel 5.15.0-1072-kvm lacks the sk_lookup context field ingress_ifindex (needed by \
+             redirect_sk_lookup for inbound interception, added in Linux 5.17); run with \
+             --inbound=false for outbound interception only, or use Linux 5.17 or later"
+        );
+    }
+
+    /// This machine's kernel (6.18) has every field: the probe of the real object passes.
+    #[test]
+    fn the_inbound_program_loads_with_a_cookie_on_this_kernel() {
+        if super::super::loader::OBJECT.is_empty() {
+            panic!("built with AYA_BUILD_SKIP=1: no eBPF object to probe");
+        }
+        check_inbound(super::super::loader::OBJECT).unwrap();
     }
 }

@@ -112,9 +112,13 @@ pub struct RunArgs {
     /// kuma.io/builtin-dns-port overrides it per pod).
     #[arg(long, env = "REDIRECT_DNS_PORT", default_value_t = crate::policy::DnsDefault::default().port)]
     pub dns_port: std::num::NonZeroU16,
-    /// Kubernetes source: inbound interception (sk_lookup into each meshed pod's network
-    /// namespace, found from the pod's processes). Needs CAP_SYS_ADMIN, CAP_SYS_PTRACE and the
-    /// host's PID namespace on top of the three base capabilities; `--inbound=false` needs none of them.
+    /// Inbound interception: sk_lookup into each meshed pod's network namespace (Kubernetes:
+    /// found from the pod's processes; file source: each workload's `netns`). Needs Linux 5.17
+    /// or later (sk_lookup's ingress_ifindex): on an older kernel the agent refuses to start,
+    /// pinning nothing, unless `--inbound=false`. The Kubernetes source needs CAP_SYS_ADMIN,
+    /// CAP_SYS_PTRACE and the host's PID namespace for it on top of the three base capabilities.
+    /// `--inbound=false` intercepts outbound only and needs none of them; the file source then
+    /// ignores each workload's `netns`, with a warning that names the workload.
     #[arg(long, env = "REDIRECT_INBOUND", default_value_t = true, action = clap::ArgAction::Set)]
     pub inbound: bool,
     /// Kubernetes source: the proxy's inbound listener port for every pod. Default: by the pod's
@@ -209,6 +213,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         bpffs_dir: args.bpffs.bpffs_dir.clone(),
         cgroup_root: cgroup_root.clone(),
         max_rule_entries: Some(args.max_rule_entries),
+        inbound: args.inbound,
     })
     .context("attaching the datapath")?;
     // The layout generation this build runs (bpf/generation.rs); older ones stay attached until
@@ -274,6 +279,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                     tx,
                     pending: owner.health().waiting_flag(),
                     reread: reread.clone(),
+                    inbound: args.inbound,
                 };
                 tasks.spawn(async move {
                     source::watch::follow_file(file_source).await;

@@ -357,6 +357,26 @@ impl FileConfig {
     }
 }
 
+/// `--inbound=false`: drops each workload's `netns` (no sk_lookup link, so no inbound
+/// interception) and returns one warning per workload that named one, with its netns. Not an
+/// error: the operator turned inbound off for the whole node (a kernel without sk_lookup's
+/// `ingress_ifindex`, Linux < 5.17), and the workload's outbound is still intercepted; but its
+/// inbound connections reach the app directly, so it is said on every load of the config.
+pub fn without_inbound(snapshot: &mut Snapshot) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for w in &mut snapshot.workloads {
+        if let Some(netns) = w.netns.take() {
+            warnings.push(format!(
+                "workload {}: netns {} is ignored because inbound interception is off \
+                 (--inbound=false): its inbound connections reach the app directly, not its proxy",
+                w.id(),
+                netns.display()
+            ));
+        }
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,6 +411,22 @@ workloads:
         assert_eq!(
             c.mesh.outbound_ip_range_exclusion_list,
             vec!["198.18.5.0/24".to_string()]
+        );
+    }
+
+    #[test]
+    fn inbound_off_drops_each_netns_and_names_the_workload() {
+        let text = "workloads:\n - {name: web, namespace: demo, cgroup: x, netns: /run/netns/web}\n - {name: app, namespace: demo, cgroup: y}\n";
+        let c = FileConfig::parse(Path::new("x.yaml"), text).unwrap();
+        let mut snap = c.snapshot(Path::new("/sys/fs/cgroup"));
+        let warnings = without_inbound(&mut snap);
+        assert!(snap.workloads.iter().all(|w| w.netns.is_none()));
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("workload demo/web: netns /run/netns/web is ignored")
+                && warnings[0].contains("--inbound=false"),
+            "{}",
+            warnings[0]
         );
     }
 

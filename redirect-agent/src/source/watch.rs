@@ -77,6 +77,9 @@ pub struct FileSource {
     pub pending: Arc<AtomicBool>,
     /// Notified on SIGHUP: read the file now.
     pub reread: Arc<Notify>,
+    /// `--inbound`: false drops every workload's `netns`, with a warning naming each
+    /// ([`super::file::without_inbound`]).
+    pub inbound: bool,
 }
 
 /// Where the file stands between reads.
@@ -273,7 +276,13 @@ impl FileSource {
         match parsed {
             Ok(config) => {
                 info!(path = %self.path.display(), workloads = config.workloads.len(), "config loaded");
-                st.last_good = Some(config.snapshot(&self.cgroup_mount));
+                let mut snapshot = config.snapshot(&self.cgroup_mount);
+                if !self.inbound {
+                    for w in super::file::without_inbound(&mut snapshot) {
+                        warn!("{w}");
+                    }
+                }
+                st.last_good = Some(snapshot);
                 self.resend(st, cgroups)
             }
             Err(e) => {

@@ -3,7 +3,7 @@
 //! [`Merge::Union`](crate::layer::Merge::Union). Values follow FSM's injector: items trimmed, Go's `net.ParseCIDR`, single
 //! ports, and an empty value is an error (FSM splits it into one empty item and fails on it).
 
-use super::read::Reader;
+use super::read::{CidrField, PortField, Reader, Spec};
 use crate::layer::Layer;
 use crate::types::PolicyError;
 use crate::values::CidrSyntax;
@@ -23,23 +23,28 @@ pub const UNION_KEYS: [&str; 4] = [
     INBOUND_EXCLUDE_PORTS,
 ];
 
+const CIDRS: CidrSyntax = CidrSyntax::CidrOnly;
+const TABLE: &[(&str, Spec)] = &[
+    (EXCLUDE_IPS, Spec::Cidrs(CIDRS, CidrField::Exclude)),
+    (INCLUDE_IPS, Spec::Cidrs(CIDRS, CidrField::Include)),
+    (EXCLUDE_PORTS, Spec::Ports(None, PortField::Exclude)),
+    (
+        INBOUND_EXCLUDE_PORTS,
+        Spec::Ports(None, PortField::InboundExclude),
+    ),
+];
+
 pub(super) fn parse(r: &mut Reader, layer: &mut Layer) -> Result<(), PolicyError> {
     let mut r = r.fsm();
     for prefix in [FSM_PREFIX, OSM_PREFIX] {
-        let key = |name: &str| format!("{prefix}{name}");
-        let syntax = CidrSyntax::CidrOnly;
-        r.cidrs(&key(EXCLUDE_IPS), syntax, &mut layer.exclude_cidrs)?;
-        r.cidrs(&key(INCLUDE_IPS), syntax, &mut layer.include_cidrs)?;
-        r.ports(&key(EXCLUDE_PORTS), None, &mut layer.exclude_ports)?;
-        let inbound = &mut layer.inbound_exclude_ports;
-        r.ports(&key(INBOUND_EXCLUDE_PORTS), None, inbound)?;
+        r.table(prefix, TABLE, layer)?;
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use crate::dialect::test_util::{assert_names, parse};
+    use crate::dialect::test_util::parse;
     use crate::layer::Merge;
     use crate::types::PortRange;
 
@@ -74,25 +79,5 @@ mod tests {
             l.inbound_exclude_ports[0].values,
             vec![PortRange::single(9090)]
         );
-    }
-
-    #[test]
-    fn bad_values() {
-        let k = "flomesh.io/outbound-ip-range-exclusion-list";
-        assert_names(&parse(&[(k, "1.1.1.1")]).unwrap_err(), k, "1.1.1.1");
-        assert_names(&parse(&[(k, "1.1.1.1/32,nope")]).unwrap_err(), k, "nope");
-        let k = "openservicemesh.io/outbound-port-exclusion-list";
-        assert_names(&parse(&[(k, "65536")]).unwrap_err(), k, "65536");
-        assert_names(&parse(&[(k, "1-2")]).unwrap_err(), k, "1-2");
-        let k = "flomesh.io/inbound-port-exclusion-list";
-        assert_names(&parse(&[(k, "0")]).unwrap_err(), k, "0");
-    }
-
-    #[test]
-    fn empty_value_is_an_error() {
-        let k = "flomesh.io/outbound-port-exclusion-list";
-        assert_names(&parse(&[(k, " ")]).unwrap_err(), k, "");
-        let k = "openservicemesh.io/outbound-ip-range-inclusion-list";
-        assert_names(&parse(&[(k, "")]).unwrap_err(), k, "");
     }
 }

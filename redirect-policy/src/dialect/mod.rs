@@ -66,10 +66,13 @@ pub(crate) fn layer(
     let mut r = read::Reader::new(origin, annotations, warnings, super::layer::Merge::Override);
     istio::parse(&mut r, &mut layer)?;
     fsm::parse(&mut r, &mut layer)?;
-    linkerd::parse(&mut r, &mut layer)?;
-    kuma::parse(&mut r, &mut layer)?;
+    r.table("", linkerd::TABLE, &mut layer)?;
+    r.table("", kuma::TABLE, &mut layer)?;
     Ok(layer)
 }
+
+#[cfg(test)]
+mod tests;
 
 #[cfg(test)]
 pub(crate) mod test_util {
@@ -89,6 +92,20 @@ pub(crate) mod test_util {
     /// Parses one object's annotations as a pod.
     pub fn parse(pairs: &[(&str, &str)]) -> Result<Layer, PolicyError> {
         layer(&pod(), &ann(pairs), &mut Vec::new())
+    }
+
+    /// Asserts that each (key, value) alone is refused with an error naming the pod, the key and
+    /// the bad item (the third element: the item of a list that failed, or the whole value).
+    pub fn assert_rejects(cases: &[(&str, &str, &str)]) {
+        for &(key, value, named) in cases {
+            let e = parse(&[(key, value)]).expect_err(&format!("{key}={value:?} must be refused"));
+            assert_names(&e, key, named);
+        }
+    }
+
+    /// Display forms, for comparing parsed lists with what a user writes.
+    pub fn strings<T: ToString>(v: &[T]) -> Vec<String> {
+        v.iter().map(T::to_string).collect()
     }
 
     /// Asserts that the error and its Display name the pod, the key and the value.

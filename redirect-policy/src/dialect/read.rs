@@ -4,9 +4,56 @@
 
 use ipnet::IpNet;
 
-use crate::layer::{Merge, Setting};
+use crate::layer::{Layer, Merge, Setting};
 use crate::types::{Annotations, Origin, PolicyError, PortRange};
 use crate::values::{self, CidrSyntax, Ctx};
+
+/// What a simple key holds and where it goes: the whole of what a table-driven dialect (Kuma,
+/// Linkerd, FSM/OSM) says about one key.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Spec {
+    /// A port list with the dialect's range separator, if it has ranges.
+    Ports(Option<char>, PortField),
+    /// A CIDR list in the dialect's syntax.
+    Cidrs(CidrSyntax, CidrField),
+    /// The proxy's uid.
+    ProxyUid,
+}
+
+/// The [`Layer`] port lists a key can set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum PortField {
+    Exclude,
+    InboundExclude,
+}
+
+/// The [`Layer`] CIDR lists a key can set.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CidrField {
+    Exclude,
+    Include,
+    /// Inbound *source* addresses.
+    InboundExclude,
+}
+
+impl PortField {
+    fn of(self, layer: &mut Layer) -> &mut Vec<Setting<PortRange>> {
+        match self {
+            PortField::Exclude => &mut layer.exclude_ports,
+            PortField::InboundExclude => &mut layer.inbound_exclude_ports,
+        }
+    }
+}
+
+impl CidrField {
+    fn of(self, layer: &mut Layer) -> &mut Vec<Setting<IpNet>> {
+        match self {
+            CidrField::Exclude => &mut layer.exclude_cidrs,
+            CidrField::Include => &mut layer.include_cidrs,
+            CidrField::InboundExclude => &mut layer.inbound_exclude_cidrs,
+        }
+    }
+}
 
 pub(crate) struct Reader<'a> {
     origin: &'a Origin,
@@ -62,6 +109,24 @@ impl<'a> Reader<'a> {
     /// Adds `values` under `key` with this reader's merge rule.
     pub fn push<T>(&self, ctx: &Ctx, field: &mut Vec<Setting<T>>, values: Vec<T>) {
         field.push(Setting::new(self.merge, ctx.source(), values));
+    }
+
+    /// Reads every key of `table` (under `prefix`) into `layer`, in table order.
+    pub fn table(
+        &mut self,
+        prefix: &str,
+        table: &[(&str, Spec)],
+        layer: &mut Layer,
+    ) -> Result<(), PolicyError> {
+        for &(name, spec) in table {
+            let key = format!("{prefix}{name}");
+            match spec {
+                Spec::Ports(range, field) => self.ports(&key, range, field.of(layer))?,
+                Spec::Cidrs(syntax, field) => self.cidrs(&key, syntax, field.of(layer))?,
+                Spec::ProxyUid => self.uid(&key, &mut layer.proxy_uid)?,
+            }
+        }
+        Ok(())
     }
 
     /// A port list (`range` is the dialect's range separator, if it has ranges).

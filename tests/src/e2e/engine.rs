@@ -7,14 +7,16 @@
 //! peer (and then `orig` must be the destination the client asked for); otherwise it went
 //! direct. That holds in kind and locally alike, whatever NAT sits between pod and server.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
-use super::scenario::{Action, AnnotationPatch, Expect, ExpectEvent, Loop, Scenario, Vars, Via};
+use super::scenario::{
+    Action, AnnotationPatch, Expect, ExpectEvent, InboundExpect, Loop, Scenario, Vars, Via,
+};
 
 /// How long an asynchronous change may take to show (generous: this is not a latency test).
 const SETTLE: Duration = Duration::from_secs(30);
@@ -58,6 +60,43 @@ pub trait ClientLoop {
     fn stop(self: Box<Self>) -> Result<Vec<Conn>>;
 }
 
+/// The [`ClientLoop`] of both runners: `proc` runs [`super::objects::loop_script`], whose JSON
+/// lines are the connections; `stop` creates its stop file the runner's way, and the loop's last
+/// line is awaited for up to `timeout`.
+pub struct ScriptLoop {
+    pub proc: crate::Spawned,
+    pub stop: Box<dyn FnOnce() -> Result<()>>,
+    pub timeout: Duration,
+}
+
+/// The loop's output lines that are connections.
+fn loop_lines(proc: &crate::Spawned) -> Vec<String> {
+    proc.lines()
+        .into_iter()
+        .filter(|l| l.starts_with('{'))
+        .collect()
+}
+
+impl ClientLoop for ScriptLoop {
+    fn count(&self) -> usize {
+        loop_lines(&self.proc).len()
+    }
+
+    fn stop(self: Box<Self>) -> Result<Vec<Conn>> {
+        let ScriptLoop {
+            proc,
+            stop,
+            timeout,
+        } = *self;
+        stop()?;
+        proc.wait_for_prefix(super::objects::LOOP_DONE, timeout)?;
+        loop_lines(&proc)
+            .iter()
+            .map(|l| Conn::from_json(l))
+            .collect()
+    }
+}
+
 /// A cluster (or its local stand-in) with one scenario's namespace, MeshConfig and client pod in
 /// place and the agent ready.
 pub trait Cluster {
@@ -67,6 +106,11 @@ pub trait Cluster {
     fn annotate_namespace(&mut self, patch: &AnnotationPatch) -> Result<()>;
     /// One connect from the client pod's app container.
     fn connect(&mut self, to: SocketAddr) -> Result<Conn>;
+    /// The client pod's own address, where inbound connections go.
+    fn pod_ip(&mut self) -> Result<IpAddr>;
+    /// One connect into the client pod, to `to` (its address), from outside the pod. The
+    /// proxy's inbound listener logs it as any other connection it accepts.
+    fn connect_inbound(&mut self, to: SocketAddr) -> Result<Conn>;
     /// The proxy's log so far: (orig, peer) of every accepted connection.
     fn proxy_log(&mut self) -> Result<Vec<(String, String)>>;
     fn pod_events(&mut self) -> Result<Vec<EventSeen>>;
@@ -166,7 +210,16 @@ pub fn run(c: &mut dyn Cluster, s: &Scenario) -> Result<()> {
                     .with_context(|| format!("step {n}: annotating the namespace"))?;
             }
             Action::Expect { lines, wait } => {
-                expect(c, lines, wait).with_context(|| format!("step {n}"))?
+                let targets = lines
+                    .iter()
+                    .map(|e| Target::outbound(e, c.vars()))
+                    .collect::<Result<Vec<_>>>()?;
+                expect(c, &targets, wait).with_context(|| format!("step {n}"))?
+            }
+            Action::ExpectInbound(lines) => {
+                let pod = c.pod_ip()?;
+                let targets: Vec<Target> = lines.iter().map(|e| Target::inbound(e, pod)).collect();
+                expect(c, &targets, true).with_context(|| format!("step {n}"))?
             }
             Action::ExpectEvent(e) => expect_event(c, e).with_context(|| format!("step {n}"))?,
             Action::RestartAgentDuringLoop(l) => {
@@ -193,38 +246,66 @@ fn show_patch(p: &AnnotationPatch) -> String {
         .join(", ")
 }
 
-/// Connects to every destination once and says where each went.
-fn observe(c: &mut dyn Cluster, lines: &[(SocketAddr, &Expect)]) -> Result<Vec<Seen>> {
-    let conns = lines
+/// One line of an expectation: where to connect, from where, and which way it must go.
+struct Target {
+    /// As the scenario wrote it (`api:80`, `inbound :7001`).
+    label: String,
+    to: SocketAddr,
+    via: Via,
+    inbound: bool,
+}
+
+impl Target {
+    fn outbound(e: &Expect, vars: &Vars) -> Result<Target> {
+        Ok(Target {
+            label: e.to.clone(),
+            to: super::scenario::resolve(&e.to, vars)?,
+            via: e.via,
+            inbound: false,
+        })
+    }
+
+    fn inbound(e: &InboundExpect, pod: IpAddr) -> Target {
+        Target {
+            label: format!("inbound :{}", e.port),
+            to: SocketAddr::new(pod, e.port),
+            via: e.via,
+            inbound: true,
+        }
+    }
+}
+
+/// Connects to every target once and says where each went.
+fn observe(c: &mut dyn Cluster, targets: &[Target]) -> Result<Vec<Seen>> {
+    let conns = targets
         .iter()
-        .map(|(to, _)| c.connect(*to))
+        .map(|t| {
+            if t.inbound {
+                c.connect_inbound(t.to)
+            } else {
+                c.connect(t.to)
+            }
+        })
         .collect::<Result<Vec<_>>>()?;
     let log = c.proxy_log()?;
-    Ok(lines
+    Ok(targets
         .iter()
         .zip(&conns)
-        .map(|((to, _), conn)| classify(conn, *to, &log))
+        .map(|(t, conn)| classify(conn, t.to, &log))
         .collect())
 }
 
-fn expect(c: &mut dyn Cluster, lines: &[Expect], wait: bool) -> Result<()> {
-    let resolved = lines
-        .iter()
-        .map(|e| Ok((super::scenario::resolve(&e.to, c.vars())?, e)))
-        .collect::<Result<Vec<_>>>()?;
+fn expect(c: &mut dyn Cluster, targets: &[Target], wait: bool) -> Result<()> {
     let started = Instant::now();
     let mut rounds = 0;
     loop {
         rounds += 1;
-        let seen = observe(c, &resolved)?;
-        let all_ok = resolved
-            .iter()
-            .zip(&seen)
-            .all(|((_, e), s)| *s == wanted(e.via));
+        let seen = observe(c, targets)?;
+        let all_ok = targets.iter().zip(&seen).all(|(t, s)| *s == wanted(t.via));
         if all_ok || !wait || started.elapsed() > SETTLE {
-            for ((to, e), s) in resolved.iter().zip(&seen) {
-                let mark = if *s == wanted(e.via) { "ok " } else { "BAD" };
-                println!("  {mark} connect({} = {to}) -> {s}", e.to);
+            for (t, s) in targets.iter().zip(&seen) {
+                let mark = if *s == wanted(t.via) { "ok " } else { "BAD" };
+                println!("  {mark} connect({} = {}) -> {s}", t.label, t.to);
             }
             if all_ok {
                 if wait && rounds > 1 {

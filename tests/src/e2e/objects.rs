@@ -15,8 +15,10 @@ pub const PROXY_CONTAINER: &str = "istio-proxy";
 /// The sidecar's uid (runAsUser): its own connects bypass, as istio-proxy's 1337 does.
 pub const PROXY_UID: u32 = 1337;
 pub const PROXY_PORT: u16 = 15001;
+/// The sidecar's inbound listener (Istio's inbound port).
+pub const INBOUND_PORT: u16 = 15006;
 /// Every destination server listens on all of these.
-pub const SERVER_PORTS: [u16; 4] = [80, 5432, 7001, 7002];
+pub const SERVER_PORTS: [u16; 5] = [80, 5432, 7001, 7002, 7005];
 
 pub const MESH_CONFIG_NAME: &str = "fsm-mesh-config";
 pub const MESH_CONFIG_NAMESPACE: &str = "fsm-system";
@@ -32,9 +34,11 @@ pub fn namespace(name: &str, annotations: &std::collections::BTreeMap<String, St
     })
 }
 
-/// The client pod: an app container that idles (the runner execs the client in it) and the
-/// stand-in proxy sidecar, redirect-testproxy in forward mode: it reads SO_ORIGINAL_DST, forwards
-/// there, and logs `orig=<dst> peer=<client>` for every connection it gets.
+/// The client pod: an app container (the runner execs the client in it) that answers inbound
+/// connections on every [`SERVER_PORTS`] port (redirect-testproxy in tag mode), and the stand-in
+/// proxy sidecar, redirect-testproxy in forward mode on the outbound and inbound ports: it reads
+/// SO_ORIGINAL_DST, forwards there, and logs `orig=<dst> peer=<client>` for every connection it
+/// gets. (e2e-local runs its own processes and uses only the metadata and the proxy's uid.)
 pub fn client_pod(s: &Scenario, image: &str) -> Value {
     json!({
         "apiVersion": "v1",
@@ -52,19 +56,33 @@ pub fn client_pod(s: &Scenario, image: &str) -> Value {
                     "name": APP_CONTAINER,
                     "image": image,
                     "imagePullPolicy": "Never",
-                    "command": ["sleep", "infinity"],
+                    "command": app_command(),
                 },
                 {
                     "name": PROXY_CONTAINER,
                     "image": image,
                     "imagePullPolicy": "Never",
                     "command": ["redirect-testproxy", "--mode", "forward",
-                                "--listen", format!("127.0.0.1:{PROXY_PORT}")],
+                                "--listen", format!("127.0.0.1:{PROXY_PORT}"),
+                                "--listen", format!("0.0.0.0:{INBOUND_PORT}")],
                     "securityContext": {"runAsUser": PROXY_UID, "runAsNonRoot": true},
                 },
             ],
         },
     })
+}
+
+/// The app container's listeners: the inbound steps' app.
+fn app_command() -> Vec<String> {
+    let mut cmd = vec![
+        "redirect-testproxy".to_string(),
+        "--mode".into(),
+        "tag".into(),
+    ];
+    for port in SERVER_PORTS {
+        cmd.extend(["--listen".to_string(), format!("0.0.0.0:{port}")]);
+    }
+    cmd
 }
 
 pub fn mesh_config(traffic: &Value) -> Value {

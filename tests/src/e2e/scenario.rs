@@ -10,6 +10,7 @@
 //! | `podAnnotations` / `namespaceAnnotations` | sets (or with `null` removes) annotations on the running objects |
 //! | `expect` | connects from the client pod until every line holds (the agent applies asynchronously) |
 //! | `expectNow` | the same, but every line must hold on the first try |
+//! | `expectInbound` | connects into the client pod (to its address, from outside it) until every line holds: `via: app` (direct) or `proxy` |
 //! | `expectEvent` | waits for an Event on the client pod with this reason and text |
 //! | `restartAgentDuringLoop` | loops connects from the pod while the agent is replaced; counts them |
 //!
@@ -23,7 +24,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// The scenario files, in order.
-const FILES: [(&str, &str); 5] = [
+const FILES: [(&str, &str); 6] = [
     (
         "1-fsm-000-ip-range-exclusion.yaml",
         include_str!("scenarios/1-fsm-000-ip-range-exclusion.yaml"),
@@ -43,6 +44,10 @@ const FILES: [(&str, &str); 5] = [
     (
         "5-agent-rollout.yaml",
         include_str!("scenarios/5-agent-rollout.yaml"),
+    ),
+    (
+        "6-asm-003-exclude-inbound-ports.yaml",
+        include_str!("scenarios/6-asm-003-exclude-inbound-ports.yaml"),
     ),
 ];
 
@@ -96,6 +101,7 @@ pub struct Step {
     pub namespace_annotations: Option<AnnotationPatch>,
     pub expect: Option<Vec<Expect>>,
     pub expect_now: Option<Vec<Expect>>,
+    pub expect_inbound: Option<Vec<InboundExpect>>,
     pub expect_event: Option<ExpectEvent>,
     pub restart_agent_during_loop: Option<Loop>,
 }
@@ -107,6 +113,7 @@ pub enum Action<'a> {
     PodAnnotations(&'a AnnotationPatch),
     NamespaceAnnotations(&'a AnnotationPatch),
     Expect { lines: &'a [Expect], wait: bool },
+    ExpectInbound(&'a [InboundExpect]),
     ExpectEvent(&'a ExpectEvent),
     RestartAgentDuringLoop(&'a Loop),
 }
@@ -138,6 +145,9 @@ impl Step {
                 wait: false,
             });
         }
+        if let Some(e) = &self.expect_inbound {
+            found.push(Action::ExpectInbound(e));
+        }
         if let Some(e) = &self.expect_event {
             found.push(Action::ExpectEvent(e));
         }
@@ -158,6 +168,8 @@ impl Step {
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     Proxy,
+    /// Not through the proxy: to the destination itself, or inbound to the app (`app`).
+    #[serde(alias = "app")]
     Direct,
 }
 
@@ -166,6 +178,14 @@ pub enum Via {
 pub struct Expect {
     /// `name:port` (a destination name) or `ip:port`.
     pub to: String,
+    pub via: Via,
+}
+
+/// An inbound connection to the client pod's own address on `port`, made from outside the pod.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InboundExpect {
+    pub port: u16,
     pub via: Via,
 }
 
@@ -260,6 +280,20 @@ fn fill(s: &str, vars: &Vars) -> Result<String> {
     Ok(out)
 }
 
+/// The destinations of e2e-local (addresses on its netns's `lo`: `api` and `db` in the "cluster
+/// range", `external` outside it), also used by the unit tests here.
+pub fn local_vars() -> Vars {
+    [
+        ("api", "198.18.0.10"),
+        ("db", "198.18.0.11"),
+        ("external", "198.19.0.10"),
+        ("cluster_cidr", "198.18.0.0/16"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
 /// `db:5432` or `198.18.0.11:5432` → a socket address.
 pub fn resolve(to: &str, vars: &Vars) -> Result<SocketAddr> {
     if let Ok(a) = to.parse() {
@@ -281,15 +315,7 @@ mod tests {
     use super::*;
 
     fn vars() -> Vars {
-        [
-            ("api", "198.18.0.10"),
-            ("db", "198.18.0.11"),
-            ("external", "198.19.0.10"),
-            ("cluster_cidr", "198.18.0.0/16"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        local_vars()
     }
 
     #[test]

@@ -66,21 +66,9 @@ pub struct AgentProc {
 impl AgentProc {
     /// Starts the agent and waits until its /readyz says ready (first snapshot applied).
     pub fn start(fx: &Fixture, kubeconfig: &Path, caps: &[String], log: PathBuf) -> Result<Self> {
-        let bounding = std::iter::once("-all".to_string())
-            .chain(caps.iter().map(|c| format!("+{c}")))
-            .collect::<Vec<_>>()
-            .join(",");
         let file = fs::File::create(&log)?;
         let child = Command::new("setpriv")
-            .args([
-                "--bounding-set",
-                &bounding,
-                "--inh-caps",
-                "-all",
-                "--ambient-caps",
-                "-all",
-                "--",
-            ])
+            .args(redirect_tests::setpriv_args(caps))
             .arg(helper_bin("redirect-agent")?)
             .args([
                 "run",

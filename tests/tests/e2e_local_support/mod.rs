@@ -8,6 +8,9 @@
 //!   `kubepods/besteffort/pod<uid>/<container id>`, with an app container (the client runs
 //!   there) and the proxy container (redirect-testproxy in forward mode as uid 1337, the stand-in
 //!   sidecar of the kind test);
+//! - the client pod's own address is [`POD_IP`] on a veth pair to a "client node" netns, from
+//!   which inbound steps connect; the servers listening on every address of the netns are the
+//!   pod's app for them, and the stand-in sidecar listens on the inbound port 15006 too;
 //! - the agent is the real binary, `run --source kubernetes`, with the DaemonSet's capabilities,
 //!   finding the pod cgroup the way it does on a node, and talking HTTP to the fake API of
 //!   kube_support ([`FakeApi::serve`]), which holds the Pod, Namespace and MeshConfig objects the
@@ -15,38 +18,39 @@
 pub mod agent;
 
 use std::{
-    fs, net::SocketAddr, os::unix::fs::MetadataExt as _, path::PathBuf, process::Command,
-    sync::Arc, time::Duration,
+    fs,
+    net::{IpAddr, SocketAddr},
+    os::unix::fs::MetadataExt as _,
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context as _, Result, bail};
 use redirect_tests::{
     Fixture, Spawned,
     e2e::{
-        engine::{self, ClientLoop, Cluster, Conn, EventSeen},
-        objects::{self, CLIENT_POD, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
+        engine::{self, ClientLoop, Cluster, Conn, EventSeen, ScriptLoop},
+        objects::{self, CLIENT_POD, INBOUND_PORT, MESH_CONFIG_NAMESPACE, PROXY_PORT, PROXY_UID},
         scenario::{self, AnnotationPatch, Scenario, Vars},
     },
-    helper_bin,
+    helper_bin, spawn_in_cgroup_netns, veth_pair,
 };
 use serde_json::{Value, json};
 
 use crate::kube_support::fake_api::{FakeApi, Kind};
 use agent::{AgentProc, NODE};
 
+/// The client pod's address, on its veth to the client node (which has .1).
+const POD_IP: &str = "198.19.2.2";
+const NODE_IP: &str = "198.19.2.1";
+
 /// The image name in the pod spec; locally nothing is pulled, it is only part of the object.
 const IMAGE: &str = "redirect-e2e:local";
 
 fn vars() -> Vars {
-    [
-        ("api", "198.18.0.10"),
-        ("db", "198.18.0.11"),
-        ("external", "198.19.0.10"),
-        ("cluster_cidr", "198.18.0.0/16"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v.to_string()))
-    .collect()
+    scenario::local_vars()
 }
 
 /// The scenario names, in file order (each has its own test in e2e_local.rs).
@@ -92,6 +96,9 @@ struct Local {
     caps: Vec<String>,
     workdir: PathBuf,
     restarts: u32,
+    /// The client node's netns (inbound connections come from there) and its client cgroup.
+    node_cg: PathBuf,
+    node: Fixture,
     fx: Arc<Fixture>,
 }
 
@@ -138,6 +145,11 @@ impl Local {
             server.args(["--listen", &format!("0.0.0.0:{port}")]);
         }
         let servers = fx.spawn_logged(&servers_cg, &mut server)?;
+        let node = Fixture::new(&format!("e2e-{}-node", s.name))?;
+        veth_pair(&fx, "vpod", &node, "vnode")?;
+        fx.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "vpod"])?;
+        node.ip(&["addr", "add", &format!("{NODE_IP}/24"), "dev", "vnode"])?;
+        let node_cg = node.cgroup("client")?;
         servers.wait_for_prefix("listening ", Duration::from_secs(10))?;
 
         let uid = pod_uid(&s.name);
@@ -152,6 +164,8 @@ impl Local {
                 "forward",
                 "--listen",
                 &format!("127.0.0.1:{PROXY_PORT}"),
+                "--listen",
+                &format!("0.0.0.0:{INBOUND_PORT}"),
                 "--uid",
                 &PROXY_UID.to_string(),
             ]),
@@ -212,6 +226,8 @@ impl Local {
             caps: caps.to_vec(),
             workdir,
             restarts: 0,
+            node_cg,
+            node,
             fx,
         })
     }
@@ -230,34 +246,6 @@ impl Local {
 impl Drop for Local {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.workdir);
-    }
-}
-
-/// The shell client loop of the rollout scenario, in the app container.
-struct LocalLoop {
-    proc: Spawned,
-    stop_file: PathBuf,
-}
-
-impl ClientLoop for LocalLoop {
-    fn count(&self) -> usize {
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .count()
-    }
-
-    fn stop(self: Box<Self>) -> Result<Vec<Conn>> {
-        fs::write(&self.stop_file, "")?;
-        self.proc
-            .wait_for_prefix(objects::LOOP_DONE, Duration::from_secs(30))?;
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| Conn::from_json(l))
-            .collect()
     }
 }
 
@@ -306,6 +294,21 @@ impl Cluster for Local {
         Conn::from_json(&String::from_utf8_lossy(&out.stdout))
     }
 
+    fn pod_ip(&mut self) -> Result<IpAddr> {
+        Ok(POD_IP.parse()?)
+    }
+
+    fn connect_inbound(&mut self, to: SocketAddr) -> Result<Conn> {
+        let mut cmd = Command::new(self.client()?);
+        cmd.args(["connect", &to.to_string(), "--json", "--timeout-ms", "3000"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let out = spawn_in_cgroup_netns(&self.node_cg, self.node.netns_file(), &mut cmd)?
+            .wait_with_output()?;
+        Conn::from_json(&String::from_utf8_lossy(&out.stdout))
+    }
+
     fn proxy_log(&mut self) -> Result<Vec<(String, String)>> {
         let lines = self.proxy.lines();
         Ok(engine::parse_proxy_log(lines.iter().map(String::as_str)))
@@ -338,7 +341,11 @@ impl Cluster for Local {
         let proc = self
             .fx
             .spawn_logged(&self.app, Command::new("sh").args(["-c", &script]))?;
-        Ok(Box::new(LocalLoop { proc, stop_file }))
+        Ok(Box::new(ScriptLoop {
+            proc,
+            stop: Box::new(move || Ok(fs::write(&stop_file, "")?)),
+            timeout: Duration::from_secs(30),
+        }))
     }
 
     fn restart_agent(&mut self) -> Result<String> {

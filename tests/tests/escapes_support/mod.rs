@@ -4,9 +4,11 @@
 //! happens".
 #![allow(dead_code)]
 
+pub mod inbound;
+
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -15,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use redirect_tests::{MeshWorld, helper_bin};
+use redirect_tests::MeshWorld;
 
 /// The destination every looped connect targets; the mesh redirects it.
 pub const DEST: &str = "198.18.0.10:80";
@@ -59,9 +61,14 @@ workloads:
     )
 }
 
+/// Where each looped connect went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Reached the proxy, which read the right original destination.
     pub redirected: usize,
+    /// Reached the proxy with another original destination (or none): a double rewrite or a
+    /// lost record.
+    pub wrong_orig: usize,
     pub escaped: usize,
     pub failed: usize,
 }
@@ -69,41 +76,37 @@ pub struct Counts {
 /// A shell in a workload cgroup running the test client against [`DEST`] in a loop.
 pub struct Looper {
     child: Child,
-    counts: Arc<[AtomicUsize; 3]>,
+    counts: Arc<[AtomicUsize; 4]>,
     reader: Option<JoinHandle<()>>,
 }
 
 impl Looper {
     pub fn start(w: &World, cgroup: &std::path::Path) -> Looper {
-        let client = helper_bin("redirect-testclient").unwrap();
-        let script = format!(
-            "while :; do {} connect {DEST} --json --timeout-ms 2000; done",
-            client.display()
-        );
-        let mut child =
-            w.fx.spawn_in(
-                cgroup,
-                Command::new("sh")
-                    .args(["-c", &script])
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::null()),
-            )
-            .unwrap();
+        let mut child = redirect_tests::spawn_client_shell(
+            &w.fx,
+            cgroup,
+            &format!("while :; do \"$CLIENT\" connect {DEST} --json --timeout-ms 2000; done"),
+            Stdio::null(),
+        )
+        .unwrap();
         let stdout = BufReader::new(child.stdout.take().unwrap());
-        let counts: Arc<[AtomicUsize; 3]> = Arc::new(Default::default());
+        let counts: Arc<[AtomicUsize; 4]> = Arc::new(Default::default());
         let reader = std::thread::spawn({
             let counts = counts.clone();
             move || {
+                let want = format!("proxy orig={DEST} ");
                 for line in stdout.lines() {
                     let Ok(line) = line else { break };
                     let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
                     let reply = v["reply"].as_str().unwrap_or("");
-                    let i = if reply.starts_with("proxy") {
+                    let i = if reply.starts_with(&want) {
                         0
-                    } else if reply.trim() == DEST {
+                    } else if reply.starts_with("proxy") {
                         1
-                    } else {
+                    } else if reply.trim() == DEST {
                         2
+                    } else {
+                        3
                     };
                     counts[i].fetch_add(1, Ordering::Relaxed);
                 }
@@ -121,12 +124,14 @@ impl Looper {
     pub fn counts(&self) -> Counts {
         Counts {
             redirected: self.counts[0].load(Ordering::Relaxed),
-            escaped: self.counts[1].load(Ordering::Relaxed),
-            failed: self.counts[2].load(Ordering::Relaxed),
+            wrong_orig: self.counts[1].load(Ordering::Relaxed),
+            escaped: self.counts[2].load(Ordering::Relaxed),
+            failed: self.counts[3].load(Ordering::Relaxed),
         }
     }
 
-    /// Waits until `n` more connections have been redirected (the loop is alive and working).
+    /// Waits until `n` more connections have been redirected with the right original
+    /// destination (the loop is alive and working).
     pub fn wait_redirected(&self, n: usize) {
         let target = self.counts().redirected + n;
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -90,6 +90,7 @@ impl Agent {
             bpffs_dir: self.pin_dir.clone(),
             cgroup_root: self.opts.cgroup_root.clone(),
             max_rule_entries: None,
+            inbound: self.opts.inbound,
         })
         .expect("load_and_attach");
         // The inbound applier too, as `run` does: pods with a netns get the sk_lookup link.

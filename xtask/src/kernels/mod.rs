@@ -35,7 +35,7 @@ fn kernels() -> Result<Vec<Kernel>> {
             let f: Vec<&str> = l.split_whitespace().collect();
             match f[..] {
                 [archive, suite, package, expect]
-                    if ["pass", "no-inbound", "refuse"].contains(&expect) =>
+                    if ["pass", "outbound-only", "refuse"].contains(&expect) =>
                 {
                     Ok(Kernel {
                         archive: archive.into(),
@@ -45,7 +45,7 @@ fn kernels() -> Result<Vec<Kernel>> {
                     })
                 }
                 _ => bail!(
-                    "kernels.txt: want ARCHIVE SUITE PACKAGE pass|no-inbound|refuse, got {l:?}"
+                    "kernels.txt: want ARCHIVE SUITE PACKAGE pass|outbound-only|refuse, got {l:?}"
                 ),
             }
         })
@@ -273,8 +273,10 @@ fn print_table(table: &[(String, Results)]) -> usize {
         if r.is_empty() {
             failures.push(format!("{k}: no results"));
         }
-        if let Some((true, d)) = r.get("refused") {
-            println!("{k}: {d}");
+        for refusal in ["refused", "inbound_refused"] {
+            if let Some((true, d)) = r.get(refusal) {
+                println!("{k}: {d}");
+            }
         }
     }
     for f in &failures {

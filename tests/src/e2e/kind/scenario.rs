@@ -1,26 +1,45 @@
 //! One scenario in the kind cluster: its namespace, MeshConfig and client pod, and the
 //! [`Cluster`] operations as kubectl commands.
 use std::{
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::Spawned;
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
 use super::{
-    AGENT_LABEL, AGENT_NS, E2E_IMAGE, STOP_FILE,
+    AGENT_LABEL, AGENT_NS, E2E_IMAGE, SERVERS_NS, STOP_FILE,
     kube::{Kube, output},
 };
 use crate::e2e::{
-    engine::{self, ClientLoop, Cluster, Conn, EventSeen},
+    engine::{self, ClientLoop, Cluster, Conn, EventSeen, ScriptLoop},
     objects::{
         self, APP_CONTAINER, CLIENT_POD, MESH_CONFIG_NAME, MESH_CONFIG_NAMESPACE, PROXY_CONTAINER,
     },
     scenario::{AnnotationPatch, Scenario, Vars},
 };
+
+/// The server pod that inbound steps connect from.
+const SERVER_POD: &str = "server-api";
+/// [`KindScenario::exec_cmd`]'s name for the client pod, in the scenario's namespace.
+const CLIENT: (&str, &str) = ("", CLIENT_POD);
+
+/// redirect-testclient's arguments for one connect to `to`, reported as JSON.
+fn testclient(to: SocketAddr) -> Vec<String> {
+    [
+        "redirect-testclient",
+        "connect",
+        &to.to_string(),
+        "--json",
+        "--timeout-ms",
+        "3000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
 
 pub struct KindScenario<'a> {
     kube: &'a Kube,
@@ -50,6 +69,15 @@ impl<'a> KindScenario<'a> {
             ns: s.namespace.name.clone(),
             mesh_config: s.mesh_config.is_some(),
         })
+    }
+
+    /// `kubectl exec` into `container` of a pod ([`CLIENT`]: the client pod), `--`
+    /// included: the caller adds the command.
+    fn exec_cmd(&self, (ns, pod): (&str, &str), container: &str) -> Command {
+        let ns = if ns.is_empty() { &self.ns } else { ns };
+        let mut cmd = self.kube.cmd();
+        cmd.args(["-n", ns, "exec", pod, "-c", container, "--"]);
+        cmd
     }
 
     fn exec(&self, container: &str, argv: &[&str]) -> Result<String> {
@@ -104,33 +132,6 @@ impl<'a> KindScenario<'a> {
     }
 }
 
-struct KindLoop {
-    proc: Spawned,
-    stop: Command,
-}
-
-impl ClientLoop for KindLoop {
-    fn count(&self) -> usize {
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .count()
-    }
-
-    fn stop(mut self: Box<Self>) -> Result<Vec<Conn>> {
-        output(&mut self.stop)?;
-        self.proc
-            .wait_for_prefix(objects::LOOP_DONE, Duration::from_secs(60))?;
-        self.proc
-            .lines()
-            .iter()
-            .filter(|l| l.starts_with('{'))
-            .map(|l| Conn::from_json(l))
-            .collect()
-    }
-}
-
 impl Cluster for KindScenario<'_> {
     fn vars(&self) -> &Vars {
         &self.vars
@@ -157,28 +158,29 @@ impl Cluster for KindScenario<'_> {
     }
 
     fn connect(&mut self, to: SocketAddr) -> Result<Conn> {
-        let to = to.to_string();
         // A failed connect exits non-zero but still prints its JSON line.
         let out = self
+            .exec_cmd(CLIENT, APP_CONTAINER)
+            .args(testclient(to))
+            .output()?;
+        Conn::from_json(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn pod_ip(&mut self) -> Result<IpAddr> {
+        let pod = self
             .kube
-            .cmd()
-            .args([
-                "-n",
-                &self.ns,
-                "exec",
-                CLIENT_POD,
-                "-c",
-                APP_CONTAINER,
-                "--",
-            ])
-            .args([
-                "redirect-testclient",
-                "connect",
-                &to,
-                "--json",
-                "--timeout-ms",
-                "3000",
-            ])
+            .json(&["-n", &self.ns, "get", "pod", CLIENT_POD])?;
+        let ip = pod["status"]["podIP"]
+            .as_str()
+            .context("the client pod has no podIP")?;
+        Ok(ip.parse()?)
+    }
+
+    /// From the `api` server pod (another pod of the cluster, not meshed) to the client pod.
+    fn connect_inbound(&mut self, to: SocketAddr) -> Result<Conn> {
+        let out = self
+            .exec_cmd((SERVERS_NS, SERVER_POD), "server")
+            .args(testclient(to))
             .output()?;
         Conn::from_json(&String::from_utf8_lossy(&out.stdout))
     }
@@ -209,39 +211,18 @@ impl Cluster for KindScenario<'_> {
         self.exec(APP_CONTAINER, &["rm", "-f", STOP_FILE])?;
         let script = objects::loop_script("redirect-testclient", to, STOP_FILE);
         let child = self
-            .kube
-            .cmd()
-            .args([
-                "-n",
-                &self.ns,
-                "exec",
-                CLIENT_POD,
-                "-c",
-                APP_CONTAINER,
-                "--",
-                "sh",
-                "-c",
-                &script,
-            ])
+            .exec_cmd(CLIENT, APP_CONTAINER)
+            .args(["sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
-        let mut stop = self.kube.cmd();
-        stop.args([
-            "-n",
-            &self.ns,
-            "exec",
-            CLIENT_POD,
-            "-c",
-            APP_CONTAINER,
-            "--",
-            "touch",
-            STOP_FILE,
-        ]);
-        Ok(Box::new(KindLoop {
+        let mut stop = self.exec_cmd(CLIENT, APP_CONTAINER);
+        stop.args(["touch", STOP_FILE]);
+        Ok(Box::new(ScriptLoop {
             proc: Spawned::new(child),
-            stop,
+            stop: Box::new(move || output(&mut stop).map(drop)),
+            timeout: Duration::from_secs(60),
         }))
     }
 
