@@ -11,6 +11,26 @@ use crate::{Decision, action};
 /// payload of a `None` undefined, and the verifier rejects the uninitialised register it copies.
 pub const NO_RULE: u32 = 0;
 
+/// `Policy::base_id` of a workload whose entries are not layered over a base.
+pub const NO_BASE: u32 = 0;
+
+/// A layered rule lookup (docs/architecture.md, "Shared policies"): the workload's own entry
+/// (`own`, already looked up under its policy id) decides; where it has none, the entries of
+/// the shared base `base_id` do (`base` looks them up, and is called only then); an own
+/// [`action::STOP`] entry means "no rule" without asking the base.
+#[inline(always)]
+pub fn layered(own: u32, base_id: u32, base: impl FnOnce(u32) -> u32) -> u32 {
+    if own == action::STOP {
+        NO_RULE
+    } else if own != NO_RULE {
+        own
+    } else if base_id == NO_BASE {
+        NO_RULE
+    } else {
+        base(base_id)
+    }
+}
+
 /// A destination address as the datapath evaluates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dest {
@@ -232,6 +252,20 @@ mod tests {
             decide_outbound(true, false, &d, || action::INCLUDE, |_| NO_RULE),
             OutboundStep::IncludedPort
         );
+    }
+
+    #[test]
+    fn layered_falls_back_only_on_no_rule() {
+        let never = |_: u32| -> u32 { panic!("looked up the base") };
+        assert_eq!(layered(action::EXCLUDE, 7, never), action::EXCLUDE);
+        assert_eq!(layered(action::INCLUDE, 7, never), action::INCLUDE);
+        assert_eq!(layered(action::STOP, 7, never), NO_RULE);
+        assert_eq!(layered(NO_RULE, NO_BASE, never), NO_RULE);
+        assert_eq!(
+            layered(NO_RULE, 7, |b| if b == 7 { action::EXCLUDE } else { 0 }),
+            action::EXCLUDE
+        );
+        assert_eq!(layered(NO_RULE, 7, |_| NO_RULE), NO_RULE);
     }
 
     #[test]

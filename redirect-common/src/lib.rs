@@ -82,7 +82,11 @@ pub struct Policy {
     pub proxy_addr4: [u8; 4],
     /// Proxy address for IPv6 destinations. ::1 in sidecar mode.
     pub proxy_addr6: [u8; 16],
-    pub _pad1: [u8; 4],
+    /// The shared base entry set this workload's entries overlay, or 0 (`decide::NO_BASE`): a
+    /// rule lookup that finds nothing under `policy_id` asks `base_id`'s entries, unless the own
+    /// entry says [`action::STOP`] (`decide::layered`). It took the place of 4 padding bytes, so
+    /// the record's size is unchanged; `bpf/generation.rs` versions the meaning.
+    pub base_id: u32,
     /// Test only (feature `test-policy-pad`): makes the record 8 bytes longer, a layout change
     /// for the upgrade test (tests/tests/upgrade.rs).
     #[cfg(feature = "test-policy-pad")]
@@ -95,6 +99,9 @@ pub mod action {
     pub const EXCLUDE: u32 = 1;
     /// Redirect to the proxy (inclusion list).
     pub const INCLUDE: u32 = 2;
+    /// An overlay entry: no rule for this destination, and do not fall back to the base's
+    /// entries (`decide::layered`).
+    pub const STOP: u32 = 3;
 }
 
 /// LPM value: one of [`action`].

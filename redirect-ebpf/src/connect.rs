@@ -7,7 +7,7 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{bindings::bpf_sock_addr, macros::cgroup_sock_addr, programs::SockAddrContext};
 use redirect_common::{
     Decision, Policy,
-    decide::{Dest, decide_outbound},
+    decide::{Dest, decide_outbound, layered},
     flags,
 };
 
@@ -93,12 +93,22 @@ fn redirect(
 ) -> Option<([u8; 16], [u8; 2])> {
     let port = ctx_port(sa);
     let id = policy.policy_id.to_be_bytes();
+    // The workload's own entries first, then its shared base's (`layered`).
+    let base = policy.base_id;
     let step = decide_outbound(
         policy.flags & flags::ENABLED != 0,
         is_proxy,
         &dest,
-        || port_rule(&PORTS, id, port),
-        |dest| addr_rule(&CIDR_V4, &CIDR_V6, id, dest),
+        || {
+            layered(port_rule(&PORTS, id, port), base, |b| {
+                port_rule(&PORTS, b.to_be_bytes(), port)
+            })
+        },
+        |dest| {
+            layered(addr_rule(&CIDR_V4, &CIDR_V6, id, dest), base, |b| {
+                addr_rule(&CIDR_V4, &CIDR_V6, b.to_be_bytes(), dest)
+            })
+        },
     );
     count(step.decision());
     count_pod(workload, step.decision());

@@ -5,8 +5,9 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
-use redirect_common::decide::{Dest, NO_RULE, decide_outbound};
+use redirect_common::decide::{Dest, NO_RULE, decide_outbound, layered};
 
+use super::compile::{Overlay, overlay::Layered};
 use super::types::{Action, Compiled, EffectivePolicy, PortRange, Sourced, Step, Verdict};
 
 /// The address the datapath evaluates: a v4-mapped IPv6 address (`::ffff:a.b.c.d`) is its IPv4
@@ -92,24 +93,77 @@ pub fn evaluate_lookups(
     port_lookup: impl FnOnce(u16) -> Option<Action>,
     ip_lookup: impl FnOnce(IpAddr) -> Option<Action>,
 ) -> (bool, Step) {
+    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
+    evaluate_rules(
+        enabled,
+        dest,
+        caller_is_proxy,
+        |port| rule(port_lookup(port)),
+        |ip| rule(ip_lookup(ip)),
+    )
+}
+
+/// [`evaluate_lookups`] over lookups that answer raw map values (`redirect_common::action`,
+/// or `NO_RULE`): what a layered lookup returns (`redirect_common::decide::layered`).
+pub fn evaluate_rules(
+    enabled: bool,
+    dest: SocketAddr,
+    caller_is_proxy: bool,
+    port_rule: impl FnOnce(u16) -> u32,
+    ip_rule: impl FnOnce(IpAddr) -> u32,
+) -> (bool, Step) {
     let d = match canonical_ip(dest.ip()) {
         IpAddr::V4(a) => Dest::V4(a.octets()),
         IpAddr::V6(a) => Dest::V6(a.octets()),
     };
-    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
     let step = decide_outbound(
         enabled,
         caller_is_proxy,
         &d,
-        || rule(port_lookup(dest.port())),
+        || port_rule(dest.port()),
         |d| {
-            rule(ip_lookup(match *d {
+            ip_rule(match *d {
                 Dest::V4(a) => IpAddr::from(a),
                 Dest::V6(a) => IpAddr::from(a),
-            }))
+            })
         },
     );
     (step.redirects(), Step::from(step))
+}
+
+/// The decision from an overlay over its base, the way the kernel layers them: the overlay's
+/// entries first, the base's where the overlay has none (`decide::layered`, the function the
+/// eBPF programs run). `base_id` only stands for "there is a base" here.
+pub fn evaluate_layered(
+    o: &Overlay,
+    base: &Compiled,
+    enabled: bool,
+    dest: SocketAddr,
+    caller_is_proxy: bool,
+) -> (bool, Step) {
+    fn longest<K>(l: &[(K, Layered)], has: impl Fn(&K) -> bool, len: impl Fn(&K) -> u8) -> u32 {
+        l.iter()
+            .filter(|(k, _)| has(k))
+            .max_by_key(|(k, _)| len(k))
+            .map_or(NO_RULE, |(_, v)| v.value())
+    }
+    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
+    evaluate_rules(
+        enabled,
+        dest,
+        caller_is_proxy,
+        |port| {
+            let own = longest(&o.ports, |p| p.contains(port), |p| p.len);
+            layered(own, 1, |_| rule(lookup_port(base, port)))
+        },
+        |ip| {
+            let own = match ip {
+                IpAddr::V4(a) => longest(&o.v4, |n| n.contains(&a), |n| n.prefix_len()),
+                IpAddr::V6(a) => longest(&o.v6, |n| n.contains(&a), |n| n.prefix_len()),
+            };
+            layered(own, 1, |_| rule(lookup_ip(base, ip)))
+        },
+    )
 }
 
 /// Longest-prefix match over the port entries.

@@ -31,12 +31,17 @@ mod values;
 #[cfg(test)]
 mod proptests;
 
-pub use compile::{Overlay, compile, overlay::Layered, overlay_of};
+pub use compile::{
+    Overlay, compile,
+    overlay::Layered,
+    overlay_of,
+    union::{Lists, extra_exclusions},
+};
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{
-    canonical_ip, evaluate, evaluate_compiled, evaluate_lookups, is_loopback, lookup_ip,
-    lookup_port,
+    canonical_ip, evaluate, evaluate_compiled, evaluate_layered, evaluate_lookups, evaluate_rules,
+    is_loopback, lookup_ip, lookup_port,
 };
 pub use mesh::{MeshTraffic, keys as mesh_keys};
 pub use resolve::resolve;

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 
 use super::compile::{range_prefixes, trie};
 use super::types::{EffectivePolicy, Origin, PortRange, Source, Sourced};
-use super::{compile, evaluate, evaluate_compiled};
+use super::{
+    Lists, compile, evaluate, evaluate_compiled, evaluate_layered, extra_exclusions, overlay_of,
+};
 
 fn src(key: &str) -> Source {
     Source::new(Origin::Pod("p/p".into()), key)
@@ -204,6 +206,77 @@ proptest! {
         prop_assert!(c.ports.len() <= naive_bound(&px, &pi, 16));
     }
 
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 1500,
+        ..ProptestConfig::default()
+    })]
+
+    /// A workload whose table is an overlay over a shared base (the mesh default's) decides,
+    /// through `decide::layered` as the kernel does, exactly like the reference evaluator over
+    /// its own policy: the base plus extras (a union key) or a policy of its own (an override).
+    #[test]
+    fn layered_tables_match_the_reference(
+        base in policy(),
+        extra in policy(),
+        replace in any::<bool>(),
+        exclusions_only in any::<bool>(),
+        extra_v4 in any::<u32>(),
+        extra_port in any::<u16>(),
+        proxy in prop::bool::weighted(0.05),
+    ) {
+        let mut extra = extra;
+        if exclusions_only {
+            // The union annotations' case, which `extra_exclusions` builds without compiling.
+            extra.include_cidrs.clear();
+            extra.include_ports.clear();
+        }
+        let own = if replace {
+            EffectivePolicy { enabled: base.enabled, ..extra }
+        } else {
+            let cat = |a: &[Sourced<IpNet>], b: &[Sourced<IpNet>]| [a, b].concat();
+            let catp = |a: &[Sourced<PortRange>], b: &[Sourced<PortRange>]| [a, b].concat();
+            EffectivePolicy {
+                enabled: base.enabled,
+                exclude_cidrs: cat(&base.exclude_cidrs, &extra.exclude_cidrs),
+                include_cidrs: cat(&base.include_cidrs, &extra.include_cidrs),
+                exclude_ports: catp(&base.exclude_ports, &extra.exclude_ports),
+                include_ports: catp(&base.include_ports, &extra.include_ports),
+                ..Default::default()
+            }
+        };
+        let (cb, co) = (compile(&base), compile(&own));
+        let o = overlay_of(&co, &cb);
+        let fast = extra_exclusions(&own, &Lists::of(&base));
+        prop_assert!(fast.is_some() || !exclusions_only || replace, "a union of exclusions was not recognised");
+        // Probe every boundary of both policies: the base's rules matter where the overlay is silent.
+        let both = EffectivePolicy {
+            exclude_cidrs: [own.exclude_cidrs.clone(), base.exclude_cidrs.clone()].concat(),
+            include_cidrs: [own.include_cidrs.clone(), base.include_cidrs.clone()].concat(),
+            exclude_ports: [own.exclude_ports.clone(), base.exclude_ports.clone()].concat(),
+            include_ports: [own.include_ports.clone(), base.include_ports.clone()].concat(),
+            ..Default::default()
+        };
+        let ips = probe_ips(&both, &[IpAddr::V4(extra_v4.into())]);
+        let ports = probe_ports(&both, extra_port);
+        let pairs = ips.iter().enumerate().map(|(i, ip)| (*ip, ports[i % ports.len()]));
+        let pairs = pairs.chain(ports.iter().enumerate().map(|(i, port)| (ips[(i * 5 + 1) % ips.len()], *port)));
+        for (ip, port) in pairs {
+            let dest = SocketAddr::new(ip, port);
+            let want = evaluate(&own, dest, proxy);
+            let got = evaluate_layered(&o, &cb, own.enabled, dest, proxy);
+            prop_assert_eq!((want.redirect, want.step), got, "dest {} overlay {:?} base {:?}", dest, o, cb);
+            if let Some(f) = &fast {
+                let got = evaluate_layered(f, &cb, own.enabled, dest, proxy);
+                prop_assert_eq!((want.redirect, want.step), got, "dest {} fast overlay {:?} base {:?}", dest, f, cb);
+            }
+        }
+        if co == cb {
+            prop_assert!(o.is_empty());
+        }
+    }
 }
 
 proptest! {

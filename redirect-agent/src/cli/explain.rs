@@ -14,7 +14,7 @@ use super::Output;
 use crate::{
     bpf::PinnedMaps,
     cgroup,
-    policy::{self, Action, Step, Verdict, WorkloadInputs},
+    policy::{self, Step, Verdict, WorkloadInputs},
     source::file::FileConfig,
 };
 
@@ -219,35 +219,47 @@ fn print_text(
     }
     match record {
         Some(r) => println!(
-            "evaluated by the kernel's maps in {} (policy id {})",
+            "evaluated by the kernel's maps in {} (policy id {}{})",
             args.bpffs_dir
                 .as_deref()
                 .unwrap_or_else(|| std::path::Path::new("?"))
                 .display(),
-            r.policy_id
+            r.policy_id,
+            if r.base_id == 0 {
+                String::new()
+            } else {
+                format!(", over base {}", r.base_id)
+            }
         ),
         None => println!("evaluated from the policy alone (add --bpffs-dir to ask the kernel)"),
     }
 }
 
-/// The kernel's decision order over the kernel's own longest-prefix lookups.
+/// The kernel's decision order over the kernel's own longest-prefix lookups, layered over the
+/// record's base entries as connect4/6 layer them (`redirect_common::decide::layered`).
 fn kernel_decision(
     maps: &PinnedMaps,
     record: &Policy,
     dest: SocketAddr,
     as_proxy: bool,
 ) -> (bool, Step) {
-    let id = record.policy_id;
-    let action = |a: Option<u32>| a.and_then(Action::from_value);
-    policy::evaluate_lookups(
+    use redirect_common::decide::{NO_RULE, layered};
+    let (id, base) = (record.policy_id, record.base_id);
+    let raw = |a: Option<u32>| a.unwrap_or(NO_RULE);
+    let ip_rule = |id: u32, ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => raw(maps.lookup_v4(id, a.octets())),
+        std::net::IpAddr::V6(a) => raw(maps.lookup_v6(id, a.octets())),
+    };
+    policy::evaluate_rules(
         record.flags & flags::ENABLED != 0,
         dest,
         as_proxy,
-        |port| action(maps.lookup_port(id, port)),
-        |ip| match ip {
-            std::net::IpAddr::V4(a) => action(maps.lookup_v4(id, a.octets())),
-            std::net::IpAddr::V6(a) => action(maps.lookup_v6(id, a.octets())),
+        |port| {
+            layered(raw(maps.lookup_port(id, port)), base, |b| {
+                raw(maps.lookup_port(b, port))
+            })
         },
+        |ip| layered(ip_rule(id, ip), base, |b| ip_rule(b, ip)),
     )
 }
 

@@ -51,6 +51,8 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
                         "cgroup_id": cg,
                         "cgroup": paths.get(cg).map(|p| p.display().to_string()),
                         "policy_id": p.policy_id,
+                        // Entries not in "cidrs"/"ports" come from this shared set's (layered).
+                        "base_id": (p.base_id != 0).then_some(p.base_id),
                         "enabled": p.flags & flags::ENABLED != 0,
                         "mode": if p.flags & flags::MODE_NODE != 0 { "node" } else { "sidecar" },
                         "proxy_v4": format!("{}:{}", Ipv4Addr::from(p.proxy_addr4), p.proxy_port),
@@ -304,6 +306,7 @@ fn action_name(a: u32) -> &'static str {
     match a {
         action::EXCLUDE => "exclude",
         action::INCLUDE => "include",
+        action::STOP => "stop",
         _ => "unknown",
     }
 }

@@ -2,72 +2,38 @@
 //! "The reconcile rules").
 //!
 //! Policies are content-addressed: identical compiled entry sets share one policy id and one
-//! copy of the trie entries, with a reference count per id. A change acquires the new id first
-//! (writing its entries if nobody has them yet), then swaps the cgroup's record in one map update,
-//! then releases the old id. A connect therefore sees the old policy or the new one, whole. An id
-//! whose last reference is released is *retired*: its entries stay for [`GRACE`], because a connect
-//! in flight may have read the old record just before the swap, and are deleted after it.
+//! copy of the trie entries, with a reference count per id (sets.rs). A workload whose table is
+//! a small overlay over a shared base (its mesh default's) names both, and holds a reference on
+//! each. A change acquires the new base and the new id first (writing their entries if nobody
+//! has them yet), then swaps the cgroup's record in one map update, then releases the old ones.
+//! A connect therefore sees the old policy or the new one, whole. Released sets are deleted
+//! [`GRACE`] after their last reference went.
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    hash::{DefaultHasher, Hash, Hasher},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use redirect_common::{Policy, action, flags, map_names};
+use redirect_common::{Policy, decide::NO_BASE, flags};
 
 use super::{
     Fallback,
-    maps::{Capacity, PolicyMaps},
+    maps::PolicyMaps,
+    sets::{Fill, Rules, Sets},
 };
-use crate::bpf::{BpfError, PinnedMaps, PolicyEntries};
+use crate::bpf::{BpfError, PinnedMaps};
 
 /// How long a replaced entry set stays in the tries after the last record stopped naming it.
 pub const GRACE: Duration = Duration::from_secs(2);
 
-/// A compiled entry set with its content digest, computed once. Shared between workloads.
-#[derive(Debug)]
-pub struct Rules {
-    entries: PolicyEntries,
-    digest: u64,
-}
-
-impl Rules {
-    pub fn new(entries: PolicyEntries) -> Arc<Self> {
-        let mut h = DefaultHasher::new();
-        entries.hash(&mut h);
-        Arc::new(Self {
-            entries,
-            digest: h.finish(),
-        })
-    }
-
-    pub fn entries(&self) -> &PolicyEntries {
-        &self.entries
-    }
-
-    pub fn digest(&self) -> u64 {
-        self.digest
-    }
-
-    /// 0.0.0.0/0 and ::/0 included: the set of the "redirect everything" fallback.
-    pub fn redirect_all() -> Arc<Self> {
-        let mut e = PolicyEntries::default();
-        e.v4.insert((0, [0; 4]), action::INCLUDE);
-        e.v6.insert((0, [0; 16]), action::INCLUDE);
-        Self::new(e)
-    }
-
-    fn same(a: &Arc<Self>, b: &Arc<Self>) -> bool {
-        Arc::ptr_eq(a, b) || (a.digest == b.digest && a.entries == b.entries)
-    }
-}
-
-/// One way to run a workload: its record (the `policy_id` is assigned here) and entries.
+/// One way to run a workload: its record (`policy_id` and `base_id` are assigned here) and
+/// entries: its whole table, or an overlay over `base`.
 #[derive(Clone, Debug)]
 pub struct Candidate {
     pub record: Policy,
     pub rules: Arc<Rules>,
+    /// The shared set `rules` overlays (`Policy::base_id`), if any.
+    pub base: Option<Arc<Rules>>,
 }
 
 /// What one cgroup should have, in order of preference.
@@ -100,14 +66,6 @@ struct Applied {
     workload: String,
     record: Policy,
     kind: Kind,
-}
-
-#[derive(Debug)]
-struct Shared {
-    rules: Arc<Rules>,
-    refs: usize,
-    /// When the last reference went away (None while referenced or reserved).
-    retired: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -156,27 +114,12 @@ pub struct ApplyReport {
     pub fallbacks: BTreeMap<u64, Fallback>,
 }
 
-/// Entry counts per map (records; trie entries including retired ones still in grace).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Fill {
-    pub policies: usize,
-    pub v4: usize,
-    pub v6: usize,
-    pub ports: usize,
-}
-
 /// Sole writer of the maps.
 pub struct Applier<M: PolicyMaps = PinnedMaps> {
     maps: M,
-    capacity: Capacity,
-    grace: Duration,
     applied: BTreeMap<u64, Applied>,
-    shared: HashMap<u32, Shared>,
-    by_digest: HashMap<u64, u32>,
-    fill: Fill,
+    sets: Sets,
     redirect_all: Arc<Rules>,
-    /// Above every id in use until it wraps; in-use ids are skipped.
-    next_id: u32,
     /// Inbound (sk_lookup) state, in maps and an id space of its own; None where the maps have no
     /// inbound side (the in-memory maps of the unit tests).
     pub inbound: Option<super::inbound::InboundApplier>,
@@ -196,45 +139,24 @@ impl<M: PolicyMaps> Applier<M> {
         let entries = maps.entries()?;
         let records = maps.policies()?;
         let mut a = Self {
-            capacity: maps.capacity(),
+            sets: Sets::new(maps.capacity(), GRACE),
             maps,
-            grace: GRACE,
             applied: BTreeMap::new(),
-            shared: HashMap::new(),
-            by_digest: HashMap::new(),
-            fill: Fill::default(),
             redirect_all: Rules::redirect_all(),
-            next_id: 1,
             inbound: None,
         };
         let now = Instant::now();
         for (id, e) in entries {
-            a.count(&e, true);
-            let rules = Rules::new(e);
-            a.by_digest.entry(rules.digest).or_insert(id);
-            a.shared.insert(
-                id,
-                Shared {
-                    rules,
-                    refs: 0,
-                    retired: Some(now),
-                },
-            );
+            a.sets.adopt_entries(id, e, now);
         }
         for (cgroup_id, record) in records {
-            let id = record.policy_id;
             // A record whose entries are gone still names its id (nothing matches: it redirects
-            // nothing but loopback rules); keep it as found until a snapshot replaces it.
-            let s = a.shared.entry(id).or_insert_with(|| Shared {
-                rules: Arc::new(Rules {
-                    entries: PolicyEntries::default(),
-                    digest: 0,
-                }),
-                refs: 0,
-                retired: None,
-            });
-            s.refs += 1;
-            s.retired = None;
+            // nothing but loopback rules); keep it as found until a snapshot replaces it. Its
+            // base, if any, stays referenced as long as it does.
+            a.sets.adopt_reference(record.policy_id);
+            if record.base_id != NO_BASE {
+                a.sets.adopt_reference(record.base_id);
+            }
             a.applied.insert(
                 cgroup_id,
                 Applied {
@@ -244,12 +166,12 @@ impl<M: PolicyMaps> Applier<M> {
                 },
             );
         }
-        a.fill.policies = a.applied.len();
-        a.next_id = a.shared.keys().max().map_or(1, |m| m.wrapping_add(1));
+        a.sets.fill.policies = a.applied.len();
+        a.sets.start_ids_after_adopted();
         // Reserve the last-resort set now, while there is room; one reference is held forever.
         let all = a.redirect_all.clone();
-        if let Ok(id) = a.acquire(&all) {
-            a.redirect_all = a.shared[&id].rules.clone();
+        if let Ok(id) = a.sets.acquire(&mut a.maps, &all) {
+            a.redirect_all = a.sets.rules(id).expect("acquired").clone();
         }
         Ok(a)
     }
@@ -262,7 +184,7 @@ impl<M: PolicyMaps> Applier<M> {
 
     /// Sets the grace period (tests use zero or a long one).
     pub fn with_grace(mut self, grace: Duration) -> Self {
-        self.grace = grace;
+        self.sets.grace = grace;
         self
     }
 
@@ -284,25 +206,24 @@ impl<M: PolicyMaps> Applier<M> {
 
     /// Distinct entry sets in the tries (shared policies count once), including retired ones.
     pub fn policy_sets(&self) -> usize {
-        self.shared.len()
+        self.sets.len()
     }
 
     /// Entries written per map (what the metrics report as fill levels).
     pub fn fill(&self) -> Fill {
-        self.fill
+        self.sets.fill
+    }
+
+    /// References held on a set (tests).
+    #[cfg(test)]
+    pub(super) fn refs(&self, id: u32) -> Option<usize> {
+        self.sets.refs(id)
     }
 
     /// When the next retired entry set is due for deletion.
     pub fn next_collect(&self) -> Option<Instant> {
         let inbound = self.inbound.as_ref().and_then(|i| i.next_collect());
-        self.shared
-            .values()
-            .filter_map(|s| s.retired)
-            .min()
-            .map(|t| t + self.grace)
-            .into_iter()
-            .chain(inbound)
-            .min()
+        self.sets.next_collect().into_iter().chain(inbound).min()
     }
 
     /// Deletes the entries of ids retired at least the grace period before `now`. Returns how
@@ -311,21 +232,7 @@ impl<M: PolicyMaps> Applier<M> {
         if let Some(i) = self.inbound.as_mut() {
             i.collect(now);
         }
-        let due: Vec<u32> = self
-            .shared
-            .iter()
-            .filter(|(_, s)| s.retired.is_some_and(|t| t + self.grace <= now))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &due {
-            let s = self.shared.remove(id).expect("listed");
-            self.maps.remove_entries(*id, &s.rules.entries);
-            self.count(&s.rules.entries, false);
-            if self.by_digest.get(&s.rules.digest) == Some(id) {
-                self.by_digest.remove(&s.rules.digest);
-            }
-        }
-        due.len()
+        self.sets.collect(&mut self.maps, now)
     }
 
     /// Applies a full desired state. Cgroups in `keep` are left exactly as they are (their new
@@ -349,11 +256,11 @@ impl<M: PolicyMaps> Applier<M> {
         for cgroup_id in gone {
             if let Some(old) = self.applied.remove(&cgroup_id) {
                 self.maps.remove_policy(cgroup_id);
-                self.release(old.record.policy_id);
+                self.release(&old.record);
                 report.removed += 1;
             }
         }
-        self.fill.policies = self.applied.len();
+        self.sets.fill.policies = self.applied.len();
         // Room may have appeared in this pass (a zero grace period, or sets retired earlier):
         // a rejected workload gets another try at once rather than at the next event.
         if !full.is_empty() && self.collect(Instant::now()) > 0 {
@@ -363,7 +270,7 @@ impl<M: PolicyMaps> Applier<M> {
                 report.fallbacks.remove(&cgroup_id);
                 self.apply_one(cgroup_id, &desired[&cgroup_id], &mut report);
             }
-            self.fill.policies = self.applied.len();
+            self.sets.fill.policies = self.applied.len();
         }
         report
     }
@@ -415,6 +322,7 @@ impl<M: PolicyMaps> Applier<M> {
                     ..want.redirect_all
                 },
                 rules: self.redirect_all.clone(),
+                base: None,
             };
             match self.install(cgroup_id, &want.workload, &all, Kind::RedirectAll) {
                 Ok(c) => {
@@ -460,16 +368,15 @@ impl<M: PolicyMaps> Applier<M> {
         kind: Kind,
     ) -> Result<Change, WriteError> {
         if let Some(old) = self.applied.get(&cgroup_id) {
-            let id = old.record.policy_id;
+            let (id, base_id) = (old.record.policy_id, old.record.base_id);
             let same_record = Policy {
                 policy_id: id,
+                base_id,
                 ..c.record
             } == old.record;
             if same_record
-                && self
-                    .shared
-                    .get(&id)
-                    .is_some_and(|s| Rules::same(&s.rules, &c.rules))
+                && self.sets.holds(id, Some(&c.rules))
+                && self.sets.holds(base_id, c.base.as_ref())
             {
                 let old = self.applied.get_mut(&cgroup_id).expect("present");
                 old.kind = kind;
@@ -479,13 +386,25 @@ impl<M: PolicyMaps> Applier<M> {
                 return Ok(Change::None);
             }
         }
-        let id = self.acquire(&c.rules)?;
+        // Make before break: the base first, then the overlay, then the record.
+        let base_id = match &c.base {
+            Some(b) => self.sets.acquire(&mut self.maps, b)?,
+            None => NO_BASE,
+        };
+        let id = match self.sets.acquire(&mut self.maps, &c.rules) {
+            Ok(id) => id,
+            Err(e) => {
+                self.sets.release(base_id);
+                return Err(e);
+            }
+        };
         let record = Policy {
             policy_id: id,
+            base_id,
             ..c.record
         };
         if let Err(e) = self.maps.set_policy(cgroup_id, &record) {
-            self.release(id);
+            self.release(&record);
             return Err(e.into());
         }
         let new = Applied {
@@ -495,105 +414,16 @@ impl<M: PolicyMaps> Applier<M> {
         };
         Ok(match self.applied.insert(cgroup_id, new) {
             Some(old) => {
-                self.release(old.record.policy_id);
+                self.release(&old.record);
                 Change::Updated
             }
             None => Change::Added,
         })
     }
 
-    /// One more reference to the id holding `rules`, writing them under a fresh id if no id
-    /// holds them (a retired one is revived).
-    fn acquire(&mut self, rules: &Arc<Rules>) -> Result<u32, WriteError> {
-        if let Some(&id) = self.by_digest.get(&rules.digest)
-            && let Some(s) = self.shared.get_mut(&id)
-            && Rules::same(&s.rules, rules)
-        {
-            s.refs += 1;
-            s.retired = None;
-            return Ok(id);
-        }
-        self.fits(&rules.entries)?;
-        let id = self.allocate_id();
-        self.maps.insert_entries(id, &rules.entries)?;
-        self.count(&rules.entries, true);
-        self.by_digest.entry(rules.digest).or_insert(id);
-        self.shared.insert(
-            id,
-            Shared {
-                rules: rules.clone(),
-                refs: 1,
-                retired: None,
-            },
-        );
-        Ok(id)
-    }
-
-    fn release(&mut self, id: u32) {
-        if let Some(s) = self.shared.get_mut(&id) {
-            s.refs = s.refs.saturating_sub(1);
-            if s.refs == 0 {
-                s.retired = Some(Instant::now());
-            }
-        }
-    }
-
-    fn fits(&self, e: &PolicyEntries) -> Result<(), WriteError> {
-        for (map, fill, capacity, needed) in [
-            (
-                map_names::CIDR_V4,
-                self.fill.v4,
-                self.capacity.v4,
-                e.v4.len(),
-            ),
-            (
-                map_names::CIDR_V6,
-                self.fill.v6,
-                self.capacity.v6,
-                e.v6.len(),
-            ),
-            (
-                map_names::PORTS,
-                self.fill.ports,
-                self.capacity.ports,
-                e.ports.len(),
-            ),
-        ] {
-            if fill + needed > capacity {
-                return Err(WriteError::DoesNotFit {
-                    map,
-                    fill,
-                    capacity,
-                    needed,
-                    grace: self.grace,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    fn count(&mut self, e: &PolicyEntries, add: bool) {
-        let f = &mut self.fill;
-        if add {
-            f.v4 += e.v4.len();
-            f.v6 += e.v6.len();
-            f.ports += e.ports.len();
-        } else {
-            f.v4 = f.v4.saturating_sub(e.v4.len());
-            f.v6 = f.v6.saturating_sub(e.v6.len());
-            f.ports = f.ports.saturating_sub(e.ports.len());
-        }
-    }
-
-    /// Ids are never 0 and never one in use (or retired), so the old and new entries of an
-    /// update cannot collide.
-    fn allocate_id(&mut self) -> u32 {
-        loop {
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            if id != 0 && !self.shared.contains_key(&id) {
-                return id;
-            }
-        }
+    /// The references a record holds: its own set and its base.
+    fn release(&mut self, record: &Policy) {
+        self.sets.release(record.policy_id);
+        self.sets.release(record.base_id);
     }
 }

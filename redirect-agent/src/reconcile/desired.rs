@@ -5,11 +5,15 @@ use std::{collections::HashMap, sync::Arc};
 
 use redirect_common::{Policy, flags};
 
-use super::{Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec};
+use super::{
+    Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec,
+    layering::{Base, layer, layer_exclusions},
+};
 use crate::{
     bpf::PolicyEntries,
     policy::{
-        self, Annotations, Compiled, EffectivePolicy, MeshTraffic, PolicyError, WorkloadInputs,
+        self, Annotations, Compiled, EffectivePolicy, Lists, MeshTraffic, PolicyError,
+        WorkloadInputs,
     },
     proxy::ProxyConfig,
 };
@@ -82,14 +86,40 @@ struct Key {
     pod_annotations: Annotations,
 }
 
-/// A resolved and compiled policy: the policy, its rule set, the warnings and the inbound-only
-/// error (`Resolved::inbound_error`).
-type Resolution = (
-    Arc<EffectivePolicy>,
-    Arc<Rules>,
-    Vec<String>,
-    Option<PolicyError>,
-);
+/// What a workload's record needs from its resolved policy. The policy itself is not kept: at
+/// node scale its sourced lists (100,000 CIDRs, each with its source) were most of the agent's
+/// memory, once per distinct policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecordInputs {
+    pub enabled: bool,
+    pub proxy_uid: Option<u32>,
+    pub dns_port: u16,
+}
+
+impl RecordInputs {
+    pub fn of(p: &EffectivePolicy) -> Self {
+        Self {
+            enabled: p.enabled,
+            proxy_uid: p.proxy_uid.as_ref().map(|s| s.value),
+            dns_port: p.dns.record_port(),
+        }
+    }
+}
+
+/// A resolved and compiled policy.
+#[derive(Clone, Debug)]
+struct Resolution {
+    inputs: RecordInputs,
+    /// Its entries: the whole table, or an overlay over `base` (layering.rs).
+    rules: Arc<Rules>,
+    base: Option<Arc<Rules>>,
+    /// The compiled table and the lists of a policy that can be a base (one without pod
+    /// annotations).
+    compiled: Option<Arc<(Compiled, Lists)>>,
+    warnings: Vec<String>,
+    /// The inbound-only error (`Resolved::inbound_error`).
+    inbound_error: Option<PolicyError>,
+}
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -124,16 +154,21 @@ impl Memo {
         let live: std::collections::HashSet<u64> = self
             .entries
             .values()
-            .filter_map(|e| e.resolved.as_ref().ok().map(|r| r.1.digest()))
+            .filter_map(|e| e.resolved.as_ref().ok())
+            .flat_map(|r| {
+                std::iter::once(r.rules.digest()).chain(r.base.as_ref().map(|b| b.digest()))
+            })
             .collect();
         self.rules.retain(|d, _| live.contains(d));
     }
 
+    /// `base`: the workload's mesh default, which a policy with pod annotations may overlay.
     fn resolve(
         &mut self,
         w: &WorkloadSpec,
         namespace_annotations: &Annotations,
         pod_annotations: &Annotations,
+        base: Option<&Resolution>,
     ) -> Entry {
         let key = Key {
             namespace: w.namespace.clone(),
@@ -161,9 +196,36 @@ impl Memo {
             pod_annotations,
         })
         .map(|r| {
-            let fresh = Rules::new(entries(&policy::compile(&r.policy)));
+            let base = base.and_then(|b| {
+                let (table, lists) = b.compiled.as_deref()?;
+                Some(Base {
+                    table,
+                    lists,
+                    rules: &b.rules,
+                })
+            });
+            let mut compiled = None;
+            let (e, base) = match base.as_ref().and_then(|b| layer_exclusions(&r.policy, b)) {
+                Some((e, b)) => (e, Some(b)),
+                None => {
+                    let c = policy::compile(&r.policy);
+                    let layered = layer(&c, base.as_ref());
+                    if pod_annotations.is_empty() {
+                        compiled = Some(Arc::new((c, Lists::of(&r.policy))));
+                    }
+                    layered
+                }
+            };
+            let fresh = Rules::new(e);
             let rules = self.rules.entry(fresh.digest()).or_insert(fresh).clone();
-            (Arc::new(r.policy), rules, r.warnings, r.inbound_error)
+            Resolution {
+                inputs: RecordInputs::of(&r.policy),
+                rules,
+                base,
+                compiled,
+                warnings: r.warnings,
+                inbound_error: r.inbound_error,
+            }
         });
         let e = Entry { resolved };
         self.used.insert(key, e.clone());
@@ -213,9 +275,10 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
             continue;
         }
         let ns_annotations = snapshot.namespaces.get(&w.namespace).unwrap_or(&empty);
-        let candidate = |(p, rules): (&EffectivePolicy, &Arc<Rules>)| Candidate {
-            record: record(&snapshot.proxy, p, proxy_cgroup, w.proxy_uid),
-            rules: rules.clone(),
+        let candidate = |r: &Resolution| Candidate {
+            record: record(&snapshot.proxy, &r.inputs, proxy_cgroup, w.proxy_uid),
+            rules: r.rules.clone(),
+            base: r.base.clone(),
         };
         let issue = |e: &PolicyError, fallback, cgroup_id| WorkloadIssue {
             namespace: w.namespace.clone(),
@@ -226,15 +289,20 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
             fallback,
             cgroup_id,
         };
-        let own = memo.resolve(w, ns_annotations, &w.annotations);
+        // Mesh default: drop the pod's annotations, then the namespace's too. Resolved first:
+        // it is the base the workload's own table may overlay.
+        let mesh_default = [ns_annotations, &empty]
+            .into_iter()
+            .find_map(|ns| memo.resolve(w, ns, &empty, None).resolved.ok());
+        let own = memo.resolve(w, ns_annotations, &w.annotations, mesh_default.as_ref());
         let own = match own.resolved {
-            Ok((p, rules, warnings, inbound_error)) => {
-                out.warnings.extend(warnings);
-                if let Some(e) = inbound_error {
+            Ok(r) => {
+                out.warnings.extend(r.warnings.iter().cloned());
+                if let Some(e) = &r.inbound_error {
                     // Not the outbound fallback's: the outbound policy itself is applied.
-                    out.issues.push(issue(&e, Fallback::InboundLastGood, None));
+                    out.issues.push(issue(e, Fallback::InboundLastGood, None));
                 }
-                Some(candidate((&p, &rules)))
+                Some(candidate(&r))
             }
             Err(e) => {
                 out.issues
@@ -242,16 +310,10 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
                 None
             }
         };
-        // Mesh default: drop the pod's annotations, then the namespace's too.
-        let mesh_default = [ns_annotations, &empty].into_iter().find_map(|ns| {
-            memo.resolve(w, ns, &empty)
-                .resolved
-                .ok()
-                .map(|(p, rules, _, _)| candidate((&p, &rules)))
-        });
+        let mesh_default = mesh_default.as_ref().map(candidate);
         let mut redirect_all = record(
             &snapshot.proxy,
-            &EffectivePolicy::default(),
+            &RecordInputs::of(&EffectivePolicy::default()),
             proxy_cgroup,
             w.proxy_uid,
         );
@@ -273,17 +335,12 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
 /// The kernel record: who the proxy is and where redirected connects go.
 pub fn record(
     proxy: &ProxyConfig,
-    policy: &EffectivePolicy,
+    policy: &RecordInputs,
     proxy_cgroup: Option<u64>,
     workload_uid: Option<u32>,
 ) -> Policy {
     let (v4, v6) = proxy.targets();
-    let uid = policy
-        .proxy_uid
-        .as_ref()
-        .map(|s| s.value)
-        .or(workload_uid)
-        .or(proxy.uid);
+    let uid = policy.proxy_uid.or(workload_uid).or(proxy.uid);
     let mut f = 0;
     if policy.enabled {
         f |= flags::ENABLED;
@@ -297,7 +354,7 @@ pub fn record(
     if proxy_cgroup.is_some() {
         f |= flags::HAS_PROXY_CGROUP;
     }
-    let dns_port = policy.dns.record_port();
+    let dns_port = policy.dns_port;
     if dns_port != 0 {
         f |= flags::DNS_CAPTURE;
     }

@@ -4,10 +4,14 @@
 pub mod apply;
 mod desired;
 pub mod inbound;
+pub mod layering;
+#[cfg(test)]
+mod layering_tests;
 pub mod maps;
 pub mod owner;
 mod pending;
 pub mod scale;
+mod sets;
 #[cfg(test)]
 mod tests;
 
@@ -16,12 +20,11 @@ use std::{
     path::PathBuf,
 };
 
-pub use apply::{
-    Applier, ApplyError, ApplyReport, Candidate, Desired, Fill, GRACE, Kind, Rules, WriteError,
-};
-pub use desired::{Fallback, Memo, WorkloadIssue, build, entries, record};
+pub use apply::{Applier, ApplyError, ApplyReport, Candidate, Desired, GRACE, Kind, WriteError};
+pub use desired::{Fallback, Memo, RecordInputs, WorkloadIssue, build, entries, record};
 pub use maps::{Capacity, MemMaps, PolicyMaps};
 pub use owner::{Health, Owner, PassReport};
+pub use sets::{Fill, Rules};
 
 use crate::{
     cgroup::{

@@ -5,6 +5,7 @@
 
 pub mod overlay;
 pub(crate) mod trie;
+pub mod union;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
@@ -70,17 +71,19 @@ pub fn compile(p: &EffectivePolicy) -> Compiled {
 
 /// A workload's CIDR tables as an overlay over its base (the mesh default's tables, shared under
 /// their own id): the kernel looks the overlay up first and the base where the overlay has no
-/// entry, which answers what `own` answers for every address (overlay.rs). The port table is not
-/// layered (it is small): the workload's own id keeps all of `own.ports`.
+/// entry, which answers what `own` answers for every address and port (overlay.rs). The port
+/// table is layered too: the kernel falls back to the base for both lookups
+/// (`redirect_common::decide::layered`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Overlay {
     pub v4: Vec<(Ipv4Net, overlay::Layered)>,
     pub v6: Vec<(Ipv6Net, overlay::Layered)>,
+    pub ports: Vec<(PortPrefix, overlay::Layered)>,
 }
 
 impl Overlay {
     pub fn len(&self) -> usize {
-        self.v4.len() + self.v6.len()
+        self.v4.len() + self.v6.len() + self.ports.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -112,7 +115,28 @@ pub fn overlay_of(own: &Compiled, base: &Compiled) -> Overlay {
             })
             .collect()
     };
+    let pp = |l: &[(PortPrefix, Action)]| -> Vec<(Prefix, Action)> {
+        l.iter()
+            .map(|(p, a)| {
+                let pre = Prefix {
+                    bits: u128::from(p.port),
+                    len: p.len,
+                };
+                (pre, *a)
+            })
+            .collect()
+    };
     Overlay {
+        ports: overlay::overlay(16, &pp(&own.ports), &pp(&base.ports))
+            .into_iter()
+            .map(|(p, v)| {
+                let port = PortPrefix {
+                    port: p.bits as u16,
+                    len: p.len,
+                };
+                (port, v)
+            })
+            .collect(),
         v4: overlay::overlay(32, &p4(&own.v4), &p4(&base.v4))
             .into_iter()
             .map(|(p, v)| (v4_net(p), v))

@@ -23,6 +23,14 @@ impl Layered {
     fn of(a: Option<Action>) -> Self {
         a.map_or(Layered::Stop, Layered::Rule)
     }
+
+    /// The map value the kernel program reads (`redirect_common::action`).
+    pub fn value(self) -> u32 {
+        match self {
+            Layered::Rule(a) => a.value(),
+            Layered::Stop => redirect_common::action::STOP,
+        }
+    }
 }
 
 /// The walk over the address space: entries emitted so far.
