@@ -267,45 +267,55 @@ impl InboundApplier {
 
     /// True when it linked (or adopted) the netns.
     fn apply_one(&mut self, cookie: u64, w: &Want) -> Result<bool, crate::bpf::BpfError> {
-        // The link first, once per agent life: a cookie names one netns for its whole life, so
-        // a link made (or adopted) for it stays right until its record goes.
-        let link = self.applied.get(&cookie).and_then(|a| a.linked) != Some(w.inode);
+        // Entries, record (and backfilled listeners) before the link: a link that runs before
+        // the netns has a record takes the normal lookup, so a new pod's first inbound
+        // connections would reach the app (tests/tests/inbound_escapes_kube.rs measured a few
+        // per sandbox restart when the link came first). A record without a link steers nothing.
+        let backfilled = self.backfill(cookie, w);
+        match self.applied.get_mut(&cookie) {
+            Some(old)
+                if old.record.proxy_port == w.record.proxy_port && old.entries == w.entries =>
+            {
+                old.workload = w.workload.clone();
+                old.own = w.own;
+                old.backfilled = backfilled;
+            }
+            _ => {
+                let id = self.allocate_id();
+                let maps = self.maps.as_mut().expect("checked by apply");
+                maps.insert_entries(id, &w.entries)?;
+                let record = InboundRecord {
+                    policy_id: id,
+                    ..w.record
+                };
+                if let Err(e) = maps.set_record(cookie, &record) {
+                    maps.remove_entries(id, &w.entries);
+                    return Err(e);
+                }
+                // A cookie names one netns for its whole life, so a link made (or adopted)
+                // for it stays right across record changes.
+                let linked = self.applied.get(&cookie).and_then(|a| a.linked);
+                let new = Applied {
+                    workload: w.workload.clone(),
+                    record,
+                    entries: w.entries.clone(),
+                    own: w.own,
+                    backfilled,
+                    linked,
+                };
+                if let Some(old) = self.applied.insert(cookie, new) {
+                    self.retired
+                        .push((Instant::now(), old.record.policy_id, old.entries));
+                }
+            }
+        }
+        // The link last, once per agent life; a failed attach is retried by the next pass
+        // with the record already in place.
+        let applied = self.applied.get_mut(&cookie).expect("inserted above");
+        let link = applied.linked != Some(w.inode);
         if link {
             netns::attach(&self.dir, &w.path, w.inode, cookie)?;
-        }
-        let backfilled = self.backfill(cookie, w);
-        if let Some(old) = self.applied.get_mut(&cookie)
-            && old.record.proxy_port == w.record.proxy_port
-            && old.entries == w.entries
-        {
-            old.workload = w.workload.clone();
-            old.own = w.own;
-            old.backfilled = backfilled;
-            old.linked = Some(w.inode);
-            return Ok(link);
-        }
-        let id = self.allocate_id();
-        let maps = self.maps.as_mut().expect("checked by apply");
-        maps.insert_entries(id, &w.entries)?;
-        let record = InboundRecord {
-            policy_id: id,
-            ..w.record
-        };
-        if let Err(e) = maps.set_record(cookie, &record) {
-            maps.remove_entries(id, &w.entries);
-            return Err(e);
-        }
-        let new = Applied {
-            workload: w.workload.clone(),
-            record,
-            entries: w.entries.clone(),
-            own: w.own,
-            backfilled,
-            linked: Some(w.inode),
-        };
-        if let Some(old) = self.applied.insert(cookie, new) {
-            self.retired
-                .push((Instant::now(), old.record.policy_id, old.entries));
+            applied.linked = Some(w.inode);
         }
         Ok(link)
     }
