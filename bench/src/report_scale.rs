@@ -78,21 +78,11 @@ fn grouped(x: usize) -> String {
     out
 }
 
-/// How many full copies of (mesh list + extras + the include entry) fit beside the shared set
-/// (mesh list + include) and the reserved last-resort set: each workload with CIDRs of its own
-/// compiles to its own copy, because the trie key starts with the policy id.
-pub fn copies_that_fit(h: &Harness) -> usize {
-    let c = &h.config;
-    let shared = c.mesh_cidrs + 1;
-    let own = c.mesh_cidrs + c.own_extra_cidrs + 1;
-    c.max_rule_entries.saturating_sub(shared + 1) / own.max(1)
-}
-
-/// Ideal trie use: one shared mesh list, the extras once each, one include entry per set and
-/// the reserved set.
+/// Ideal trie use: one shared mesh list with its include entry, the extras once each (as
+/// overlays over it) and the reserved set.
 pub fn ideal_entries(h: &Harness) -> usize {
     let c = &h.config;
-    c.mesh_cidrs + c.own_workloads * c.own_extra_cidrs + c.own_workloads + 2
+    c.mesh_cidrs + c.own_workloads * c.own_extra_cidrs + 2
 }
 
 pub fn harness_section(r: &Results, md: &mut String) {
@@ -106,7 +96,7 @@ pub fn harness_section(r: &Results, md: &mut String) {
 \
          The agent's own harness (`redirect_agent::reconcile::scale`, run as `redirect-bench worker scale` in a process of its own): {} workloads with no annotations share the mesh exclusion list ({} /32s, none adjacent, so none merge); {} more add {} CIDRs of their own each (FSM's union annotation). \
          The maps are the in-memory stand-ins of the reconcile unit tests, with tries of {} entries (the agent's default `--max-rule-entries` is 1,048,576; a quick run scales it with the mesh list), so the figures are the agent's own work (resolve, compile, diff, write) without the bpf(2) calls; the RSS is the harness process's, the in-memory maps included. \
-         The one-workload edits give one shared workload an excluded port of its own (so it leaves the shared set and needs an entry set of its own: the costly kind of edit, and on a full trie one that does not fit); the mesh-wide edit adds one CIDR to the mesh list.\n",
+         The one-workload edits give one shared workload an excluded port of its own (so it leaves the shared set: its own entries are a one-port overlay over the shared base); the mesh-wide edit adds one CIDR to the mesh list.\n",
         c.shared_workloads,
         c.own_workloads,
         grouped(c.mesh_cidrs),
@@ -172,15 +162,10 @@ pub fn harness_section(r: &Results, md: &mut String) {
         "| … workloads on a fallback after it | {} |\n",
         h.mesh_edit_on_fallback
     );
-    let fit = copies_that_fit(h);
     let _ = writeln!(
         md,
-        "With today's datapath the trie key starts with the policy id, so each workload with CIDRs of its own compiles to its own full copy of the mesh list ({} entries): beside the shared set, {} entries hold {} such copies, so {} of the {} fit and the rest run a fallback (the mesh default), as the agent's fallback rules say. \
+        "A workload with CIDRs of its own gets only an overlay (its {} extras) under its own policy id, layered over the mesh default's shared set (`Policy::base_id`: the kernel asks the overlay first, then the base). \
          A mesh-wide edit needs room for the old and the new entries at once (make before break), so on a full trie the changed sets that do not fit keep their last good policy.\n",
-        grouped(c.mesh_cidrs + c.own_extra_cidrs + 1),
-        grouped(c.max_rule_entries),
-        fit,
-        fit.min(c.own_workloads),
-        c.own_workloads
+        c.own_extra_cidrs
     );
 }
