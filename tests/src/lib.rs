@@ -35,6 +35,7 @@
 mod agent;
 mod bpffs;
 mod cgroup;
+pub mod connect_loop;
 pub mod e2e;
 mod fixture;
 mod mesh;

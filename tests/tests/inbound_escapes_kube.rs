@@ -3,30 +3,29 @@
 //! and a new pause process starts in a new netns. A looping client on the client node targets
 //! each netns; the app's own listeners count what reached them.
 //!
-//! Measured, not assumed: connections that reach the app in the new netns before its link is up
-//! are printed (nothing can steer them: no sk_lookup program is in that netns yet, so this is
-//! the window an init container closes and an agent cannot). Asserted: 0 reach the app in the
-//! old netns while its app process lives, and 0 in the new netns once the pass that linked it
-//! has been applied.
+//! Measured, not assumed: connections that reach the app in the new netns before its link is
+//! pinned are printed (nothing can steer them: no sk_lookup program is in that netns yet, so this
+//! is the window an init container closes and an agent cannot). Asserted: 0 reach the app in the
+//! old netns while its app process lives, and 0 in the new netns from the moment its link is
+//! pinned (the record is written first).
 mod escapes_support;
 mod inbound_support;
 mod kube_support;
 
-use std::{
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Child, time::Duration};
 
 use escapes_support::inbound::{NetnsLooper, assert_inbound_no_escape};
-use inbound_support::{POD4, spawn_in_netns, start_proxy, world};
+use inbound_support::{
+    POD4,
+    kube::{link_pin, running, sleeper},
+    start_proxy, world,
+};
 use kube_support::{
     Agent, Driver, NODE, Res, fake_api::wait_for, inbound_options, pod, pod_cgroup_rel, poll_until,
     put_defaults, uid,
 };
 use redirect_tests::{Fixture, serve_identity, veth_pair};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const SANDBOX: &str = "1a4d0b1c2e3f40516273849506a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f";
 const SANDBOX2: &str = "2b4d0b1c2e3f40516273849506a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f";
@@ -34,28 +33,6 @@ const APP: &str = "3c6e5d4c3b2a190817263544536271809f8e7d6c5b4a39281706f5e4d3c2b
 const PROXY: &str = "4d6e5d4c3b2a190817263544536271809f8e7d6c5b4a39281706f5e4d3c2b1a0";
 /// The new sandbox's pod address, on a second veth pair to the client node.
 const NEW_POD4: &str = "198.19.3.2";
-
-fn running(p: Value) -> Value {
-    let mut p = p;
-    p["status"]["containerStatuses"] = json!([
-        {"name": "istio-proxy", "ready": true, "restartCount": 0,
-         "image": "docker.io/istio/proxyv2:1.22.0", "imageID": "",
-         "containerID": format!("containerd://{PROXY}"),
-         "started": true, "state": {"running": {"startedAt": "2025-01-01T00:00:01Z"}}}
-    ]);
-    p
-}
-
-fn link_pin(pins: &Path, netns: &Path) -> PathBuf {
-    let ino = std::fs::metadata(netns).unwrap().ino();
-    pins.join(format!("link_sk_lookup_{ino}"))
-}
-
-fn sleeper(cg: &Path, netns: &std::fs::File) -> Child {
-    let mut cmd = Command::new("sleep");
-    cmd.arg("600").stdin(Stdio::null());
-    spawn_in_netns(cg, netns, &mut cmd)
-}
 
 fn kill(mut c: Child) {
     c.kill().unwrap();
@@ -81,7 +58,10 @@ fn a_sandbox_restart_never_lets_a_steered_connection_reach_the_app() {
     let proxy = start_proxy(&proxy_cg, w.fx.netns_file(), &["[::]:15006"], true);
     let agent = Agent::start_with(&w.fx, inbound_options(&w.fx), |api| {
         put_defaults(api);
-        api.put(Res::Pods, running(pod("demo", "web", &u, NODE, json!({}))));
+        api.put(
+            Res::Pods,
+            running(pod("demo", "web", &u, NODE, json!({})), PROXY),
+        );
     });
     agent.wait_ready();
     let pins = w.fx.pin_dir().to_path_buf();
@@ -145,13 +125,15 @@ fn a_sandbox_restart_never_lets_a_steered_connection_reach_the_app() {
     let after = new_app.connections() - at_up;
     let t = looper.finish();
     kill(pause2);
-    // Measured, not asserted: nothing is in the new netns to steer them before the link, and
-    // the link is pinned before the pass writes the netns's record (reconcile/inbound.rs).
+    // Measured, not asserted, before the pin: nothing is in the new netns to steer them yet.
+    // Asserted from the pin on: the pass writes the netns's record before it attaches the link
+    // (reconcile/inbound.rs), so a linked netns never takes the normal lookup for lack of one.
     println!(
         "new netns: {} connections reached the app between the new pause process's start and its link's pin, {} between the pin and the applied pass, {after} after; looped: {t:?}",
         at_link - at_start,
         at_up - at_link
     );
+    assert_eq!(at_up - at_link, 0, "reached the app after the link was pinned: {t:?}");
     assert_eq!(after, 0, "reached the app after the link was up: {t:?}");
     assert!(t.get("proxy").copied().unwrap_or(0) >= 200, "{t:?}");
 }

@@ -7,14 +7,13 @@
 mod inbound_support;
 mod kube_support;
 
-use std::{
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
-use inbound_support::{POD4, POD6, World, spawn_in_netns, start_proxy, world};
+use inbound_support::{
+    POD4, POD6, World,
+    kube::{link_pin, running, sleeper},
+    start_proxy, world,
+};
 use kube_support::{
     Agent, Driver, NODE, Res, fake_api::wait_for, inbound_options, pod, pod_cgroup_rel, poll_until,
     put_defaults, uid,
@@ -24,29 +23,6 @@ use serde_json::{Value, json};
 const SANDBOX: &str = "5a4d0b1c2e3f40516273849506a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f";
 const PROXY: &str = "7f6e5d4c3b2a190817263544536271809f8e7d6c5b4a39281706f5e4d3c2b1a0";
 const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
-
-/// The pod as the API has it once its containers run: the sidecar's containerID names its cgroup.
-fn running(p: Value) -> Value {
-    let mut p = p;
-    p["status"]["containerStatuses"] = json!([
-        {"name": "istio-proxy", "ready": true, "restartCount": 0,
-         "image": "docker.io/istio/proxyv2:1.22.0", "imageID": "",
-         "containerID": format!("containerd://{PROXY}"),
-         "started": true, "state": {"running": {"startedAt": "2025-01-01T00:00:01Z"}}}
-    ]);
-    p
-}
-
-fn link_pin(agent_pins: &Path, netns: &Path) -> PathBuf {
-    let ino = std::fs::metadata(netns).unwrap().ino();
-    agent_pins.join(format!("link_sk_lookup_{ino}"))
-}
-
-fn sleeper(cg: &Path, netns: &std::fs::File) -> std::process::Child {
-    let mut cmd = Command::new("sleep");
-    cmd.arg("600").stdin(Stdio::null());
-    spawn_in_netns(cg, netns, &mut cmd)
-}
 
 fn expect_who(w: &World, addr: &str, want: &str) {
     let got = wait_for(Duration::from_secs(10), || {
@@ -77,7 +53,7 @@ fn a_pods_netns_is_found_from_its_sandbox_and_its_inbound_follows_the_pod() {
     hn_pod["spec"]["hostNetwork"] = true.into();
     let mut hn_proc = sleeper(&hn_cg, w.node.netns_file());
 
-    let mk = |ann: Value| running(pod("demo", "web", &u, NODE, ann));
+    let mk = |ann: Value| running(pod("demo", "web", &u, NODE, ann), PROXY);
     let agent = Agent::start_with(&w.fx, inbound_options(&w.fx), |api| {
         put_defaults(api);
         api.put(Res::Pods, mk(json!({})));

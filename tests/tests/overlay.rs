@@ -5,13 +5,12 @@
 use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
 };
 
 use redirect_tests::{
-    Agent, Fixture, IdentityServer, Reached, Spawned, agent_cli, helper_bin, probe, serve_identity,
-    start_testproxy,
+    Agent, Fixture, IdentityServer, Reached, Spawned, agent_cli,
+    connect_loop::{self, wait_proxied},
+    probe, serve_identity, start_testproxy,
 };
 
 /// Every destination the tests probe, each served by an identity server on the netns's lo.
@@ -181,30 +180,7 @@ fn overlays_and_their_base_decide_every_destination_as_the_policy_says() {
 
 /// Loops connects to 198.18.0.10:80 from `cgroup` until dropped; each reply is one line.
 fn looping_client(fx: &Fixture, cgroup: &Path) -> Spawned {
-    let client = helper_bin("redirect-testclient").unwrap();
-    let script = format!(
-        "while :; do {} connect {MUST_REDIRECT} --timeout-ms 2000; echo; done",
-        client.display()
-    );
-    fx.spawn_logged(cgroup, Command::new("sh").arg("-c").arg(script))
-        .unwrap()
-}
-
-fn proxied(c: &Spawned) -> usize {
-    c.lines().iter().filter(|l| l.starts_with("proxy")).count()
-}
-
-fn wait_proxied(c: &Spawned, n: usize) {
-    let target = proxied(c) + n;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxied(c) < target {
-        assert!(
-            Instant::now() < deadline,
-            "the client stopped reaching the proxy: {:?}",
-            c.lines().iter().rev().take(5).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    connect_loop::looping_client(fx, cgroup, MUST_REDIRECT).unwrap()
 }
 
 /// A mesh-wide edit moves the base: the new base is written before any record names it, and

@@ -1,14 +1,12 @@
 //! Reconcile rules under load, in the real kernel with the real agent: a client in the workload
 //! loops connects to 198.18.0.10:80, which must be redirected, while the change happens, and the
 //! test counts the connects that reached that destination directly (escaped). Each asserts 0.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::path::{Path, PathBuf};
 
 use redirect_tests::{
-    Agent, Fixture, IdentityServer, Spawned, helper_bin, serve_identity, start_testproxy,
+    Agent, Fixture, IdentityServer, Spawned,
+    connect_loop::{self, wait_proxied},
+    serve_identity, start_testproxy,
 };
 
 struct World {
@@ -78,31 +76,7 @@ fn excludes(list: &[String]) -> String {
 
 /// Loops connects to 198.18.0.10:80 from `cgroup` until dropped; each reply is one line.
 fn looping_client(fx: &Fixture, cgroup: &Path) -> Spawned {
-    let client = helper_bin("redirect-testclient").unwrap();
-    let script = format!(
-        "while :; do {} connect 198.18.0.10:80 --timeout-ms 2000; echo; done",
-        client.display()
-    );
-    fx.spawn_logged(cgroup, Command::new("sh").arg("-c").arg(script))
-        .unwrap()
-}
-
-fn proxied(c: &Spawned) -> usize {
-    c.lines().iter().filter(|l| l.starts_with("proxy")).count()
-}
-
-/// Waits until `n` more of the client's connects went to the proxy.
-fn wait_proxied(c: &Spawned, n: usize) {
-    let target = proxied(c) + n;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while proxied(c) < target {
-        assert!(
-            Instant::now() < deadline,
-            "the client stopped reaching the proxy: {:?}",
-            c.lines().iter().rev().take(5).collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    connect_loop::looping_client(fx, cgroup, "198.18.0.10:80").unwrap()
 }
 
 fn assert_no_escapes(w: &World, what: &str) {

@@ -9,6 +9,8 @@ use std::process::{Command, Stdio};
 use redirect_tests::{Agent, Fixture, IdentityServer, serve_identity, veth_pair};
 use serde_json::Value;
 
+pub mod kube;
+
 #[path = "../origdst_support/mod.rs"]
 pub mod origdst_support;
 #[allow(unused_imports)] // not every test binary asks for original destinations
