@@ -133,7 +133,11 @@ fn a_sandbox_restart_never_lets_a_steered_connection_reach_the_app() {
         at_link - at_start,
         at_up - at_link
     );
-    assert_eq!(at_up - at_link, 0, "reached the app after the link was pinned: {t:?}");
+    assert_eq!(
+        at_up - at_link,
+        0,
+        "reached the app after the link was pinned: {t:?}"
+    );
     assert_eq!(after, 0, "reached the app after the link was up: {t:?}");
     assert!(t.get("proxy").copied().unwrap_or(0) >= 200, "{t:?}");
 }

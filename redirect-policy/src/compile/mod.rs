@@ -54,13 +54,7 @@ pub fn compile(p: &EffectivePolicy) -> Compiled {
             .collect(),
         ports: trie::minimal(16, &ports(&p.exclude_ports), &ports(&p.include_ports))
             .into_iter()
-            .map(|(pre, a)| {
-                let port = PortPrefix {
-                    port: pre.bits as u16,
-                    len: pre.len,
-                };
-                (port, a)
-            })
+            .map(|(pre, a)| (port_prefix(pre), a))
             .collect(),
     };
     c.v4.sort_unstable();
@@ -129,13 +123,7 @@ pub fn overlay_of(own: &Compiled, base: &Compiled) -> Overlay {
     Overlay {
         ports: overlay::overlay(16, &pp(&own.ports), &pp(&base.ports))
             .into_iter()
-            .map(|(p, v)| {
-                let port = PortPrefix {
-                    port: p.bits as u16,
-                    len: p.len,
-                };
-                (port, v)
-            })
+            .map(|(p, v)| (port_prefix(p), v))
             .collect(),
         v4: overlay::overlay(32, &p4(&own.v4), &p4(&base.v4))
             .into_iter()
@@ -151,6 +139,13 @@ pub fn overlay_of(own: &Compiled, base: &Compiled) -> Overlay {
 fn v4_net(p: Prefix) -> Ipv4Net {
     // The trie never builds a prefix longer than its width.
     Ipv4Net::new(Ipv4Addr::from(p.bits as u32), p.len).expect("v4 prefix length <= 32")
+}
+
+fn port_prefix(p: Prefix) -> PortPrefix {
+    PortPrefix {
+        port: p.bits as u16,
+        len: p.len,
+    }
 }
 
 fn v6_net(p: Prefix) -> Ipv6Net {

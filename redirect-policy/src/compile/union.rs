@@ -11,8 +11,8 @@ use std::collections::HashSet;
 
 use ipnet::IpNet;
 
-use super::{Overlay, overlay::Layered, range_prefixes, trie, v4_net, v6_net};
-use crate::types::{EffectivePolicy, PortPrefix, PortRange, Sourced};
+use super::{Overlay, overlay::Layered, port_prefix, range_prefixes, trie, v4_net, v6_net};
+use crate::types::{EffectivePolicy, PortRange, Sourced};
 
 /// A base policy's outbound lists as sets, kept to compare workloads' policies against.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -102,13 +102,7 @@ pub fn extra_exclusions(own: &EffectivePolicy, base: &Lists) -> Option<Overlay> 
         ports: trie::minimal(16, &ports, &[])
             .into_iter()
             .map(rule)
-            .map(|(p, v)| {
-                let port = PortPrefix {
-                    port: p.bits as u16,
-                    len: p.len,
-                };
-                (port, v)
-            })
+            .map(|(p, v)| (port_prefix(p), v))
             .collect(),
     };
     o.v4.sort_unstable();
