@@ -194,6 +194,11 @@ impl Lane {
         Ok(())
     }
 
+    /// The pod's cgroup (the workload the agent registers).
+    pub fn pod(&self) -> &Path {
+        &self.pod
+    }
+
     /// Starts the proxy for the lane's current kind, unless the mode has none.
     fn start_lane_proxy(&mut self) -> Result<()> {
         if self.mode == Mode::None {

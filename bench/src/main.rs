@@ -447,10 +447,14 @@ fn profile_pass(lanes: &mut [Lane], r: &mut Results) -> Result<()> {
     step("eBPF per-program cost (kernel BPF stats)");
     lane.set_kind(Kind::Proxied)?;
     let stats = profile::enable_stats()?;
-    for n in [last, first] {
+    // Last: N = 0 again without the workload's per-pod counters entry (#14: their cost).
+    for (n, pod_entry) in [(last, true), (first, true), (first, false)] {
         check_interrupt()?;
         if n != last {
             lane.configure(&iptables::exclusions(n), Duration::from_secs(120))?;
+        }
+        if !pod_entry {
+            profile::drop_pod_entry(lane.fx.pin_dir(), lane.pod())?;
         }
         let before = profile::snapshot(lane.fx.pin_dir())?;
         // No warm-up: the kernel counts every connection of the client process.
@@ -467,13 +471,15 @@ fn profile_pass(lanes: &mut [Lane], r: &mut Results) -> Result<()> {
             let total = ns.saturating_sub(n0) as f64;
             per_conn += total / conns.max(1) as f64;
             let avg_ns = total / run_cnt as f64;
-            eprintln!("    N = {n}: {program:<22} {run_cnt:>8} runs {avg_ns:>6.0} ns/run");
+            let pod = if pod_entry { "" } else { " (no pod entry)" };
+            eprintln!("    N = {n}{pod}: {program:<22} {run_cnt:>8} runs {avg_ns:>6.0} ns/run");
             r.prog_costs.push(ProgCost {
                 n,
                 program,
                 run_cnt,
                 avg_ns,
                 conns,
+                pod_entry,
             });
         }
         eprintln!("    N = {n}: {per_conn:.0} ns of eBPF per connection ({conns} connections)");

@@ -46,7 +46,29 @@ fn bpftool(args: &[&str]) -> Result<Value> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
+    // A command with nothing to say (a delete) prints nothing or `null`.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// Deletes the workload's `POD_STATS` entry under `pin_dir` (its registered cgroup is `pod`), so
+/// that its connects count in the node array instead: the per-pod counters' cost is the
+/// difference. The agent makes the entry again with the workload's next record.
+pub fn drop_pod_entry(pin_dir: &Path, pod: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(pod)
+        .with_context(|| format!("{}", pod.display()))?
+        .ino();
+    let key: Vec<String> = id.to_le_bytes().iter().map(|b| b.to_string()).collect();
+    let map = pin_dir.join("POD_STATS");
+    let mut args = vec!["map", "delete", "pinned"];
+    let map = map.to_string_lossy();
+    args.push(&map);
+    args.push("key");
+    args.extend(key.iter().map(String::as_str));
+    bpftool(&args).map(drop)
 }
 
 /// Program name → (run_cnt, run_time_ns), for the programs linked from `pin_dir`'s link pins.

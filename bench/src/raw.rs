@@ -79,6 +79,7 @@ struct ProgRow<'a> {
     run_cnt: u64,
     avg_ns: f64,
     conns: u64,
+    pod_entry: bool,
 }
 
 fn write<T: Serialize>(path: &Path, rows: impl IntoIterator<Item = T>) -> Result<()> {
@@ -185,6 +186,7 @@ pub fn write_all(r: &Results, dir: &Path) -> Result<()> {
                 run_cnt: c.run_cnt,
                 avg_ns: c.avg_ns,
                 conns: c.conns,
+                pod_entry: c.pod_entry,
             }),
         )?;
     }

@@ -313,25 +313,61 @@ fn prog_section(r: &Results, md: &mut String) {
         md,
         "## Where the eBPF time goes\n\nAverage run time of each attached program during one 1-thread sample of the ebpf mode (kernel BPF stats, `run_time_ns / run_cnt`, as `bpftool prog show` reports with kernel.bpf_stats_enabled=1; a separate pass, because the accounting itself costs time). A proxied connection is four sockets (client, proxy's accepted and upstream sockets, server), all in the attached cgroup tree.\n\n| N | program | runs per connection | ns per run | ns per connection |\n|---:|---|---:|---:|---:|"
     );
-    let mut ns: Vec<usize> = r.prog_costs.iter().map(|c| c.n).collect();
-    ns.dedup();
-    for n in ns {
+    let mut passes: Vec<(usize, bool)> = r.prog_costs.iter().map(|c| (c.n, c.pod_entry)).collect();
+    passes.dedup();
+    for (n, pod_entry) in passes {
+        let label = if pod_entry {
+            n.to_string()
+        } else {
+            format!("{n}, no per-pod entry")
+        };
         let mut total = 0.0;
-        for c in r.prog_costs.iter().filter(|c| c.n == n) {
+        for c in r
+            .prog_costs
+            .iter()
+            .filter(|c| (c.n, c.pod_entry) == (n, pod_entry))
+        {
             let per = c.run_cnt as f64 / c.conns.max(1) as f64;
             total += per * c.avg_ns;
             let _ = writeln!(
                 md,
-                "| {n} | `{}` | {} | {} | {} |",
+                "| {label} | `{}` | {} | {} | {} |",
                 c.program,
                 num(per, 2),
                 num(c.avg_ns, 0),
                 num(per * c.avg_ns, 0)
             );
         }
-        let _ = writeln!(md, "| {n} | **total** | | | **{}** |", num(total, 0));
+        let _ = writeln!(md, "| {label} | **total** | | | **{}** |", num(total, 0));
     }
+    pod_counter_cost(r, md);
     md.push('\n');
+}
+
+/// Per-pod counters (#14): connect4 with the workload's `POD_STATS` entry against the same
+/// N = 0 sample without it, where the program misses the hash and counts in the node array.
+fn pod_counter_cost(r: &Results, md: &mut String) {
+    let connect4 = |pod_entry: bool| {
+        r.prog_costs
+            .iter()
+            .filter(|c| c.program == "redirect_connect4" && c.pod_entry == pod_entry)
+            .map(|c| c.avg_ns)
+            .next_back()
+    };
+    if let (Some(with), Some(without)) = (connect4(true), connect4(false)) {
+        let _ = writeln!(
+            md,
+            "\nPer-pod counters: a connect counts once, in its workload's `POD_STATS` entry (one per-CPU hash lookup) or, without an entry, in the node's `COUNTERS` array. connect4 runs {} ns with the entry and {} ns without it ({} ns, {}; both at N = 0, the last two passes above).",
+            num(with, 0),
+            num(without, 0),
+            num(with - without, 0),
+            if with > without {
+                "the per-pod counter's share of a run"
+            } else {
+                "within this machine's run-to-run noise"
+            }
+        );
+    }
 }
 
 pub fn markdown(r: &Results) -> String {

@@ -83,13 +83,24 @@ fn fake() -> Results {
             reconcile_us: None,
         }],
         iptables_stop: Some((100_000, "too slow".into())),
-        prog_costs: vec![ProgCost {
-            n: 0,
-            program: "redirect_connect4".into(),
-            run_cnt: 200,
-            avg_ns: 1000.0,
-            conns: 100,
-        }],
+        prog_costs: vec![
+            ProgCost {
+                n: 0,
+                program: "redirect_connect4".into(),
+                run_cnt: 200,
+                avg_ns: 1000.0,
+                conns: 100,
+                pod_entry: true,
+            },
+            ProgCost {
+                n: 0,
+                program: "redirect_connect4".into(),
+                run_cnt: 200,
+                avg_ns: 960.0,
+                conns: 100,
+                pod_entry: false,
+            },
+        ],
         scale: Some(Scale {
             workloads: 1000,
             cidrs_per_workload: 100,
@@ -131,6 +142,14 @@ fn writes_report_csv_and_plots() {
         "{md}"
     );
     assert!(md.contains("| 0 | **total** | | | **2000** |"), "{md}");
+    assert!(
+        md.contains("| 0, no per-pod entry | **total** | | | **1920** |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("connect4 runs 1000 ns with the entry and 960 ns without it (40 ns"),
+        "{md}"
+    );
     // Probes: 3 × the proxied rates, ratios within runs as before.
     assert!(
         md.contains("| 10000 | 27\u{202f}270 | 12\u{202f}120 | 1\u{202f}102 | ")

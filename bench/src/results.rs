@@ -122,6 +122,9 @@ pub struct ProgCost {
     pub avg_ns: f64,
     /// Connections the client completed during the profiled sample.
     pub conns: u64,
+    /// Whether the workload had its `POD_STATS` entry (per-pod counters): the pass measures
+    /// N = 0 once more after deleting it, for the cost of counting per pod.
+    pub pod_entry: bool,
 }
 
 /// The agent at scale: many workloads with many CIDRs each.

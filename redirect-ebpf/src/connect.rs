@@ -13,7 +13,7 @@ use redirect_common::{
 
 use crate::{
     addr::{ctx_ip4, ctx_ip6, ctx_port, mapped, set_ctx_ip4, set_ctx_ip6, set_ctx_port},
-    maps::{CIDR_V4, CIDR_V6, PORTS, addr_rule, count, count_pod, port_rule},
+    maps::{CIDR_V4, CIDR_V6, PORTS, addr_rule, count, count_workload, port_rule},
 };
 
 /// Returning 1 lets the connect() proceed (with whatever address we wrote).
@@ -110,8 +110,7 @@ fn redirect(
             })
         },
     );
-    count(step.decision());
-    count_pod(workload, step.decision());
+    count_workload(workload, step.decision());
     if !step.redirects() {
         return None;
     }

@@ -32,7 +32,8 @@ pub static PORTS: LpmTrie<PortKey, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTri
 pub static COUNTERS: PerCpuArray<u64, { DECISION_COUNT as usize }> = PerCpuArray::new();
 
 /// Registered workload (its `POLICY` key) → this CPU's decision counts. Entries are made and
-/// deleted by the agent only; a workload without one is simply not counted per pod.
+/// deleted by the agent only; a workload without one is counted in `COUNTERS` instead. Key 0
+/// (no cgroup has id 0) holds the counts of removed workloads, folded in by the agent alone.
 #[btf_map]
 pub static POD_STATS: PerCpuHashMap<u64, PodDecisions, { POD_STATS_ENTRIES as usize }> =
     PerCpuHashMap::new();
@@ -63,15 +64,20 @@ pub fn count(decision: Decision) {
     bump(&COUNTERS, decision as u32);
 }
 
-/// Adds one to `decision`'s slot of the workload's `POD_STATS` entry (one per-CPU hash lookup).
+/// Counts a registered workload's decision once: in its `POD_STATS` entry if it has one (one
+/// per-CPU hash lookup), else in the node's `COUNTERS`. Never both, so a connect costs one
+/// per-CPU update; the agent's node totals are `COUNTERS` plus every `POD_STATS` entry
+/// (redirect-agent/src/bpf/podstats.rs).
 #[inline(always)]
-pub fn count_pod(workload: u64, decision: Decision) {
+pub fn count_workload(workload: u64, decision: Decision) {
     if let Some(p) = POD_STATS.get_ptr_mut(workload)
         && let Some(slot) = unsafe { (*p).counts.get_mut(decision as usize) }
     {
         // Per-CPU value: no other writer can race with this increment.
         *slot += 1;
+        return;
     }
+    count(decision);
 }
 
 #[inline(always)]

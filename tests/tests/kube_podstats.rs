@@ -108,6 +108,13 @@ fn per_pod_counts_are_exact_and_go_with_the_pod() {
         .clone();
     assert_eq!(w["decisions"]["redirected"], 3, "{w}");
     assert_eq!(w["decisions"]["bypass_port"], 2, "{w}");
+    // A connect counts once, per pod or in the node array; the node totals add both.
+    let node_totals = |why: &str| {
+        let c = redirect_tests::inspect(fx.pin_dir()).unwrap()["counters"].clone();
+        assert_eq!(c["redirected"], 4, "{why}: {c}");
+        assert_eq!(c["bypass_port"], 6, "{why}: {c}");
+    };
+    node_totals("both pods registered");
 
     // Pod a goes: its record at once, its counts after the grace period; b's stay as they are.
     agent.api.delete(Res::Pods, "demo", "a");
@@ -117,4 +124,6 @@ fn per_pod_counts_are_exact_and_go_with_the_pod() {
     })
     .expect("a's POD_STATS entry was not deleted");
     assert_eq!(maps.pod_decisions().unwrap()[&id_b], want_b);
+    // a's counts were folded into the retired entry before its own went: nothing lost.
+    node_totals("after a's entry was deleted");
 }

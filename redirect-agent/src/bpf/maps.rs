@@ -264,9 +264,17 @@ impl PinnedMaps {
         self.tries.remove_entries(id, e)
     }
 
-    /// Decision counters summed over CPUs, in `Decision::ALL` order.
+    /// The node's decision totals, in `Decision::ALL` order: `COUNTERS` (connects of workloads
+    /// without a per-pod entry, and of cgroups not in the mesh) plus every `POD_STATS` entry,
+    /// since a connect is counted in one of them only.
     pub fn counters(&self) -> Result<Vec<(Decision, u64)>, BpfError> {
-        per_cpu_counters(&self.counters, map_names::COUNTERS, &Decision::ALL)
+        let mut node = per_cpu_counters(&self.counters, map_names::COUNTERS, &Decision::ALL)?;
+        if let Some(s) = &self.pod_stats {
+            for ((_, n), p) in node.iter_mut().zip(s.node_share()) {
+                *n += p;
+            }
+        }
+        Ok(node)
     }
 }
 

@@ -2,6 +2,10 @@
 //! connect programs only add to an existing entry; the agent makes the entry when it writes a
 //! workload's first record and deletes it [`GRACE`] after the record is removed, so the last
 //! connects in flight are still counted and a scrape in between still sees the final counts.
+//!
+//! A connect counts once: in its workload's entry, or (no entry) in the node's `COUNTERS`. The
+//! node totals are therefore `COUNTERS` plus every entry here; a deleted entry's counts are first
+//! folded into the [`RETIRED`] entry, which only the agent writes, so totals never go back.
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -15,6 +19,9 @@ use super::{BpfError, maps::open};
 
 /// How long a removed workload's counts stay (the reconcile's grace period for entry sets).
 pub const GRACE: Duration = crate::reconcile::GRACE;
+
+/// The entry that keeps removed workloads' counts (no cgroup has id 0, so no connect writes it).
+pub const RETIRED: u64 = 0;
 
 /// Counts of one workload, summed over CPUs, in `Decision::ALL` order.
 pub type Counts = [u64; DECISION_COUNT as usize];
@@ -70,8 +77,36 @@ impl PodStats {
             .collect();
         for id in due {
             self.retired.remove(&id);
+            if let Err(e) = self.fold(id) {
+                // Kept, and tried again on the next pass: deleting it would lose its counts.
+                tracing::warn!(cgroup_id = id, error = %e, "keeping a removed workload's counters");
+                self.retired.insert(id, now);
+                continue;
+            }
             let _ = self.map.remove(&id);
         }
+    }
+
+    /// Adds a removed workload's counts into [`RETIRED`], CPU by CPU. Its record is gone since
+    /// the grace period, so no connect adds to it any more.
+    fn fold(&mut self, id: u64) -> Result<(), BpfError> {
+        let Ok(gone) = self.map.get(&id, 0) else {
+            return Ok(());
+        };
+        let mut sum: Vec<PodDecisions> = match self.map.get(&RETIRED, 0) {
+            Ok(v) => v.iter().copied().collect(),
+            Err(_) => vec![PodDecisions::default(); gone.len()],
+        };
+        for (s, g) in sum.iter_mut().zip(gone.iter()) {
+            for (a, b) in s.counts.iter_mut().zip(g.counts) {
+                *a += b;
+            }
+        }
+        let values = PerCpuValues::try_from(sum)
+            .map_err(|e| BpfError::io("per-CPU values for map", map_names::POD_STATS, e))?;
+        self.map
+            .insert(RETIRED, values, 0)
+            .map_err(|e| BpfError::map(map_names::POD_STATS, e))
     }
 
     /// When the next retired entry is due.
@@ -83,13 +118,30 @@ impl PodStats {
     pub fn read(&self) -> Result<BTreeMap<u64, Counts>, BpfError> {
         read(&self.map)
     }
+
+    /// What this map adds to the node totals: every entry, [`RETIRED`] included.
+    pub fn node_share(&self) -> Counts {
+        let mut sum = [0u64; DECISION_COUNT as usize];
+        for c in read_all(&self.map).values() {
+            for (s, n) in sum.iter_mut().zip(c) {
+                *s += n;
+            }
+        }
+        sum
+    }
 }
 
-/// Every entry of a pinned `POD_STATS`, summed over CPUs (also for `inspect` and `/metrics`,
-/// which only read).
+/// Every workload's entry of a pinned `POD_STATS`, summed over CPUs (also for `inspect` and
+/// `/metrics`, which only read); [`RETIRED`] is not a workload and is left out.
 pub fn read(
     map: &PerCpuHashMap<MapData, u64, PodDecisions>,
 ) -> Result<BTreeMap<u64, Counts>, BpfError> {
+    let mut out = read_all(map);
+    out.remove(&RETIRED);
+    Ok(out)
+}
+
+fn read_all(map: &PerCpuHashMap<MapData, u64, PodDecisions>) -> BTreeMap<u64, Counts> {
     let mut out = BTreeMap::new();
     for item in map.iter() {
         // An entry deleted during the walk ends that step only.
@@ -102,7 +154,7 @@ pub fn read(
         }
         out.insert(id, sum);
     }
-    Ok(out)
+    out
 }
 
 /// Reads the pinned `POD_STATS` under `dir`; empty if it is not pinned.
