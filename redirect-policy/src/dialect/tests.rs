@@ -7,9 +7,12 @@ use super::test_util::{assert_rejects, parse};
 use crate::layer::Merge;
 use crate::types::PortRange;
 
+/// (lo, hi) of each range, in order.
+type Ranges = &'static [(u16, u16)];
+
 /// Port lists with ranges (Kuma's `a:b`, Linkerd's `lo-hi`): (key, value, inbound (else
 /// outbound) exclusions, the ranges it parses to). Every one of these keys overrides.
-const PORT_LISTS: [(&str, &str, bool, &[(u16, u16)]); 4] = [
+const PORT_LISTS: [(&str, &str, bool, Ranges); 4] = [
     (
         kuma::EXCLUDE_OUTBOUND_PORTS,
         "5678, 8900:8999",
