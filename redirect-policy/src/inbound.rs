@@ -194,7 +194,9 @@ fn net_contains(n: &IpNet, ip: IpAddr) -> bool {
     }
 }
 
-/// The kernel's decision function over compiled tables (what `explain --inbound` runs).
+/// The kernel's decision function over compiled tables, which the property test holds to the
+/// reference ([`evaluate_inbound`]); `explain --inbound` asks the pinned maps instead, through
+/// [`evaluate_inbound_lookups`].
 pub fn evaluate_inbound_compiled(
     c: &Compiled,
     from_loopback: bool,
