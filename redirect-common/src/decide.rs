@@ -226,32 +226,53 @@ mod tests {
         assert!(Dest::V6(one).is_loopback());
     }
 
+    /// Lookups that must not be reached.
+    fn never() -> u32 {
+        panic!("looked up")
+    }
+    fn never_addr(_: &Dest) -> u32 {
+        panic!("looked up")
+    }
+
+    type PortLookup = fn() -> u32;
+    type AddrLookup = fn(&Dest) -> u32;
+
     #[test]
     fn lookups_only_when_reached() {
         let d = Dest::V4([10, 0, 0, 1]);
-        let never = || -> u32 { panic!("looked up") };
-        let never_cidr = |_: &Dest| -> u32 { panic!("looked up") };
-        assert_eq!(
-            decide_outbound(false, false, &d, never, never_cidr),
-            OutboundStep::Disabled
-        );
-        assert_eq!(
-            decide_outbound(true, true, &d, never, never_cidr),
-            OutboundStep::ProxyCaller
-        );
         let lo = Dest::V4([127, 0, 0, 1]);
-        assert_eq!(
-            decide_outbound(true, false, &lo, || NO_RULE, never_cidr),
-            OutboundStep::Loopback
-        );
-        assert_eq!(
-            decide_outbound(true, false, &d, || action::INCLUDE, |_| action::EXCLUDE),
-            OutboundStep::ExcludedCidr
-        );
-        assert_eq!(
-            decide_outbound(true, false, &d, || action::INCLUDE, |_| NO_RULE),
-            OutboundStep::IncludedPort
-        );
+        // (enabled, caller is the proxy, destination, port lookup, CIDR lookup, step).
+        let cases: [(bool, bool, Dest, PortLookup, AddrLookup, OutboundStep); 5] = [
+            (false, false, d, never, never_addr, OutboundStep::Disabled),
+            (true, true, d, never, never_addr, OutboundStep::ProxyCaller),
+            (
+                true,
+                false,
+                lo,
+                || NO_RULE,
+                never_addr,
+                OutboundStep::Loopback,
+            ),
+            (
+                true,
+                false,
+                d,
+                || action::INCLUDE,
+                |_| action::EXCLUDE,
+                OutboundStep::ExcludedCidr,
+            ),
+            (
+                true,
+                false,
+                d,
+                || action::INCLUDE,
+                |_| NO_RULE,
+                OutboundStep::IncludedPort,
+            ),
+        ];
+        for (enabled, proxy, dest, port, cidr, step) in cases {
+            assert_eq!(decide_outbound(enabled, proxy, &dest, port, cidr), step);
+        }
     }
 
     #[test]
@@ -271,32 +292,38 @@ mod tests {
     #[test]
     fn inbound_order() {
         let s = Dest::V4([198, 18, 0, 1]);
-        let never = || -> u32 { panic!("looked up") };
-        let never_src = |_: &Dest| -> u32 { panic!("looked up") };
-        assert_eq!(
-            decide_inbound(true, &s, never, never_src),
-            InboundStep::Loopback
-        );
-        assert_eq!(
-            decide_inbound(false, &s, || action::EXCLUDE, never_src),
-            InboundStep::ExcludedPort
-        );
-        assert_eq!(
-            decide_inbound(false, &s, || action::INCLUDE, |_| action::EXCLUDE),
-            InboundStep::ExcludedSource
-        );
-        assert_eq!(
-            decide_inbound(false, &s, || NO_RULE, |_| action::EXCLUDE),
-            InboundStep::ExcludedSource
-        );
-        assert_eq!(
-            decide_inbound(false, &s, || action::INCLUDE, |_| NO_RULE),
-            InboundStep::IncludedPort
-        );
+        // (arrived on lo, port lookup, source lookup, step).
+        let cases: [(bool, PortLookup, AddrLookup, InboundStep); 6] = [
+            (true, never, never_addr, InboundStep::Loopback),
+            (
+                false,
+                || action::EXCLUDE,
+                never_addr,
+                InboundStep::ExcludedPort,
+            ),
+            (
+                false,
+                || action::INCLUDE,
+                |_| action::EXCLUDE,
+                InboundStep::ExcludedSource,
+            ),
+            (
+                false,
+                || NO_RULE,
+                |_| action::EXCLUDE,
+                InboundStep::ExcludedSource,
+            ),
+            (
+                false,
+                || action::INCLUDE,
+                |_| NO_RULE,
+                InboundStep::IncludedPort,
+            ),
+            (false, || NO_RULE, |_| NO_RULE, InboundStep::NotIncluded),
+        ];
+        for (from_loopback, port, source, step) in cases {
+            assert_eq!(decide_inbound(from_loopback, &s, port, source), step);
+        }
         assert!(InboundStep::IncludedPort.steers());
-        assert_eq!(
-            decide_inbound(false, &s, || NO_RULE, |_| NO_RULE),
-            InboundStep::NotIncluded
-        );
     }
 }

@@ -18,7 +18,7 @@ use core::ptr::{addr_of, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
-    btf_maps::{PerCpuArray, SkStorage},
+    btf_maps::SkStorage,
     macros::{btf_map, cgroup_sock_addr},
     programs::SockAddrContext,
 };
@@ -35,7 +35,7 @@ use crate::{
         ctx_ip4, ctx_ip6 as read_ip6, ctx_port, mapped, set_ctx_ip4, set_ctx_ip6 as write_ip6,
         set_ctx_port as set_port,
     },
-    maps::bump,
+    maps::{bump, counter_array},
     resolve::lookup_policy,
 };
 
@@ -43,9 +43,11 @@ use crate::{
 #[btf_map]
 pub static DNS_ORIG: SkStorage<DnsOrig> = SkStorage::new();
 
-/// Per-CPU counters, indexed by `DnsEvent`.
-#[btf_map]
-pub static DNS_STATS: PerCpuArray<u64, { DNS_EVENT_COUNT as usize }> = PerCpuArray::new();
+counter_array!(
+    /// Per-CPU counters, indexed by `DnsEvent`.
+    DNS_STATS,
+    DNS_EVENT_COUNT
+);
 
 /// cgroup sock_addr programs return 1 to let the call proceed.
 const OK: i32 = 1;
@@ -59,7 +61,7 @@ fn count(event: DnsEvent) {
 
 /// The policy and decision for a port-53 call of the current task, counted. `None` = leave it.
 #[inline(always)]
-fn capture(sa: *mut bpf_sock_addr, port: [u8; 2]) -> Option<Policy> {
+fn capture_policy(sa: *mut bpf_sock_addr, port: [u8; 2]) -> Option<Policy> {
     if u16::from_be_bytes(port) != DNS_PORT {
         return None;
     }
@@ -104,25 +106,14 @@ fn record(ctx: &SockAddrContext) -> Option<DnsOrig> {
     }
 }
 
-/// Captures an IPv4 datagram or connect: records and rewrites. True if rewritten.
+/// Captures a datagram or connect: records and rewrites. True if rewritten. An AF_INET6
+/// `::ffff:a.b.c.d` goes to the mapped IPv4 listener. `v6` is a constant in each caller, so each
+/// program keeps only its own family's context accesses.
 #[inline(always)]
-fn capture4(ctx: &SockAddrContext) -> bool {
-    capture_family(ctx, false)
-}
-
-/// Captures an IPv6 datagram or connect; `::ffff:a.b.c.d` goes to the mapped IPv4 listener.
-#[inline(always)]
-fn capture6(ctx: &SockAddrContext) -> bool {
-    capture_family(ctx, true)
-}
-
-/// Both families; `v6` is a constant in each caller, so each program keeps only its own
-/// family's context accesses.
-#[inline(always)]
-fn capture_family(ctx: &SockAddrContext, v6: bool) -> bool {
+fn capture(ctx: &SockAddrContext, v6: bool) -> bool {
     let sa = ctx.sock_addr;
     let port = ctx_port(sa);
-    let Some(policy) = capture(sa, port) else {
+    let Some(policy) = capture_policy(sa, port) else {
         return false;
     };
     let (orig_addr, target_addr, flags) = if v6 {
@@ -175,7 +166,7 @@ pub fn connect(ctx: &SockAddrContext, v6: bool) -> bool {
     let Some(t) = dns_socket(ctx.sock_addr) else {
         return false;
     };
-    if !(if v6 { capture6(ctx) } else { capture4(ctx) }) {
+    if !capture(ctx, v6) {
         return false;
     }
     count(connect_event(t));
@@ -191,13 +182,14 @@ fn connect_event(sock_type: u32) -> DnsEvent {
     }
 }
 
-/// One DNS program: `$step` (capture or restore) and, when it rewrote the address, `$event`.
+/// One DNS program: `$step` (capture or restore) for its family and, when it rewrote the
+/// address, `$event`.
 macro_rules! dns_program {
-    ($(#[$doc:meta])* $hook:ident, $name:ident, $step:ident, $event:ident) => {
+    ($(#[$doc:meta])* $hook:ident, $name:ident, $step:ident, $v6:literal, $event:ident) => {
         $(#[$doc])*
         #[cgroup_sock_addr($hook)]
         pub fn $name(ctx: SockAddrContext) -> i32 {
-            if $step(&ctx) {
+            if $step(&ctx, $v6) {
                 count(DnsEvent::$event);
             }
             OK
@@ -205,60 +197,53 @@ macro_rules! dns_program {
     };
 }
 
-dns_program!(sendmsg4, redirect_dns_sendmsg4, capture4, UdpCaptured);
-dns_program!(sendmsg6, redirect_dns_sendmsg6, capture6, UdpCaptured);
+dns_program!(sendmsg4, redirect_dns_sendmsg4, capture, false, UdpCaptured);
+dns_program!(sendmsg6, redirect_dns_sendmsg6, capture, true, UdpCaptured);
 dns_program!(
     /// A reply from the listener: its source becomes the server the socket addressed. The
     /// context holds the datagram's source; anything not from the recorded listener is left
     /// alone.
     recvmsg4,
     redirect_dns_recvmsg4,
-    restore4,
+    restore,
+    false,
     Restored
 );
-dns_program!(recvmsg6, redirect_dns_recvmsg6, restore6, Restored);
+dns_program!(recvmsg6, redirect_dns_recvmsg6, restore, true, Restored);
+
 /// getpeername4/6's DNS step (origdst.rs runs one program per hook for both records): a
 /// connected socket's peer (the listener) shows as the original server. True if rewritten.
 #[inline(always)]
 pub fn peername(ctx: &SockAddrContext, v6: bool) -> bool {
-    let done = if v6 { restore6(ctx) } else { restore4(ctx) };
+    let done = restore(ctx, v6);
     if done {
         count(DnsEvent::Peername);
     }
     done
 }
 
-/// Rewrites an AF_INET address that is the recorded listener to the recorded server.
+/// Rewrites an address that is the recorded listener to the recorded server; `v6` as in
+/// [`capture`]. An AF_INET context matches only an IPv4 record (addresses v4-mapped).
 #[inline(always)]
-fn restore4(ctx: &SockAddrContext) -> bool {
+fn restore(ctx: &SockAddrContext, v6: bool) -> bool {
     let sa = ctx.sock_addr;
     let Some(rec) = record(ctx) else {
         return false;
     };
-    let ip = ctx_ip4(sa);
-    if rec.flags & dns_flags::V4 == 0
-        || mapped(ip) != rec.target_addr
-        || ctx_port(sa) != rec.target_port
-    {
-        return false;
-    }
-    let o = &rec.orig_addr;
-    set_ctx_ip4(sa, [o[12], o[13], o[14], o[15]]);
-    set_port(sa, rec.orig_port);
-    true
-}
-
-/// Rewrites an AF_INET6 address that is the recorded listener to the recorded server.
-#[inline(always)]
-fn restore6(ctx: &SockAddrContext) -> bool {
-    let sa = ctx.sock_addr;
-    let Some(rec) = record(ctx) else {
-        return false;
+    let (ip, family_ok) = if v6 {
+        (read_ip6(sa), true)
+    } else {
+        (mapped(ctx_ip4(sa)), rec.flags & dns_flags::V4 != 0)
     };
-    if read_ip6(sa) != rec.target_addr || ctx_port(sa) != rec.target_port {
+    if !family_ok || ip != rec.target_addr || ctx_port(sa) != rec.target_port {
         return false;
     }
-    write_ip6(sa, &rec.orig_addr);
+    if v6 {
+        write_ip6(sa, &rec.orig_addr);
+    } else {
+        let o = &rec.orig_addr;
+        set_ctx_ip4(sa, [o[12], o[13], o[14], o[15]]);
+    }
     set_port(sa, rec.orig_port);
     true
 }

@@ -18,13 +18,13 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     bindings::{bpf_sk_lookup, bpf_sock_ops, sk_action},
-    btf_maps::{HashMap, LpmTrie, PerCpuArray, SockHash},
+    btf_maps::{HashMap, SockHash},
     helpers::generated::bpf_get_netns_cookie,
     macros::{btf_map, sk_lookup},
     programs::SkLookupContext,
 };
 use redirect_common::{
-    CidrV4Key, CidrV6Key, OrigDst, OrigTupleKey, PortKey, Rule,
+    OrigDst, OrigTupleKey,
     decide::{Dest, decide_inbound},
     inbound::{
         INBOUND_COUNTER_COUNT, InboundCounter, InboundRecord, LISTEN_V4, LISTEN_V6, ListenerKey,
@@ -35,7 +35,7 @@ use redirect_common::{
 
 use crate::{
     addr::{mapped, read_ip6},
-    maps::{ORIG_TUPLE, addr_rule, bump, port_rule},
+    maps::{ORIG_TUPLE, addr_rule, bump, counter_array, port_rule, rule_tries},
 };
 
 const AF_INET: u32 = 2;
@@ -56,25 +56,24 @@ static INBOUND_NETNS_COOKIE: u64 = 0;
 #[btf_map]
 pub static INBOUND: HashMap<u64, InboundRecord, { MAX_INBOUND_NETNS as usize }> = HashMap::new();
 
-/// {inbound policy id, destination port prefix} → exclude/include.
-#[btf_map]
-pub static IN_PORTS: LpmTrie<PortKey, Rule, { MAX_INBOUND_RULES as usize }> = LpmTrie::new();
-
-/// {inbound policy id, IPv4 source prefix} → exclude.
-#[btf_map]
-pub static IN_SRC_V4: LpmTrie<CidrV4Key, Rule, { MAX_INBOUND_RULES as usize }> = LpmTrie::new();
-
-/// {inbound policy id, IPv6 source prefix} → exclude.
-#[btf_map]
-pub static IN_SRC_V6: LpmTrie<CidrV6Key, Rule, { MAX_INBOUND_RULES as usize }> = LpmTrie::new();
+rule_tries!(MAX_INBOUND_RULES;
+    /// {inbound policy id, destination port prefix} → exclude/include.
+    IN_PORTS,
+    /// {inbound policy id, IPv4 source prefix} → exclude.
+    IN_SRC_V4,
+    /// {inbound policy id, IPv6 source prefix} → exclude.
+    IN_SRC_V6
+);
 
 /// TCP listeners of the attached cgroup tree.
 #[btf_map]
 pub static IN_LISTEN: SockHash<ListenerKey, { MAX_LISTENERS as usize }> = SockHash::new();
 
-/// Per-CPU counters indexed by `InboundCounter`.
-#[btf_map]
-pub static IN_STATS: PerCpuArray<u64, { INBOUND_COUNTER_COUNT as usize }> = PerCpuArray::new();
+counter_array!(
+    /// Per-CPU counters indexed by `InboundCounter`.
+    IN_STATS,
+    INBOUND_COUNTER_COUNT
+);
 
 #[inline(always)]
 fn count(c: InboundCounter) {

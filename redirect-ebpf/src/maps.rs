@@ -15,21 +15,56 @@ use redirect_common::{
 #[btf_map]
 pub static POLICY: HashMap<u64, Policy, 65536> = HashMap::new();
 
-/// {policy id, IPv4 prefix} → exclude/include.
-#[btf_map]
-pub static CIDR_V4: LpmTrie<CidrV4Key, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
+/// Declares one rule trie: {policy id, prefix} `$key` → an exclude/include [`Rule`].
+macro_rules! rule_trie {
+    ($key:ty, $entries:expr; $(#[$meta:meta])* $name:ident) => {
+        $(#[$meta])*
+        #[aya_ebpf::macros::btf_map]
+        pub static $name: aya_ebpf::btf_maps::LpmTrie<$key, redirect_common::Rule, { $entries as usize }> =
+            aya_ebpf::btf_maps::LpmTrie::new();
+    };
+}
+pub(crate) use rule_trie;
 
-/// {policy id, IPv6 prefix} → exclude/include.
-#[btf_map]
-pub static CIDR_V6: LpmTrie<CidrV6Key, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
+/// Declares one set of rule tries of `$entries` entries each: the port trie, then the IPv4 and
+/// IPv6 address tries. The outbound set (`PORTS`, `CIDR_V4`, `CIDR_V6`) and the inbound one
+/// (inbound.rs) are the same tables in policy-id spaces of their own, read by [`port_rule`] and
+/// [`addr_rule`].
+macro_rules! rule_tries {
+    ($entries:expr; $(#[$pm:meta])* $ports:ident, $(#[$m4:meta])* $v4:ident, $(#[$m6:meta])* $v6:ident) => {
+        $crate::maps::rule_trie!(redirect_common::PortKey, $entries; $(#[$pm])* $ports);
+        $crate::maps::rule_trie!(redirect_common::CidrV4Key, $entries; $(#[$m4])* $v4);
+        $crate::maps::rule_trie!(redirect_common::CidrV6Key, $entries; $(#[$m6])* $v6);
+    };
+}
+pub(crate) use rule_tries;
 
-/// {policy id, port prefix} → exclude/include.
-#[btf_map]
-pub static PORTS: LpmTrie<PortKey, Rule, { MAX_RULE_ENTRIES as usize }> = LpmTrie::new();
+/// Declares a per-CPU `u64` counter array with one slot per variant of a `counter_enum!` of
+/// redirect-common (`$slots` is its count), written by [`bump`].
+macro_rules! counter_array {
+    ($(#[$meta:meta])* $name:ident, $slots:expr) => {
+        $(#[$meta])*
+        #[aya_ebpf::macros::btf_map]
+        pub static $name: aya_ebpf::btf_maps::PerCpuArray<u64, { $slots as usize }> =
+            aya_ebpf::btf_maps::PerCpuArray::new();
+    };
+}
+pub(crate) use counter_array;
 
-/// Per-CPU decision counters, indexed by `Decision`.
-#[btf_map]
-pub static COUNTERS: PerCpuArray<u64, { DECISION_COUNT as usize }> = PerCpuArray::new();
+rule_tries!(MAX_RULE_ENTRIES;
+    /// {policy id, port prefix} → exclude/include.
+    PORTS,
+    /// {policy id, IPv4 prefix} → exclude/include.
+    CIDR_V4,
+    /// {policy id, IPv6 prefix} → exclude/include.
+    CIDR_V6
+);
+
+counter_array!(
+    /// Per-CPU decision counters, indexed by `Decision`.
+    COUNTERS,
+    DECISION_COUNT
+);
 
 /// Registered workload (its `POLICY` key) → this CPU's decision counts. Entries are made and
 /// deleted by the agent only; a workload without one is counted in `COUNTERS` instead. Key 0
@@ -46,9 +81,11 @@ pub static POD_STATS: PerCpuHashMap<u64, PodDecisions, { POD_STATS_ENTRIES as us
 #[btf_map]
 pub static ORIG_TUPLE: LruHashMap<OrigTupleKey, OrigDst, 65536> = LruHashMap::new();
 
-/// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
-#[btf_map]
-pub static ORIG_STATS: PerCpuArray<u64, { ORIG_EVENT_COUNT as usize }> = PerCpuArray::new();
+counter_array!(
+    /// Per-CPU counters of the original-destination programs, indexed by `OrigEvent`.
+    ORIG_STATS,
+    ORIG_EVENT_COUNT
+);
 
 /// Adds one to slot `index` of a per-CPU counter array.
 #[inline(always)]

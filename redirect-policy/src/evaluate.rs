@@ -19,6 +19,27 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// `ip` as the datapath's decision functions take it (canonical, see [`canonical_ip`]).
+pub fn dest_of(ip: IpAddr) -> Dest {
+    match canonical_ip(ip) {
+        IpAddr::V4(a) => Dest::V4(a.octets()),
+        IpAddr::V6(a) => Dest::V6(a.octets()),
+    }
+}
+
+/// The address of a decision function's `Dest`, for a lookup by address.
+pub fn ip_of(d: &Dest) -> IpAddr {
+    match *d {
+        Dest::V4(a) => IpAddr::from(a),
+        Dest::V6(a) => IpAddr::from(a),
+    }
+}
+
+/// A table lookup's answer as the map value the decision functions take.
+pub fn rule(a: Option<Action>) -> u32 {
+    a.map_or(NO_RULE, Action::value)
+}
+
 /// Step 3: 127.0.0.0/8 and ::1 (after v4-mapped conversion).
 pub fn is_loopback(ip: IpAddr) -> bool {
     canonical_ip(ip).is_loopback()
@@ -74,13 +95,8 @@ pub fn evaluate_compiled(
     dest: SocketAddr,
     caller_is_proxy: bool,
 ) -> (bool, Step) {
-    evaluate_lookups(
-        enabled,
-        dest,
-        caller_is_proxy,
-        |port| lookup_port(c, port),
-        |ip| lookup_ip(c, ip),
-    )
+    let (port, ip) = lookups(c);
+    evaluate_lookups(enabled, dest, caller_is_proxy, port, ip)
 }
 
 /// The kernel's decision order over two longest-prefix lookups, whoever answers them: the
@@ -93,7 +109,6 @@ pub fn evaluate_lookups(
     port_lookup: impl FnOnce(u16) -> Option<Action>,
     ip_lookup: impl FnOnce(IpAddr) -> Option<Action>,
 ) -> (bool, Step) {
-    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
     evaluate_rules(
         enabled,
         dest,
@@ -112,21 +127,12 @@ pub fn evaluate_rules(
     port_rule: impl FnOnce(u16) -> u32,
     ip_rule: impl FnOnce(IpAddr) -> u32,
 ) -> (bool, Step) {
-    let d = match canonical_ip(dest.ip()) {
-        IpAddr::V4(a) => Dest::V4(a.octets()),
-        IpAddr::V6(a) => Dest::V6(a.octets()),
-    };
     let step = decide_outbound(
         enabled,
         caller_is_proxy,
-        &d,
+        &dest_of(dest.ip()),
         || port_rule(dest.port()),
-        |d| {
-            ip_rule(match *d {
-                Dest::V4(a) => IpAddr::from(a),
-                Dest::V6(a) => IpAddr::from(a),
-            })
-        },
+        |d| ip_rule(ip_of(d)),
     );
     (step.redirects(), Step::from(step))
 }
@@ -147,7 +153,6 @@ pub fn evaluate_layered(
             .max_by_key(|(k, _)| len(k))
             .map_or(NO_RULE, |(_, v)| v.value())
     }
-    let rule = |a: Option<Action>| a.map_or(NO_RULE, Action::value);
     evaluate_rules(
         enabled,
         dest,
@@ -164,6 +169,17 @@ pub fn evaluate_layered(
             layered(own, 1, |_| rule(lookup_ip(base, ip)))
         },
     )
+}
+
+/// The port and the address lookup over compiled tables, as the `evaluate_*_lookups`
+/// functions take them.
+pub fn lookups(
+    c: &Compiled,
+) -> (
+    impl Fn(u16) -> Option<Action> + '_,
+    impl Fn(IpAddr) -> Option<Action> + '_,
+) {
+    (move |port| lookup_port(c, port), move |ip| lookup_ip(c, ip))
 }
 
 /// Longest-prefix match over the port entries.
@@ -197,29 +213,8 @@ pub fn lookup_ip(c: &Compiled, ip: IpAddr) -> Option<Action> {
 mod tests {
     use super::*;
     use crate::compile::compile;
+    use crate::fixtures::{nets, ports, src};
     use crate::types::{Origin, Source};
-
-    fn src(key: &str) -> Source {
-        Source::new(Origin::Pod("demo/app".into()), key)
-    }
-
-    fn nets(l: &[&str], key: &str) -> Vec<Sourced<IpNet>> {
-        l.iter()
-            .map(|s| Sourced {
-                value: s.parse().unwrap(),
-                source: src(key),
-            })
-            .collect()
-    }
-
-    fn ports(l: &[(u16, u16)], key: &str) -> Vec<Sourced<PortRange>> {
-        l.iter()
-            .map(|&(lo, hi)| Sourced {
-                value: PortRange { lo, hi },
-                source: src(key),
-            })
-            .collect()
-    }
 
     fn both(p: &EffectivePolicy, dest: &str, proxy: bool) -> (bool, Step) {
         let d: SocketAddr = dest.parse().unwrap();

@@ -10,10 +10,10 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use redirect_common::decide::{Dest, InboundStep, NO_RULE, decide_inbound};
+use redirect_common::decide::{InboundStep, decide_inbound};
 
-use crate::compile::{range_prefixes, trie};
-use crate::evaluate::{canonical_ip, lookup_ip, lookup_port};
+use crate::compile::{range_prefixes, table, trie};
+use crate::evaluate::{canonical_ip, dest_of, ip_of, lookups, rule};
 use crate::types::{Annotations, Compiled, EffectivePolicy, PortPrefix, PortRange, Source};
 
 /// Istio's own ports, never captured inbound (istio-iptables excludes them): 15020 (merged
@@ -99,18 +99,8 @@ pub fn compile_inbound(p: &EffectivePolicy, own: &[u16]) -> Compiled {
     // Reuse the outbound CIDR compilation: exclusions only, no inclusions.
     src.include_cidrs.clear();
     let cidrs = crate::compile(&src);
-    let mut ports: Vec<(PortPrefix, crate::Action)> = trie::minimal(16, &excl, &incl)
-        .into_iter()
-        .map(|(pre, a)| {
-            (
-                PortPrefix {
-                    port: pre.bits as u16,
-                    len: pre.len,
-                },
-                a,
-            )
-        })
-        .collect();
+    let mut ports: Vec<(PortPrefix, crate::Action)> =
+        table(|width| trie::minimal(width, &excl, &incl));
     ports.sort_unstable();
     Compiled {
         v4: cidrs.v4,
@@ -204,20 +194,17 @@ fn net_contains(n: &IpNet, ip: IpAddr) -> bool {
     }
 }
 
-/// The kernel's decision function over compiled tables (what `explain --inbound` runs).
+/// The kernel's decision function over compiled tables, which the property test holds to the
+/// reference ([`evaluate_inbound`]); `explain --inbound` asks the pinned maps instead, through
+/// [`evaluate_inbound_lookups`].
 pub fn evaluate_inbound_compiled(
     c: &Compiled,
     from_loopback: bool,
     port: u16,
     source: IpAddr,
 ) -> InboundStep {
-    evaluate_inbound_lookups(
-        from_loopback,
-        port,
-        source,
-        |p| lookup_port(c, p),
-        |ip| lookup_ip(c, ip),
-    )
+    let (port_lookup, ip_lookup) = lookups(c);
+    evaluate_inbound_lookups(from_loopback, port, source, port_lookup, ip_lookup)
 }
 
 /// `decide_inbound` with caller-supplied lookups (compiled tables or the pinned maps).
@@ -228,21 +215,11 @@ pub fn evaluate_inbound_lookups(
     port_lookup: impl FnOnce(u16) -> Option<crate::Action>,
     ip_lookup: impl FnOnce(IpAddr) -> Option<crate::Action>,
 ) -> InboundStep {
-    let dest = match canonical_ip(source) {
-        IpAddr::V4(a) => Dest::V4(a.octets()),
-        IpAddr::V6(a) => Dest::V6(a.octets()),
-    };
     decide_inbound(
         from_loopback,
-        &dest,
-        || port_lookup(port).map_or(NO_RULE, |a| a.value()),
-        |d| {
-            let ip = match *d {
-                Dest::V4(a) => IpAddr::from(a),
-                Dest::V6(a) => IpAddr::from(a),
-            };
-            ip_lookup(ip).map_or(NO_RULE, |a| a.value())
-        },
+        &dest_of(source),
+        || rule(port_lookup(port)),
+        |d| rule(ip_lookup(ip_of(d))),
     )
 }
 

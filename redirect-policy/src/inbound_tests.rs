@@ -5,20 +5,8 @@ use proptest::prelude::*;
 use redirect_common::decide::InboundStep;
 
 use super::*;
-use crate::types::{Origin, Sourced};
-
-fn src(key: &str) -> Source {
-    Source::new(Origin::Pod("demo/app".into()), key)
-}
-
-fn ports(v: &[(u16, u16)], key: &str) -> Vec<Sourced<PortRange>> {
-    v.iter()
-        .map(|&(lo, hi)| Sourced {
-            value: PortRange { lo, hi },
-            source: src(key),
-        })
-        .collect()
-}
+use crate::fixtures::{ports, src};
+use crate::types::Sourced;
 
 const LO: bool = true;
 const C: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 9));

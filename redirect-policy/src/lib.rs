@@ -29,6 +29,8 @@ mod types;
 mod values;
 
 #[cfg(test)]
+mod fixtures;
+#[cfg(test)]
 mod proptests;
 
 pub use compile::{

@@ -242,8 +242,13 @@ pub(crate) fn interface_list(ctx: &Ctx, raw: &str) -> Result<Vec<String>, Policy
 mod tests {
     use super::*;
 
-    fn ctx() -> (Origin, &'static str) {
-        (Origin::Pod("demo/app".into()), "example.io/key")
+    /// Every test reads values of the key "example.io/key" of pod demo/app.
+    fn ctx() -> Ctx<'static> {
+        static POD: std::sync::OnceLock<Origin> = std::sync::OnceLock::new();
+        Ctx::new(
+            POD.get_or_init(|| Origin::Pod("demo/app".into())),
+            "example.io/key",
+        )
     }
 
     #[test]
@@ -255,8 +260,7 @@ mod tests {
 
     #[test]
     fn ports_are_strict() {
-        let (o, k) = ctx();
-        let c = Ctx::new(&o, k);
+        let c = ctx();
         assert_eq!(port(&c, "80").unwrap(), 80);
         assert_eq!(port(&c, "080").unwrap(), 80);
         for bad in [
@@ -277,8 +281,7 @@ mod tests {
 
     #[test]
     fn ranges() {
-        let (o, k) = ctx();
-        let c = Ctx::new(&o, k);
+        let c = ctx();
         assert_eq!(
             port_range(&c, "10-20", Some('-')).unwrap(),
             PortRange { lo: 10, hi: 20 }
@@ -304,8 +307,7 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        let (o, k) = ctx();
-        let c = Ctx::new(&o, k);
+        let c = ctx();
         let mut w = Vec::new();
         let n = cidr(&c, "10.1.2.3/8", CidrSyntax::CidrOnly, &mut w).unwrap();
         assert_eq!(n.to_string(), "10.0.0.0/8");
@@ -348,8 +350,7 @@ mod tests {
 
     #[test]
     fn uids_and_interfaces() {
-        let (o, k) = ctx();
-        let c = Ctx::new(&o, k);
+        let c = ctx();
         assert_eq!(uid(&c, " 2102 ").unwrap(), 2102);
         assert_eq!(uid(&c, "0").unwrap(), 0);
         assert!(uid(&c, "4294967295").is_err());

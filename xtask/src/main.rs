@@ -5,7 +5,6 @@ mod fuzz;
 mod kernels;
 mod setup;
 mod util;
-mod validate;
 
 use clap::{Parser, Subcommand};
 
@@ -46,9 +45,6 @@ enum Command {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Check deploy/ offline: kustomize build (when kubectl has kustomize), kubernetes-validate,
-    /// the MeshConfig CRD against an example instance, and the DaemonSet's least-privilege rules.
-    ValidateDeploy,
     /// The e2e scenarios (FSM 000, ASM 003, Istio 001, bad annotation, agent rollout) on this
     /// machine: real netns, cgroups, proxy and agent; the fake Kubernetes API of the kube tests
     /// (needs root). The same test runs in `cargo xtask test`.
@@ -72,7 +68,6 @@ fn main() -> anyhow::Result<()> {
         Command::TestKernels => kernels::test_kernels(),
         Command::Demo => demo::demo(),
         Command::Bench { quick, out } => bench(quick, out),
-        Command::ValidateDeploy => validate::validate_deploy(),
         Command::E2eLocal { filter } => e2e_local(filter.as_deref()),
         Command::E2eKind(args) => redirect_tests::e2e::kind::run(&args),
     }
@@ -98,11 +93,11 @@ fn test() -> anyhow::Result<()> {
             "redirect-agent/test-policy-pad",
         ],
     )?;
-    validate::validate_deploy()?;
     util::step("running the test suite (unit, property and real-kernel tests)");
     // Two test threads per binary, one per core here; the binaries run one after another. Each
     // kernel test owns its fixture, so tests of one binary never share kernel state.
-    // This includes the e2e scenarios (tests/tests/e2e_local.rs).
+    // This includes the e2e scenarios (tests/tests/e2e_local.rs) and the offline check of
+    // deploy/ (tests/tests/deploy_validate.rs).
     util::cargo(&env, &["test", "--", "--test-threads=2"])?;
     util::step("test-kernels: the datapath on Debian's and Ubuntu's kernels under qemu");
     kernels::test_kernels()?;

@@ -42,12 +42,15 @@ pub fn setup(needs: Needs) -> anyhow::Result<Env> {
     let mut packages: Vec<&str> = vec!["bpftool", "iproute2"];
     if needs.test_tools {
         // HAProxy and iptables: the original-destination and bench comparisons; dnsmasq and python3:
-        // the DNS-capture tests; qemu, static busybox, cpio and a static libc: test-kernels.
+        // the DNS-capture tests; python3-venv: the deploy/ check's PyPI packages
+        // (tests/tests/deploy_validate.rs); qemu, static busybox, cpio and a static libc:
+        // test-kernels.
         packages.extend([
             "haproxy",
             "iptables",
             "dnsmasq-base",
             "python3",
+            "python3-venv",
             "qemu-system-x86",
             "busybox-static",
             "cpio",

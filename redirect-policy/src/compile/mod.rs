@@ -17,50 +17,96 @@ use trie::Prefix;
 /// Compiles the outbound lists of `p` (whether or not `p.enabled`: the caller puts the enabled
 /// flag in the policy record).
 pub fn compile(p: &EffectivePolicy) -> Compiled {
-    let v4 = |l: &[Sourced<IpNet>]| -> Vec<Prefix> {
-        l.iter()
-            .filter_map(|s| match s.value {
-                IpNet::V4(n) => Some(Prefix {
-                    bits: u128::from(u32::from(n.network())),
-                    len: n.prefix_len(),
-                }),
-                IpNet::V6(_) => None,
-            })
-            .collect()
-    };
-    let v6 = |l: &[Sourced<IpNet>]| -> Vec<Prefix> {
-        l.iter()
-            .filter_map(|s| match s.value {
-                IpNet::V6(n) => Some(Prefix {
-                    bits: u128::from(n.network()),
-                    len: n.prefix_len(),
-                }),
-                IpNet::V4(_) => None,
-            })
-            .collect()
-    };
+    let cidrs = |l: &[Sourced<IpNet>], v4| family(l.iter().map(|s| &s.value), v4);
     let ports = |l: &[Sourced<PortRange>]| -> Vec<Prefix> {
         l.iter().flat_map(|s| range_prefixes(&s.value)).collect()
     };
-
+    let (ex4, in4) = (cidrs(&p.exclude_cidrs, true), cidrs(&p.include_cidrs, true));
+    let (ex6, in6) = (
+        cidrs(&p.exclude_cidrs, false),
+        cidrs(&p.include_cidrs, false),
+    );
+    let (exp, inp) = (ports(&p.exclude_ports), ports(&p.include_ports));
     let mut c = Compiled {
-        v4: trie::minimal(32, &v4(&p.exclude_cidrs), &v4(&p.include_cidrs))
-            .into_iter()
-            .map(|(pre, a)| (v4_net(pre), a))
-            .collect(),
-        v6: trie::minimal(128, &v6(&p.exclude_cidrs), &v6(&p.include_cidrs))
-            .into_iter()
-            .map(|(pre, a)| (v6_net(pre), a))
-            .collect(),
-        ports: trie::minimal(16, &ports(&p.exclude_ports), &ports(&p.include_ports))
-            .into_iter()
-            .map(|(pre, a)| (port_prefix(pre), a))
-            .collect(),
+        v4: table(|width| trie::minimal(width, &ex4, &in4)),
+        v6: table(|width| trie::minimal(width, &ex6, &in6)),
+        ports: table(|width| trie::minimal(width, &exp, &inp)),
     };
     c.v4.sort_unstable();
     c.v6.sort_unstable();
     c.ports.sort_unstable();
     c
+}
+
+/// A table's key as a trie prefix and back: the tables hold `Ipv4Net`, `Ipv6Net` and
+/// [`PortPrefix`], the trie algorithms ([`trie::minimal`], [`overlay::overlay`]) work on
+/// prefixes of the key's width.
+pub(crate) trait TableKey: Sized {
+    const WIDTH: u8;
+    fn prefix(&self) -> Prefix;
+    /// The trie never builds a prefix longer than its width.
+    fn from_prefix(p: Prefix) -> Self;
+}
+
+impl TableKey for Ipv4Net {
+    const WIDTH: u8 = 32;
+    fn prefix(&self) -> Prefix {
+        Prefix {
+            bits: u128::from(u32::from(self.network())),
+            len: self.prefix_len(),
+        }
+    }
+    fn from_prefix(p: Prefix) -> Self {
+        Ipv4Net::new(Ipv4Addr::from(p.bits as u32), p.len).expect("v4 prefix length <= 32")
+    }
+}
+
+impl TableKey for Ipv6Net {
+    const WIDTH: u8 = 128;
+    fn prefix(&self) -> Prefix {
+        Prefix {
+            bits: u128::from(self.network()),
+            len: self.prefix_len(),
+        }
+    }
+    fn from_prefix(p: Prefix) -> Self {
+        Ipv6Net::new(Ipv6Addr::from(p.bits), p.len).expect("v6 prefix length <= 128")
+    }
+}
+
+impl TableKey for PortPrefix {
+    const WIDTH: u8 = 16;
+    fn prefix(&self) -> Prefix {
+        Prefix {
+            bits: u128::from(self.port),
+            len: self.len,
+        }
+    }
+    fn from_prefix(p: Prefix) -> Self {
+        PortPrefix {
+            port: p.bits as u16,
+            len: p.len,
+        }
+    }
+}
+
+/// What a trie algorithm builds at `K`'s width, keyed as the table.
+pub(crate) fn table<K: TableKey, V>(build: impl FnOnce(u8) -> Vec<(Prefix, V)>) -> Vec<(K, V)> {
+    build(K::WIDTH)
+        .into_iter()
+        .map(|(p, v)| (K::from_prefix(p), v))
+        .collect()
+}
+
+/// The prefixes of the IPv4 (`v4`) or the IPv6 networks of `nets`.
+pub(crate) fn family<'a>(nets: impl IntoIterator<Item = &'a IpNet>, v4: bool) -> Vec<Prefix> {
+    nets.into_iter()
+        .filter_map(|n| match n {
+            IpNet::V4(n) if v4 => Some(n.prefix()),
+            IpNet::V6(n) if !v4 => Some(n.prefix()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A workload's CIDR tables as an overlay over its base (the mesh default's tables, shared under
@@ -87,69 +133,20 @@ impl Overlay {
 
 /// The overlay of `own` over `base` (see [`Overlay`]).
 pub fn overlay_of(own: &Compiled, base: &Compiled) -> Overlay {
-    let p4 = |l: &[(Ipv4Net, Action)]| -> Vec<(Prefix, Action)> {
-        l.iter()
-            .map(|(n, a)| {
-                let p = Prefix {
-                    bits: u128::from(u32::from(n.network())),
-                    len: n.prefix_len(),
-                };
-                (p, *a)
-            })
-            .collect()
-    };
-    let p6 = |l: &[(Ipv6Net, Action)]| -> Vec<(Prefix, Action)> {
-        l.iter()
-            .map(|(n, a)| {
-                let p = Prefix {
-                    bits: u128::from(n.network()),
-                    len: n.prefix_len(),
-                };
-                (p, *a)
-            })
-            .collect()
-    };
-    let pp = |l: &[(PortPrefix, Action)]| -> Vec<(Prefix, Action)> {
-        l.iter()
-            .map(|(p, a)| {
-                let pre = Prefix {
-                    bits: u128::from(p.port),
-                    len: p.len,
-                };
-                (pre, *a)
-            })
-            .collect()
-    };
+    fn layered<K: TableKey>(
+        own: &[(K, Action)],
+        base: &[(K, Action)],
+    ) -> Vec<(K, overlay::Layered)> {
+        let prefixes = |l: &[(K, Action)]| -> Vec<(Prefix, Action)> {
+            l.iter().map(|(k, a)| (k.prefix(), *a)).collect()
+        };
+        table(|width| overlay::overlay(width, &prefixes(own), &prefixes(base)))
+    }
     Overlay {
-        ports: overlay::overlay(16, &pp(&own.ports), &pp(&base.ports))
-            .into_iter()
-            .map(|(p, v)| (port_prefix(p), v))
-            .collect(),
-        v4: overlay::overlay(32, &p4(&own.v4), &p4(&base.v4))
-            .into_iter()
-            .map(|(p, v)| (v4_net(p), v))
-            .collect(),
-        v6: overlay::overlay(128, &p6(&own.v6), &p6(&base.v6))
-            .into_iter()
-            .map(|(p, v)| (v6_net(p), v))
-            .collect(),
+        ports: layered(&own.ports, &base.ports),
+        v4: layered(&own.v4, &base.v4),
+        v6: layered(&own.v6, &base.v6),
     }
-}
-
-fn v4_net(p: Prefix) -> Ipv4Net {
-    // The trie never builds a prefix longer than its width.
-    Ipv4Net::new(Ipv4Addr::from(p.bits as u32), p.len).expect("v4 prefix length <= 32")
-}
-
-fn port_prefix(p: Prefix) -> PortPrefix {
-    PortPrefix {
-        port: p.bits as u16,
-        len: p.len,
-    }
-}
-
-fn v6_net(p: Prefix) -> Ipv6Net {
-    Ipv6Net::new(Ipv6Addr::from(p.bits), p.len).expect("v6 prefix length <= 128")
 }
 
 /// The fewest aligned binary prefixes covering exactly `lo..=hi` (at most 30 for 16 bits).

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use ipnet::IpNet;
 
-use super::{Overlay, overlay::Layered, port_prefix, range_prefixes, trie, v4_net, v6_net};
+use super::{Overlay, family, overlay::Layered, range_prefixes, table, trie};
 use crate::types::{EffectivePolicy, PortRange, Sourced};
 
 /// A base policy's outbound lists as sets, kept to compare workloads' policies against.
@@ -68,42 +68,18 @@ pub fn extra_exclusions(own: &EffectivePolicy, base: &Lists) -> Option<Overlay> 
     }
     let cidrs = extra(&own.exclude_cidrs, &base.exclude_cidrs);
     let ports = extra(&own.exclude_ports, &base.exclude_ports);
-    let pre = |n: &IpNet| trie::Prefix {
-        bits: match n {
-            IpNet::V4(n) => u128::from(u32::from(n.network())),
-            IpNet::V6(n) => u128::from(n.network()),
-        },
-        len: n.prefix_len(),
-    };
-    let v4: Vec<_> = cidrs
-        .iter()
-        .filter(|n| n.addr().is_ipv4())
-        .map(|n| pre(n))
-        .collect();
-    let v6: Vec<_> = cidrs
-        .iter()
-        .filter(|n| n.addr().is_ipv6())
-        .map(|n| pre(n))
-        .collect();
+    let v4 = family(cidrs.iter().copied(), true);
+    let v6 = family(cidrs.iter().copied(), false);
     let ports: Vec<_> = ports.iter().flat_map(|r| range_prefixes(r)).collect();
     // Exclusions alone: every entry of these minimal tables says Exclude.
-    let rule = |(p, a)| (p, Layered::Rule(a));
+    fn excluded(width: u8, exclude: &[trie::Prefix]) -> Vec<(trie::Prefix, Layered)> {
+        let entries = trie::minimal(width, exclude, &[]).into_iter();
+        entries.map(|(p, a)| (p, Layered::Rule(a))).collect()
+    }
     let mut o = Overlay {
-        v4: trie::minimal(32, &v4, &[])
-            .into_iter()
-            .map(rule)
-            .map(|(p, v)| (v4_net(p), v))
-            .collect(),
-        v6: trie::minimal(128, &v6, &[])
-            .into_iter()
-            .map(rule)
-            .map(|(p, v)| (v6_net(p), v))
-            .collect(),
-        ports: trie::minimal(16, &ports, &[])
-            .into_iter()
-            .map(rule)
-            .map(|(p, v)| (port_prefix(p), v))
-            .collect(),
+        v4: table(|width| excluded(width, &v4)),
+        v6: table(|width| excluded(width, &v6)),
+        ports: table(|width| excluded(width, &ports)),
     };
     o.v4.sort_unstable();
     o.v6.sort_unstable();

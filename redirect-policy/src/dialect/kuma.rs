@@ -40,19 +40,6 @@ pub(super) const TABLE: &[(&str, Spec)] = &[
 mod tests {
     use super::*;
     use crate::dialect::test_util::{parse, strings};
-    use crate::types::PortRange;
-
-    #[test]
-    fn ports_with_colon_ranges() {
-        let l = parse(&[
-            (EXCLUDE_OUTBOUND_PORTS, "5678, 8900:8999"),
-            (EXCLUDE_INBOUND_PORTS, "1234"),
-        ])
-        .unwrap();
-        let range = PortRange { lo: 8900, hi: 8999 };
-        assert_eq!(l.exclude_ports[0].values, [PortRange::single(5678), range]);
-        assert_eq!(l.inbound_exclude_ports[0].values, [PortRange::single(1234)]);
-    }
 
     #[test]
     fn ips_accept_bare_addresses() {

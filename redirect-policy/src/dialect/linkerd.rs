@@ -38,23 +38,6 @@ pub(super) const TABLE: &[(&str, Spec)] = &[
 mod tests {
     use super::*;
     use crate::dialect::test_util::parse;
-    use crate::layer::Merge;
-    use crate::types::PortRange;
-
-    #[test]
-    fn ports_with_ranges() {
-        let l = parse(&[
-            (SKIP_OUTBOUND_PORTS, "25,587, 4567-4568"),
-            (SKIP_INBOUND_PORTS, "1-65535"),
-        ])
-        .unwrap();
-        let single = PortRange::single;
-        let range = PortRange { lo: 4567, hi: 4568 };
-        assert_eq!(l.exclude_ports[0].values, [single(25), single(587), range]);
-        let all = PortRange { lo: 1, hi: 65535 };
-        assert_eq!(l.inbound_exclude_ports[0].values, [all]);
-        assert_eq!(l.exclude_ports[0].merge, Merge::Override);
-    }
 
     #[test]
     fn subnets_and_uid() {

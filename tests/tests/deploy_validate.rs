@@ -1,4 +1,5 @@
-//! `cargo xtask validate-deploy`: deploy/ checked offline, in CI and here.
+//! deploy/ checked offline, as a test of its own (`cargo test --test deploy_validate`; part of
+//! `cargo test`, so of `cargo xtask test`). Needs no root and no cluster.
 //!
 //! 1. Render each kustomization (deploy/, deploy/overlays/kind, deploy/uninstall) with
 //!    `kubectl kustomize` (or a standalone `kustomize`). Only when neither exists is this skipped,
@@ -10,7 +11,8 @@
 //! 4. The MeshConfig CRD against its own schema: deploy/examples/meshconfig.yaml must validate
 //!    against its openAPIV3Schema (python `jsonschema`), and broken copies of it must not.
 //!
-//! The PyPI packages go into a venv under target/ the first time.
+//! The PyPI packages go into a venv under target/validate-deploy/ the first time (python3 and
+//! python3-venv come with `cargo xtask setup`'s test tools).
 use std::{
     collections::BTreeSet,
     fs,
@@ -21,8 +23,6 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde::Deserialize as _;
 use serde_yaml::Value;
-
-use crate::util::{self, step};
 
 /// Rendered kustomizations: (name, directory under deploy/).
 const KUSTOMIZATIONS: [(&str, &str); 3] = [
@@ -51,11 +51,25 @@ const RBAC: [(&str, &str, &str); 11] = [
 ];
 
 const PY_PACKAGES: [&str; 3] = ["kubernetes-validate", "jsonschema", "pyyaml"];
-const CRD_CHECK: &str = include_str!("validate_crd.py");
+const CRD_CHECK: &str = include_str!("deploy_support/validate_crd.py");
 
-pub fn validate_deploy() -> Result<()> {
-    step("validating deploy/ (offline)");
-    let root = util::workspace_root();
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+/// Renders every kustomization and runs all four checks on the result.
+#[test]
+fn deploy_renders_and_validates() -> Result<()> {
+    let root = workspace_root();
     let deploy = root.join("deploy");
     let crd = deploy.join("crds/meshconfig.yaml");
     ensure!(
@@ -106,17 +120,15 @@ pub fn validate_deploy() -> Result<()> {
     let mut kv = Command::new(&python);
     kv.args(["-m", "kubernetes_validate", "--strict"])
         .args(&files);
-    util::run(&mut kv).context("kubernetes-validate rejected a rendered manifest")?;
+    run(&mut kv).context("kubernetes-validate rejected a rendered manifest")?;
     eprintln!("    kubernetes-validate --strict: ok");
 
     let script = out.join("validate_crd.py");
     fs::write(&script, CRD_CHECK)?;
-    util::run(
-        Command::new(&python)
-            .arg(&script)
-            .arg(&crd)
-            .arg(deploy.join("examples/meshconfig.yaml")),
-    )
+    run(Command::new(&python)
+        .arg(&script)
+        .arg(&crd)
+        .arg(deploy.join("examples/meshconfig.yaml")))
     .context("the MeshConfig CRD check failed")?;
     Ok(())
 }
@@ -392,26 +404,24 @@ fn venv(out: &Path) -> Result<PathBuf> {
     if python.exists() && ready(&python) {
         return Ok(python);
     }
-    step(&format!(
-        "installing {} from PyPI into {}",
+    eprintln!(
+        "    installing {} from PyPI into {}",
         PY_PACKAGES.join(", "),
         dir.display()
-    ));
+    );
     if !python.exists() {
-        util::run(Command::new("python3").args(["-m", "venv"]).arg(&dir))
+        run(Command::new("python3").args(["-m", "venv"]).arg(&dir))
             .context("creating a Python venv (Debian: apt-get install python3-venv)")?;
     }
-    util::run(
-        Command::new(&python)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ])
-            .args(PY_PACKAGES),
-    )?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PY_PACKAGES))?;
     ensure!(
         ready(&python),
         "the venv at {} still lacks the packages",
@@ -420,81 +430,74 @@ fn venv(out: &Path) -> Result<PathBuf> {
     Ok(python)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn deploy_docs(dir: &str) -> Vec<Value> {
+    let root = workspace_root().join("deploy").join(dir);
+    parse_docs(&collect(&root).unwrap()).unwrap()
+}
 
-    fn deploy_docs(dir: &str) -> Vec<Value> {
-        let root = util::workspace_root().join("deploy").join(dir);
-        parse_docs(&collect(&root).unwrap()).unwrap()
-    }
+#[test]
+fn base_passes_the_least_privilege_rules() {
+    let docs = deploy_docs("base");
+    check_no_privileged(&docs).unwrap();
+    check_agent(&docs).unwrap();
+    check_rbac(&docs).unwrap();
+    check_no_privileged(&deploy_docs("uninstall")).unwrap();
+}
 
-    #[test]
-    fn base_passes_the_least_privilege_rules() {
-        let docs = deploy_docs("base");
-        check_no_privileged(&docs).unwrap();
-        check_agent(&docs).unwrap();
-        check_rbac(&docs).unwrap();
-        check_no_privileged(&deploy_docs("uninstall")).unwrap();
-    }
-
-    #[test]
-    fn the_rules_catch_what_they_are_for() {
-        let docs = deploy_docs("base");
-        let mutate = |f: &dyn Fn(&mut Value)| {
-            let mut d = docs.clone();
-            for x in &mut d {
-                f(x);
+#[test]
+fn the_rules_catch_what_they_are_for() {
+    let docs = deploy_docs("base");
+    let mutate = |f: &dyn Fn(&mut Value)| {
+        let mut d = docs.clone();
+        for x in &mut d {
+            f(x);
+        }
+        d
+    };
+    let privileged = mutate(&|d| {
+        if d["kind"] == "DaemonSet" {
+            d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] =
+                Value::Bool(true);
+        }
+    });
+    assert!(check_no_privileged(&privileged).is_err());
+    let sys_admin = mutate(&|d| {
+        if d["kind"] == "DaemonSet" {
+            d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"] =
+                serde_yaml::from_str("[BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_PTRACE, SYS_MODULE]")
+                    .unwrap();
+        }
+    });
+    assert!(check_agent(&sys_admin).is_err());
+    let no_host_pid = mutate(&|d| {
+        if d["kind"] == "DaemonSet" {
+            d["spec"]["template"]["spec"]["hostPID"] = Value::Bool(false);
+        }
+    });
+    assert!(check_agent(&no_host_pid).is_err());
+    let cleanup_host_pid = {
+        let mut d = deploy_docs("uninstall");
+        for x in &mut d {
+            if x["kind"] == "DaemonSet" {
+                x["spec"]["template"]["spec"]["hostPID"] = Value::Bool(true);
             }
-            d
-        };
-        let privileged = mutate(&|d| {
-            if d["kind"] == "DaemonSet" {
-                d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] =
-                    Value::Bool(true);
-            }
-        });
-        assert!(check_no_privileged(&privileged).is_err());
-        let sys_admin = mutate(&|d| {
-            if d["kind"] == "DaemonSet" {
-                d["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
-                    ["add"] = serde_yaml::from_str(
-                    "[BPF, NET_ADMIN, PERFMON, SYS_ADMIN, SYS_PTRACE, SYS_MODULE]",
-                )
-                .unwrap();
-            }
-        });
-        assert!(check_agent(&sys_admin).is_err());
-        let no_host_pid = mutate(&|d| {
-            if d["kind"] == "DaemonSet" {
-                d["spec"]["template"]["spec"]["hostPID"] = Value::Bool(false);
-            }
-        });
-        assert!(check_agent(&no_host_pid).is_err());
-        let cleanup_host_pid = {
-            let mut d = deploy_docs("uninstall");
-            for x in &mut d {
-                if x["kind"] == "DaemonSet" {
-                    x["spec"]["template"]["spec"]["hostPID"] = Value::Bool(true);
-                }
-            }
-            d
-        };
-        assert!(check_no_privileged(&cleanup_host_pid).is_err());
-        let secrets = mutate(&|d| {
-            if d["kind"] == "ClusterRole" {
-                d["rules"][0]["resources"] =
-                    serde_yaml::from_str("[pods, namespaces, secrets]").unwrap();
-            }
-        });
-        assert!(check_rbac(&secrets).is_err());
-        let pre_stop = mutate(&|d| {
-            if d["kind"] == "DaemonSet" {
-                d["spec"]["template"]["spec"]["containers"][0]["lifecycle"] =
-                    serde_yaml::from_str("{preStop: {exec: {command: [redirect-agent, cleanup]}}}")
-                        .unwrap();
-            }
-        });
-        assert!(check_agent(&pre_stop).is_err());
-    }
+        }
+        d
+    };
+    assert!(check_no_privileged(&cleanup_host_pid).is_err());
+    let secrets = mutate(&|d| {
+        if d["kind"] == "ClusterRole" {
+            d["rules"][0]["resources"] =
+                serde_yaml::from_str("[pods, namespaces, secrets]").unwrap();
+        }
+    });
+    assert!(check_rbac(&secrets).is_err());
+    let pre_stop = mutate(&|d| {
+        if d["kind"] == "DaemonSet" {
+            d["spec"]["template"]["spec"]["containers"][0]["lifecycle"] =
+                serde_yaml::from_str("{preStop: {exec: {command: [redirect-agent, cleanup]}}}")
+                    .unwrap();
+        }
+    });
+    assert!(check_agent(&pre_stop).is_err());
 }

@@ -1,4 +1,4 @@
-"""The MeshConfig CRD checked against its own schema (run by `cargo xtask validate-deploy`).
+"""The MeshConfig CRD checked against its own schema (run by tests/tests/deploy_validate.rs).
 
 usage: validate_crd.py CRD.yaml INSTANCE.yaml...
 
