@@ -1,7 +1,8 @@
 //! Issue #12, the Kubernetes source's startup-race guard (source/kube/guard.rs) under looping
 //! clients instead of one probe at one point:
-//! - a pending pod's process starts under the guard and keeps connecting while its own record
-//!   goes in and the guard is lifted: none of its connects may go direct;
+//! - a meshed pod's process that runs before the API has told the agent about its pod (only the
+//!   guard catches it while another pod is pending) keeps connecting while its own record goes
+//!   in and the pending pod's pass lifts the guard: none of its connects may go direct;
 //! - a pod that is to be left alone (no sidecar: a disabled record) keeps connecting while
 //!   meshed pods arrive pending and the guard goes up and down, its own pod event arriving just
 //!   before a pending pod's: none of its connects may be caught by the guard.
@@ -21,7 +22,7 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
 const DEST: &str = "198.18.0.10:80";
-const REPS: usize = 10;
+const REPS: usize = 30;
 
 /// A netns with a backend at [`DEST`] (answering "backend") and a tag-mode proxy on
 /// 127.0.0.1:15001 outside the kubepods tree, and the kubepods tree the kubelet makes at its
@@ -120,20 +121,33 @@ fn lifting_the_guard_never_lets_a_pending_pods_looping_client_escape() {
     for i in 0..REPS {
         let (name, u) = (format!("lift-{i}"), uid(7000 + i as u32));
         put_pending(&agent, &guard, &name, &u);
+        // Another meshed pod whose cgroup and process are there before the API has told the
+        // agent about it (API lag): while `name` is pending only the guard catches it. Its
+        // client loops through the guard, its own registration, and the pass that registers
+        // the pending pod and lifts the guard.
+        let (early, eu) = (format!("early-{i}"), uid(7500 + i as u32));
+        let erel = pod_cgroup_rel(Driver::Systemd, "burstable", &eu);
+        let early_cg = fx.cgroup(&erel).unwrap();
+        let early_app = fx.cgroup(&format!("{erel}/app")).unwrap();
+        let client = looping_client(fx, &early_app, DEST).unwrap();
+        wait_proxied(&client, 3);
+        agent
+            .api
+            .put(Res::Pods, pod("demo", &early, &eu, NODE, json!({})));
+        wait_until("the early pod's record", || registered(&agent, &early_cg));
+        wait_proxied(&client, 3);
+        // The pending pod's cgroup comes: its record goes in and the guard is lifted.
         let rel = pod_cgroup_rel(Driver::Systemd, "burstable", &u);
         let pod_cg = fx.cgroup(&rel).unwrap();
-        let app = fx.cgroup(&format!("{rel}/app")).unwrap();
-        // The pod's process starts at once, under the guard, and loops through the pass that
-        // registers the pod and lifts the guard.
-        let client = looping_client(fx, &app, DEST).unwrap();
-        wait_until("the pod's own record and the guard lifted", || {
+        wait_until("the pending pod's record and the guard lifted", || {
             registered(&agent, &pod_cg) && !registered(&agent, &guard)
         });
         wait_proxied(&client, 3);
         redirected += proxied(&client);
         escaped += direct(&client);
         drop(client);
-        remove_pod(&agent, &name, &[&pod_cg, &app]);
+        remove_pod(&agent, &name, &[&pod_cg]);
+        remove_pod(&agent, &early, &[&early_cg, &early_app]);
     }
     println!("guard lifted {REPS} times: {redirected} connects redirected, {escaped} direct");
     assert_eq!(
