@@ -34,9 +34,34 @@ pub static POLICY_GEN: Array<u64, 1> = Array::new();
 pub static CGROUP_CACHE: LruHashMap<u64, CgroupCache, { CGROUP_CACHE_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// The policy record of the calling task's workload (copied to the stack: POLICY is a
-/// preallocated hash, and an update of the same key may recycle the slot a pointer refers to
-/// while this program still reads it), and whether the task sits in (or below) the proxy
+/// How many times [`policy_of`] copies again when the key's element changed under the copy.
+const RECOPIES: usize = 2;
+
+/// `POLICY`'s record for `id`, copied to the stack. POLICY is a preallocated hash: an update of a
+/// key frees its old element, and the next update of another key on that CPU takes it over at
+/// once, with no grace period (tests/tests/policy_slot_recycle.rs measures it). So the record is
+/// copied straight after the lookup, and the key is looked up again after the copy: the same
+/// element means the copy is this key's record even if this program was preempted meanwhile;
+/// another element means the record was rewritten under the copy, and the current one is copied
+/// instead (bounded: an agent rewriting it faster than a copy leaves the last copy, of this
+/// key). `None`: no record (any more), as a connect an instant later would see.
+#[inline(always)]
+fn policy_of(id: u64) -> Option<Policy> {
+    let mut p = POLICY.get_ptr(id)?;
+    let mut copy = unsafe { read_volatile(p) };
+    for _ in 0..RECOPIES {
+        let again = POLICY.get_ptr(id)?;
+        if core::ptr::eq(again, p) {
+            return Some(copy);
+        }
+        p = again;
+        copy = unsafe { read_volatile(p) };
+    }
+    Some(copy)
+}
+
+/// The policy record of the calling task's workload (copied to the stack by [`policy_of`]),
+/// and whether the task sits in (or below) the proxy
 /// container's cgroup, and the workload's registered cgroup id (its `POLICY` key). `None`: not
 /// in the mesh.
 #[inline(always)]
@@ -56,12 +81,8 @@ fn current_workload() -> Option<(Policy, bool, u64)> {
             }
             // Gone although the generation is current: the agent removed the record and has
             // not bumped yet; walk, as a connect at this instant would without the cache.
-            if let Some(p) = POLICY.get_ptr(c.workload_cgroup) {
-                return Some((
-                    unsafe { read_volatile(p) },
-                    c.in_proxy_cgroup != 0,
-                    c.workload_cgroup,
-                ));
+            if let Some(policy) = policy_of(c.workload_cgroup) {
+                return Some((policy, c.in_proxy_cgroup != 0, c.workload_cgroup));
             }
         }
     }
@@ -78,13 +99,7 @@ fn current_workload() -> Option<(Policy, bool, u64)> {
     if workload_cgroup == 0 {
         return None;
     }
-    POLICY.get_ptr(workload_cgroup).map(|p| {
-        (
-            unsafe { read_volatile(p) },
-            in_proxy_cgroup,
-            workload_cgroup,
-        )
-    })
+    policy_of(workload_cgroup).map(|policy| (policy, in_proxy_cgroup, workload_cgroup))
 }
 
 /// Walks from the root's first level down to the current cgroup and keeps the deepest

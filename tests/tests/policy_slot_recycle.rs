@@ -9,8 +9,12 @@
 //!   in a preallocated hash parks the old element in a per-CPU spare and the next update of an
 //!   existing key on that CPU reuses it at once, with no RCU grace period. A connect would have
 //!   used another workload's policy.
-//! - Copied first (what `resolve::current_workload` does now: one copy straight after the
-//!   lookup, no map operation in between): the copy is A's record.
+//! - Copied first (what `resolve::policy_of` does: one copy straight after the lookup, no map
+//!   operation in between): the copy is A's record.
+//! - Copied late, then checked (`policy_of`'s guard against being preempted between the lookup
+//!   and the end of the copy while the agent writes two records: the updates run between the
+//!   lookup and the copy here): the key is looked up again, the element differs, and the record
+//!   copied is A's new one, never B's.
 //!
 //! The same is measured on a twin with `BPF_F_NO_PREALLOC` (bpf_mem_alloc) and on an LRU hash,
 //! to show that neither map type would have been the fix: the copy is.
@@ -146,10 +150,21 @@ const OFF_VAL_A: i16 = -80;
 const OFF_VAL_B: i16 = -144;
 const OFF_COPY: i16 = -208;
 
-/// The experiment's program: lookup A; if `copy_first`, copy the record to the stack; update A
-/// (policy id A2), update B (B2); return the first u32 of A's record, from the copy or read
-/// through the pointer now.
-fn program(map: &Fd, value_size: u32, copy_first: bool) -> Vec<u64> {
+/// How the experiment reads A's record around the two updates.
+#[derive(Clone, Copy, PartialEq)]
+enum Read {
+    /// Through the looked-up pointer, after the updates (before the fix).
+    Late,
+    /// Copied to the stack straight after the lookup.
+    CopyFirst,
+    /// Copied after the updates (a preempted copy), then A looked up again: the same element
+    /// keeps the copy, another is copied instead (`resolve::policy_of`).
+    CopyLateChecked,
+}
+
+/// The experiment's program: lookup A; update A (policy id A2), update B (B2), reading A's
+/// record as `read` says; returns the first u32 of what it read.
+fn program(map: &Fd, value_size: u32, read: Read) -> Vec<u64> {
     let words = (value_size / 8) as i16;
     let mut p = Vec::new();
     p.push(insn(0xb7, 1, 0, 0, 0)); // r1 = 0
@@ -169,11 +184,14 @@ fn program(map: &Fd, value_size: u32, copy_first: bool) -> Vec<u64> {
     let null_check = p.len();
     p.push(0); // if r0 == 0 goto fail (patched below)
     p.push(insn(0xbf, 6, 0, 0, 0)); // r6 = r0
-    if copy_first {
+    let copy = |p: &mut Vec<u64>| {
         for i in 0..words {
             p.push(insn(0x79, 1, 6, i * 8, 0)); // r1 = *(u64 *)(r6 + 8i)
             p.push(insn(0x7b, FP, 1, OFF_COPY + i * 8, 0));
         }
+    };
+    if read == Read::CopyFirst {
+        copy(&mut p);
     }
     for (key, val) in [(OFF_A, OFF_VAL_A), (OFF_B, OFF_VAL_B)] {
         ld_imm64(&mut p, 1, 1, map.0 as u64);
@@ -184,14 +202,29 @@ fn program(map: &Fd, value_size: u32, copy_first: bool) -> Vec<u64> {
         p.push(insn(0xb7, 4, 0, 0, 0)); // BPF_ANY
         p.push(insn(0x85, 0, 0, 0, 2)); // call bpf_map_update_elem
     }
-    if copy_first {
-        p.push(insn(0x61, 0, FP, OFF_COPY, 0)); // r0 = *(u32 *)(fp + copy)
-    } else {
-        p.push(insn(0x61, 0, 6, 0, 0)); // r0 = *(u32 *)(r6 + 0)
+    let mut null_checks = vec![null_check];
+    match read {
+        Read::Late => p.push(insn(0x61, 0, 6, 0, 0)), // r0 = *(u32 *)(r6 + 0)
+        Read::CopyFirst => p.push(insn(0x61, 0, FP, OFF_COPY, 0)), // r0 = *(u32 *)(fp + copy)
+        Read::CopyLateChecked => {
+            copy(&mut p);
+            ld_imm64(&mut p, 1, 1, map.0 as u64);
+            p.push(insn(0xbf, 2, FP, 0, 0));
+            p.push(insn(0x07, 2, 0, 0, OFF_A as i32));
+            p.push(insn(0x85, 0, 0, 0, 1)); // call bpf_map_lookup_elem
+            null_checks.push(p.len());
+            p.push(0); // if r0 == 0 goto fail
+            p.push(insn(0x1d, 0, 6, 2, 0)); // if r0 == r6 goto +2 (the same element)
+            p.push(insn(0x61, 0, 0, 0, 0)); // r0 = *(u32 *)(r0 + 0): copy the current one
+            p.push(insn(0x95, 0, 0, 0, 0));
+            p.push(insn(0x61, 0, FP, OFF_COPY, 0)); // r0 = *(u32 *)(fp + copy)
+        }
     }
     p.push(insn(0x95, 0, 0, 0, 0)); // exit
     let fail = p.len();
-    p[null_check] = insn(0x15, 0, 0, (fail - null_check - 1) as i16, 0);
+    for at in null_checks {
+        p[at] = insn(0x15, 0, 0, (fail - at - 1) as i16, 0);
+    }
     p.push(insn(0xb7, 0, 0, 0, 0xffff));
     p.push(insn(0x95, 0, 0, 0, 0));
     p
@@ -230,10 +263,10 @@ fn run(p: &[u64]) -> u32 {
 }
 
 /// Seeds A and B, runs the experiment; what A's record said.
-fn experiment(map: &Fd, value_size: u32, copy_first: bool) -> u32 {
+fn experiment(map: &Fd, value_size: u32, read: Read) -> u32 {
     update(map, KEY_A, A1, value_size);
     update(map, KEY_B, B1, value_size);
-    run(&program(map, value_size, copy_first))
+    run(&program(map, value_size, read))
 }
 
 fn name(v: u32) -> &'static str {
@@ -283,14 +316,16 @@ fn a_record_copied_before_any_other_map_operation_is_its_own_and_a_late_read_is_
         ("twin with BPF_F_NO_PREALLOC", &no_prealloc),
         ("twin as LRU hash", &lru),
     ] {
-        let late = experiment(map, s.value, false);
-        let copied = experiment(map, s.value, true);
+        let late = experiment(map, s.value, Read::Late);
+        let copied = experiment(map, s.value, Read::CopyFirst);
+        let checked = experiment(map, s.value, Read::CopyLateChecked);
         println!(
-            "{what}: read late → {late:#x} {}; copied first → {copied:#x} {}",
+            "{what}: read late → {late:#x} {}; copied first → {copied:#x} {}; copied late and checked → {checked:#x} {}",
             name(late),
-            name(copied)
+            name(copied),
+            name(checked)
         );
-        rows.push((what, late, copied));
+        rows.push((what, late, copied, checked));
     }
     // The hazard, on the production map: the pre-fix read returns another key's record.
     assert_eq!(
@@ -300,7 +335,14 @@ fn a_record_copied_before_any_other_map_operation_is_its_own_and_a_late_read_is_
         name(rows[0].1)
     );
     // The fix: a copy taken straight after the lookup is A's own record, on every map type.
-    for (what, _, copied) in &rows {
+    for (what, _, copied, checked) in &rows {
         assert_eq!(*copied, A1, "{what}: the copy saw {}", name(*copied));
+        // A copy that came too late is caught by the second lookup: A's record, never B's.
+        assert_eq!(
+            *checked,
+            A2,
+            "{what}: the checked copy saw {}",
+            name(*checked)
+        );
     }
 }
