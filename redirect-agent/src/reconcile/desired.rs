@@ -330,6 +330,7 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
     let mut out = Built::default();
     let empty = Annotations::new();
     memo.begin(&snapshot.mesh);
+    let mut defaults: HashMap<&str, (Option<(bool, Resolution)>, Entry)> = HashMap::new();
     for w in &snapshot.workloads {
         let Some(&cgroup_id) = snapshot.cgroups.get(&w.cgroup) else {
             out.pending.push(w.id());
@@ -384,23 +385,35 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
         };
         // Mesh default: drop the pod's annotations, then the namespace's too. Resolved first:
         // it is the base the workload's own table may overlay.
-        let mesh_default = [ns_annotations, &empty]
-            .into_iter()
-            .enumerate()
-            .find_map(|(i, ns)| {
-                Some((
-                    i == 0,
-                    memo.resolve(w, ns, &empty, None, false).resolved.ok()?,
-                ))
-            });
+        // Once per namespace and pass: a pod without annotations of its own resolves as its
+        // mesh default, so most workloads cost no memo lookup at all.
+        let (mesh_default, bare) = defaults
+            .entry(w.namespace.as_str())
+            .or_insert_with(|| {
+                let bare = memo.resolve(w, ns_annotations, &empty, None, false);
+                let mesh_default = match &bare.resolved {
+                    Ok(r) => Some((true, r.clone())),
+                    Err(_) => memo
+                        .resolve(w, &empty, &empty, None, false)
+                        .resolved
+                        .ok()
+                        .map(|r| (false, r)),
+                };
+                (mesh_default, bare)
+            })
+            .clone();
         let (same_namespace, mesh_default) = mesh_default.unzip();
-        let own = memo.resolve(
-            w,
-            ns_annotations,
-            &w.annotations,
-            mesh_default.as_ref(),
-            same_namespace == Some(true),
-        );
+        let own = if w.annotations.is_empty() {
+            bare
+        } else {
+            memo.resolve(
+                w,
+                ns_annotations,
+                &w.annotations,
+                mesh_default.as_ref(),
+                same_namespace == Some(true),
+            )
+        };
         let own = match own.resolved {
             Ok(r) => {
                 out.warnings.extend(r.warnings.iter().cloned());
