@@ -17,6 +17,7 @@ macro_rules! keys {
     };
 }
 
+mod additions;
 mod compile;
 mod dialect;
 mod dns;
@@ -33,11 +34,12 @@ mod fixtures;
 #[cfg(test)]
 mod proptests;
 
+pub use additions::{Additions, additions};
 pub use compile::{
     Overlay, compile,
     overlay::Layered,
     overlay_of,
-    union::{Lists, extra_exclusions},
+    union::{Lists, added_exclusions, extra_exclusions},
 };
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
@@ -46,7 +48,7 @@ pub use evaluate::{
     is_loopback, lookup_ip, lookup_port,
 };
 pub use mesh::{MeshTraffic, keys as mesh_keys};
-pub use resolve::resolve;
+pub use resolve::{MeshLayer, resolve, resolve_with};
 pub use types::{
     Action, Annotations, Compiled, EffectivePolicy, Mode, Origin, PolicyError, PortPrefix,
     PortRange, Resolved, Source, Sourced, Step, Verdict, WorkloadInputs,

@@ -15,20 +15,68 @@ use super::types::{
 };
 use super::values;
 
+/// The mesh config validated into the bottom layer, with the warnings that gave: what every
+/// workload's resolution starts from. Parsing a 100,000-CIDR mesh list costs far more than the
+/// rest of a resolution, so callers that resolve many workloads parse it once per mesh config
+/// content ([`MeshLayer::parse`]) and resolve each with [`resolve_with`].
+#[derive(Clone, Debug)]
+pub struct MeshLayer {
+    pub(crate) layer: Layer,
+    pub(crate) warnings: Vec<String>,
+}
+
+impl MeshLayer {
+    /// The first bad value of the mesh config is the error every workload's resolution gives.
+    pub fn parse(mesh: &mesh::MeshTraffic) -> Result<Self, PolicyError> {
+        let mut warnings = Vec::new();
+        let layer = mesh::layer(mesh, &mut warnings)?;
+        Ok(Self { layer, warnings })
+    }
+}
+
 /// Resolves one workload's policy. All or nothing for the outbound part: the first bad value
 /// outside the inbound keys is an error, and nothing is returned for the workload. A bad value
 /// in an inbound key fails only the inbound part ([`Resolved::inbound_error`]): the inbound
 /// fields then come from the layers below that object, as the mesh default does for outbound.
 /// Never panics.
 pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
-    let mut warnings = Vec::new();
-    let mesh = mesh::layer(inputs.mesh, &mut warnings)?;
+    resolve_with(&MeshLayer::parse(inputs.mesh)?, inputs)
+}
+
+/// [`resolve`] with the mesh config already parsed: `mesh` must be `inputs.mesh`'s layer.
+pub fn resolve_with(mesh: &MeshLayer, inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
+    let mut warnings = mesh.warnings.clone();
+    let objects = object_layers(inputs, &mut warnings)?;
+    // Most specific first.
+    let layers = [&objects.pod, &objects.ns, &mesh.layer];
+    let mut policy = combine(&layers)?;
+    policy.dns = super::dns::resolve(inputs, &policy)?;
+    Ok(Resolved {
+        policy,
+        warnings,
+        inbound_error: objects.inbound_error,
+    })
+}
+
+/// The namespace's and the pod's layers, and the inbound-only error.
+pub(crate) struct ObjectLayers {
+    pub pod: Layer,
+    pub ns: Layer,
+    pub inbound_error: Option<PolicyError>,
+}
+
+/// Parses the namespace's and the pod's annotations, in the order (and so with the warnings and
+/// the first error) every resolution has.
+pub(crate) fn object_layers(
+    inputs: &WorkloadInputs,
+    warnings: &mut Vec<String>,
+) -> Result<ObjectLayers, PolicyError> {
     let ns_origin = Origin::Namespace(inputs.namespace.to_string());
     let pod_origin = Origin::Pod(format!("{}/{}", inputs.namespace, inputs.name));
     let (ns_out, ns_in) = dialect::split_inbound(inputs.namespace_annotations);
     let (pod_out, pod_in) = dialect::split_inbound(inputs.pod_annotations);
-    let mut ns = dialect::layer(&ns_origin, &ns_out, &mut warnings)?;
-    let mut pod = dialect::layer(&pod_origin, &pod_out, &mut warnings)?;
+    let mut ns = dialect::layer(&ns_origin, &ns_out, warnings)?;
+    let mut pod = dialect::layer(&pod_origin, &pod_out, warnings)?;
     // The namespace's inbound keys first: when they are bad, the pod's (which override them)
     // are dropped too, leaving the mesh's.
     let mut inbound_error = None;
@@ -36,7 +84,7 @@ pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
         (&mut ns, &ns_origin, &ns_in),
         (&mut pod, &pod_origin, &pod_in),
     ] {
-        match dialect::layer(origin, ann, &mut warnings) {
+        match dialect::layer(origin, ann, warnings) {
             Ok(l) => layer.absorb_inbound(l),
             Err(e) => {
                 inbound_error = Some(e);
@@ -44,13 +92,9 @@ pub fn resolve(inputs: &WorkloadInputs) -> Result<Resolved, PolicyError> {
             }
         }
     }
-    // Most specific first.
-    let layers = [&pod, &ns, &mesh];
-    let mut policy = combine(&layers)?;
-    policy.dns = super::dns::resolve(inputs, &policy)?;
-    Ok(Resolved {
-        policy,
-        warnings,
+    Ok(ObjectLayers {
+        pod,
+        ns,
         inbound_error,
     })
 }
@@ -162,7 +206,7 @@ fn merge_list<T: Clone + Ord>(layers: [&[Setting<T>]; 3]) -> Merged<T> {
 /// A scalar field: the most specific layer that sets it wins. Two keys on the same object that
 /// disagree (Linkerd `proxy-uid` 2102 and Kuma `sidecar-uid` 5678) are an error, because the
 /// datapath has room for one value and picking one silently would be a partial policy.
-fn merge_scalar<T: Clone + PartialEq + std::fmt::Debug>(
+pub(crate) fn merge_scalar<T: Clone + PartialEq + std::fmt::Debug>(
     layers: [&[Setting<T>]; 3],
 ) -> Result<Option<Sourced<T>>, PolicyError> {
     let Some(winner) = layers.iter().find(|l| !l.is_empty()) else {

@@ -7,12 +7,12 @@ use redirect_common::{Policy, flags};
 
 use super::{
     Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec,
-    layering::{Base, layer, layer_exclusions},
+    layering::{Base, exclusions_overlay, layer, layer_exclusions},
 };
 use crate::{
     bpf::PolicyEntries,
     policy::{
-        self, Annotations, Compiled, EffectivePolicy, Lists, MeshTraffic, PolicyError,
+        self, Annotations, Compiled, EffectivePolicy, Lists, MeshLayer, MeshTraffic, PolicyError,
         WorkloadInputs,
     },
     proxy::ProxyConfig,
@@ -131,6 +131,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct Memo {
     mesh: MeshTraffic,
+    /// `mesh` parsed, once per content (None until the first pass).
+    mesh_layer: Option<Result<Arc<MeshLayer>, PolicyError>>,
     entries: HashMap<Key, Entry>,
     used: HashMap<Key, Entry>,
     rules: HashMap<u64, Arc<Rules>>,
@@ -140,9 +142,10 @@ pub struct Memo {
 
 impl Memo {
     fn begin(&mut self, mesh: &MeshTraffic) {
-        if &self.mesh != mesh {
+        if self.mesh_layer.is_none() || &self.mesh != mesh {
             // A mesh change invalidates every resolution.
             self.mesh = mesh.clone();
+            self.mesh_layer = Some(MeshLayer::parse(mesh).map(Arc::new));
             self.entries.clear();
             self.used.clear();
         }
@@ -162,13 +165,22 @@ impl Memo {
         self.rules.retain(|d, _| live.contains(d));
     }
 
-    /// `base`: the workload's mesh default, which a policy with pod annotations may overlay.
+    /// The shared copy of `e`'s set.
+    fn intern(&mut self, e: PolicyEntries) -> Arc<Rules> {
+        let fresh = Rules::new(e);
+        self.rules.entry(fresh.digest()).or_insert(fresh).clone()
+    }
+
+    /// `base`: the workload's mesh default, which a policy with pod annotations may overlay;
+    /// `same_namespace`: it was resolved with `namespace_annotations` (not without them, as a
+    /// fallback), so a pod that only adds exclusions is resolved as its additions to it.
     fn resolve(
         &mut self,
         w: &WorkloadSpec,
         namespace_annotations: &Annotations,
         pod_annotations: &Annotations,
         base: Option<&Resolution>,
+        same_namespace: bool,
     ) -> Entry {
         let key = Key {
             namespace: w.namespace.clone(),
@@ -188,48 +200,129 @@ impl Memo {
             return e;
         }
         self.computed += 1;
-        let resolved = policy::resolve(&WorkloadInputs {
-            mesh: &self.mesh,
-            namespace: &w.namespace,
-            namespace_annotations,
-            name: &w.name,
-            pod_annotations,
-        })
-        .map(|r| {
-            let base = base.and_then(|b| {
-                let (table, lists) = b.compiled.as_deref()?;
-                Some(Base {
-                    table,
-                    lists,
-                    rules: &b.rules,
-                })
-            });
-            let mut compiled = None;
-            let (e, base) = match base.as_ref().and_then(|b| layer_exclusions(&r.policy, b)) {
-                Some((e, b)) => (e, Some(b)),
-                None => {
-                    let c = policy::compile(&r.policy);
-                    let layered = layer(&c, base.as_ref());
-                    if pod_annotations.is_empty() {
-                        compiled = Some(Arc::new((c, Lists::of(&r.policy))));
-                    }
-                    layered
-                }
-            };
-            let fresh = Rules::new(e);
-            let rules = self.rules.entry(fresh.digest()).or_insert(fresh).clone();
-            Resolution {
-                inputs: RecordInputs::of(&r.policy),
-                rules,
+        let resolved = match self.mesh_layer.clone().expect("begin parsed the mesh") {
+            Ok(mesh) => self.compute(
+                &mesh,
+                w,
+                namespace_annotations,
+                pod_annotations,
                 base,
-                compiled,
-                warnings: r.warnings,
-                inbound_error: r.inbound_error,
-            }
-        });
+                same_namespace,
+            ),
+            Err(e) => Err(e),
+        };
         let e = Entry { resolved };
         self.used.insert(key, e.clone());
         e
+    }
+
+    /// One workload's resolution: as its additions to `base` where it can be, else whole.
+    fn compute(
+        &mut self,
+        mesh: &MeshLayer,
+        w: &WorkloadSpec,
+        namespace_annotations: &Annotations,
+        pod_annotations: &Annotations,
+        base: Option<&Resolution>,
+        same_namespace: bool,
+    ) -> Result<Resolution, PolicyError> {
+        if let Some(b) = base.filter(|_| same_namespace && !pod_annotations.is_empty()) {
+            let inputs = WorkloadInputs {
+                mesh: &self.mesh,
+                namespace: &w.namespace,
+                namespace_annotations,
+                name: &w.name,
+                pod_annotations,
+            };
+            // `Err(())`: not additions, or their overlay would not pay: the whole table.
+            if let Some(a) = policy::additions(mesh, &inputs)?
+                && let Ok(r) = self.additions(a, b)
+            {
+                return Ok(r);
+            }
+        }
+        self.whole(mesh, w, namespace_annotations, pod_annotations, base)
+    }
+
+    /// A pod that only adds exclusions to its mesh default `b`: the overlay of its additions,
+    /// from `b`'s lists, without resolving or compiling its whole policy (what the whole policy
+    /// would give: redirect-policy's additions.rs and compile/union.rs). `Err` where the overlay
+    /// would not pay.
+    fn additions(&mut self, a: policy::Additions, b: &Resolution) -> Result<Resolution, ()> {
+        let (table, lists) = b.compiled.as_deref().ok_or(())?;
+        let o = policy::added_exclusions(&a.exclude_cidrs, &a.exclude_ports, lists);
+        let (rules, base) = if o.is_empty() {
+            // Nothing new: the whole table is the mesh default's.
+            (b.rules.clone(), None)
+        } else {
+            let base = Base {
+                table,
+                lists,
+                rules: &b.rules,
+            };
+            let (e, base) = exclusions_overlay(&o, &base).ok_or(())?;
+            (self.intern(e), Some(base))
+        };
+        Ok(Resolution {
+            inputs: RecordInputs {
+                dns_port: a.dns.record_port(),
+                ..b.inputs
+            },
+            rules,
+            base,
+            compiled: None,
+            warnings: a.warnings,
+            inbound_error: a.inbound_error,
+        })
+    }
+
+    /// The whole resolution and compilation.
+    fn whole(
+        &mut self,
+        mesh: &MeshLayer,
+        w: &WorkloadSpec,
+        namespace_annotations: &Annotations,
+        pod_annotations: &Annotations,
+        base: Option<&Resolution>,
+    ) -> Result<Resolution, PolicyError> {
+        let r = policy::resolve_with(
+            mesh,
+            &WorkloadInputs {
+                mesh: &self.mesh,
+                namespace: &w.namespace,
+                namespace_annotations,
+                name: &w.name,
+                pod_annotations,
+            },
+        )?;
+        let base = base.and_then(|b| {
+            let (table, lists) = b.compiled.as_deref()?;
+            Some(Base {
+                table,
+                lists,
+                rules: &b.rules,
+            })
+        });
+        let mut compiled = None;
+        let (e, base) = match base.as_ref().and_then(|b| layer_exclusions(&r.policy, b)) {
+            Some((e, b)) => (e, Some(b)),
+            None => {
+                let c = policy::compile(&r.policy);
+                let layered = layer(&c, base.as_ref());
+                if pod_annotations.is_empty() {
+                    compiled = Some(Arc::new((c, Lists::of(&r.policy))));
+                }
+                layered
+            }
+        };
+        Ok(Resolution {
+            inputs: RecordInputs::of(&r.policy),
+            rules: self.intern(e),
+            base,
+            compiled,
+            warnings: r.warnings,
+            inbound_error: r.inbound_error,
+        })
     }
 }
 
@@ -237,6 +330,7 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
     let mut out = Built::default();
     let empty = Annotations::new();
     memo.begin(&snapshot.mesh);
+    let mut defaults: HashMap<&str, (Option<(bool, Resolution)>, Entry)> = HashMap::new();
     for w in &snapshot.workloads {
         let Some(&cgroup_id) = snapshot.cgroups.get(&w.cgroup) else {
             out.pending.push(w.id());
@@ -291,10 +385,35 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
         };
         // Mesh default: drop the pod's annotations, then the namespace's too. Resolved first:
         // it is the base the workload's own table may overlay.
-        let mesh_default = [ns_annotations, &empty]
-            .into_iter()
-            .find_map(|ns| memo.resolve(w, ns, &empty, None).resolved.ok());
-        let own = memo.resolve(w, ns_annotations, &w.annotations, mesh_default.as_ref());
+        // Once per namespace and pass: a pod without annotations of its own resolves as its
+        // mesh default, so most workloads cost no memo lookup at all.
+        let (mesh_default, bare) = defaults
+            .entry(w.namespace.as_str())
+            .or_insert_with(|| {
+                let bare = memo.resolve(w, ns_annotations, &empty, None, false);
+                let mesh_default = match &bare.resolved {
+                    Ok(r) => Some((true, r.clone())),
+                    Err(_) => memo
+                        .resolve(w, &empty, &empty, None, false)
+                        .resolved
+                        .ok()
+                        .map(|r| (false, r)),
+                };
+                (mesh_default, bare)
+            })
+            .clone();
+        let (same_namespace, mesh_default) = mesh_default.unzip();
+        let own = if w.annotations.is_empty() {
+            bare
+        } else {
+            memo.resolve(
+                w,
+                ns_annotations,
+                &w.annotations,
+                mesh_default.as_ref(),
+                same_namespace == Some(true),
+            )
+        };
         let own = match own.resolved {
             Ok(r) => {
                 out.warnings.extend(r.warnings.iter().cloned());

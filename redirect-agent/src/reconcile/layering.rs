@@ -24,11 +24,16 @@ pub struct Base<'a> {
 /// without compiling the whole table (redirect-policy's compile/union.rs); None when that is not
 /// the case or the overlay would not pay (then [`layer`] decides from the compiled table).
 pub fn layer_exclusions(own: &EffectivePolicy, base: &Base) -> Option<(PolicyEntries, Arc<Rules>)> {
+    exclusions_overlay(&extra_exclusions(own, base.lists)?, base)
+}
+
+/// The entries of an exclusions-only overlay `o` over `base`, when the overlay pays; None when
+/// it does not (the whole table then).
+pub fn exclusions_overlay(o: &Overlay, base: &Base) -> Option<(PolicyEntries, Arc<Rules>)> {
     let base_len = base.table.v4.len() + base.table.v6.len() + base.table.ports.len();
-    let o = extra_exclusions(own, base.lists)?;
     // The whole table would have at most base_len + o.len() entries: the same rule as `layer`.
     (base_len + o.len() >= MIN_LAYERED && !o.is_empty() && o.len() <= base_len)
-        .then(|| (overlay_entries(&o), base.rules.clone()))
+        .then(|| (overlay_entries(o), base.rules.clone()))
 }
 
 /// Tables smaller than this are written whole: the overlay would save little, and costs a

@@ -68,10 +68,31 @@ pub fn extra_exclusions(own: &EffectivePolicy, base: &Lists) -> Option<Overlay> 
     }
     let cidrs = extra(&own.exclude_cidrs, &base.exclude_cidrs);
     let ports = extra(&own.exclude_ports, &base.exclude_ports);
+    Some(exclusion_overlay(&cidrs, &ports))
+}
+
+/// The overlay of `cidrs` and `ports` added to `base`'s exclusions (the values it lacks), for a
+/// policy that only adds exclusions (crate::additions): what [`extra_exclusions`] gives for
+/// that policy, without its whole lists.
+pub fn added_exclusions(cidrs: &[IpNet], ports: &[PortRange], base: &Lists) -> Overlay {
+    let cidrs: HashSet<&IpNet> = cidrs
+        .iter()
+        .filter(|v| !base.exclude_cidrs.contains(v))
+        .collect();
+    let ports: HashSet<&PortRange> = ports
+        .iter()
+        .filter(|v| !base.exclude_ports.contains(v))
+        .collect();
+    let (cidrs, ports): (Vec<_>, Vec<_>) =
+        (cidrs.into_iter().collect(), ports.into_iter().collect());
+    exclusion_overlay(&cidrs, &ports)
+}
+
+/// Exclusions alone as an overlay: every entry of these minimal tables says Exclude.
+fn exclusion_overlay(cidrs: &[&IpNet], ports: &[&PortRange]) -> Overlay {
     let v4 = family(cidrs.iter().copied(), true);
     let v6 = family(cidrs.iter().copied(), false);
     let ports: Vec<_> = ports.iter().flat_map(|r| range_prefixes(r)).collect();
-    // Exclusions alone: every entry of these minimal tables says Exclude.
     fn excluded(width: u8, exclude: &[trie::Prefix]) -> Vec<(trie::Prefix, Layered)> {
         let entries = trie::minimal(width, exclude, &[]).into_iter();
         entries.map(|(p, a)| (p, Layered::Rule(a))).collect()
@@ -84,5 +105,5 @@ pub fn extra_exclusions(own: &EffectivePolicy, base: &Lists) -> Option<Overlay> 
     o.v4.sort_unstable();
     o.v6.sort_unstable();
     o.ports.sort_unstable();
-    Some(o)
+    o
 }
