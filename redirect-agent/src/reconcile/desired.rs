@@ -326,11 +326,15 @@ impl Memo {
     }
 }
 
+/// A namespace's mesh default (and whether it was resolved with the namespace's annotations, not
+/// as the fallback without them), and the resolution of its pods without annotations of their own.
+type NamespaceDefault = (Option<(bool, Resolution)>, Entry);
+
 pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> bool) -> Built {
     let mut out = Built::default();
     let empty = Annotations::new();
     memo.begin(&snapshot.mesh);
-    let mut defaults: HashMap<&str, (Option<(bool, Resolution)>, Entry)> = HashMap::new();
+    let mut defaults: HashMap<&str, NamespaceDefault> = HashMap::new();
     for w in &snapshot.workloads {
         let Some(&cgroup_id) = snapshot.cgroups.get(&w.cgroup) else {
             out.pending.push(w.id());
