@@ -273,7 +273,7 @@ fn bulk_table(r: &Results, md: &mut String) {
 fn load_table(r: &Results, md: &mut String) {
     let _ = writeln!(
         md,
-        "## Loading the exclusion list\n\niptables: wall time of one `iptables-restore` of the whole nat table. ebpf: from the config file being replaced to the agent logging the generation applied (includes the agent's 200 ms file poll), and the agent's own reconcile time.\n\n| N | iptables-restore (ms) | ebpf change-to-applied (ms) | ebpf reconcile (ms) |\n|---:|---:|---:|---:|"
+        "## Loading the exclusion list\n\niptables: wall time of one `iptables-restore` of the whole nat table. ebpf: from the config file being replaced to the agent logging the generation applied (the file source watches it with inotify; the time includes reading and parsing the whole file), and the agent's own reconcile time.\n\n| N | iptables-restore (ms) | ebpf change-to-applied (ms) | ebpf reconcile (ms) |\n|---:|---:|---:|---:|"
     );
     for n in sizes(r) {
         let ipt = r
