@@ -287,13 +287,26 @@ fn observe(c: &mut dyn Cluster, targets: &[Target]) -> Result<Vec<Seen>> {
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    let log = c.proxy_log()?;
-    Ok(targets
-        .iter()
-        .zip(&conns)
-        .map(|(t, conn)| classify(conn, t.to, &log))
-        .collect())
+    // The proxy's log reaches us through a reader thread (or `kubectl logs`): the line of a
+    // connection that did reach the proxy may not be in yet when the client has its reply. So
+    // "direct" is only concluded once the log has had LOG_CATCH_UP to show the connection.
+    let deadline = Instant::now() + LOG_CATCH_UP;
+    loop {
+        let log = c.proxy_log()?;
+        let seen: Vec<Seen> = targets
+            .iter()
+            .zip(&conns)
+            .map(|(t, conn)| classify(conn, t.to, &log))
+            .collect();
+        if !seen.contains(&Seen::Direct) || Instant::now() >= deadline {
+            return Ok(seen);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
+
+/// How long a connection that got its reply may take to show in the proxy's log.
+const LOG_CATCH_UP: Duration = Duration::from_millis(300);
 
 fn expect(c: &mut dyn Cluster, targets: &[Target], wait: bool) -> Result<()> {
     let started = Instant::now();
