@@ -16,7 +16,7 @@ use kube_support::{
 use redirect_tests::{
     Fixture, Spawned, cgroup_id,
     connect_loop::{looping_client, proxied, wait_proxied},
-    helper_bin, serve_identity,
+    serve_identity, start_testproxy,
 };
 use serde_json::json;
 
@@ -38,16 +38,7 @@ fn world(name: &str) -> World {
     fx.add_addr("198.18.0.10/32").unwrap();
     let backend = serve_identity(&fx, DEST.parse().unwrap(), "backend").unwrap();
     let proxy_cg = fx.cgroup("proxy").unwrap();
-    let proxy = fx
-        .spawn_logged(
-            &proxy_cg,
-            std::process::Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "127.0.0.1:15001"]),
-        )
-        .unwrap();
-    proxy
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .expect("testproxy did not start");
+    let proxy = start_testproxy(&fx, &proxy_cg, &["127.0.0.1:15001"]).unwrap();
     fx.cgroup("kubepods.slice/kubepods-burstable.slice")
         .unwrap();
     World {

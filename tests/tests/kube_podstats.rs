@@ -10,7 +10,9 @@ use kube_support::{
     Agent, Driver, NODE, Res, fake_api::wait_for, pod, pod_cgroup_rel, put_defaults, uid,
 };
 use redirect_common::Decision;
-use redirect_tests::{Fixture, Reached, Spawned, cgroup_id, helper_bin, probe, serve_identity};
+use redirect_tests::{
+    Fixture, Reached, Spawned, cgroup_id, probe, serve_identity, start_testproxy,
+};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
@@ -26,16 +28,7 @@ fn per_pod_counts_are_exact_and_go_with_the_pod() {
     let _backend = serve_identity(&fx, "198.18.0.10:80".parse().unwrap(), "backend").unwrap();
     let _other = serve_identity(&fx, "198.18.0.10:8080".parse().unwrap(), "other").unwrap();
     let proxy_cg = fx.cgroup("proxy").unwrap();
-    let _proxy: Spawned = fx
-        .spawn_logged(
-            &proxy_cg,
-            std::process::Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "127.0.0.1:15001"]),
-        )
-        .unwrap();
-    _proxy
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .expect("testproxy did not start");
+    let _proxy: Spawned = start_testproxy(&fx, &proxy_cg, &["127.0.0.1:15001"]).unwrap();
     let (ua, ub) = (uid(7100), uid(7101));
     let rel_a = pod_cgroup_rel(Driver::Systemd, "burstable", &ua);
     let rel_b = pod_cgroup_rel(Driver::Cgroupfs, "besteffort", &ub);

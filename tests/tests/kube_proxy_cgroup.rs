@@ -13,7 +13,9 @@ use kube_support::{
     Agent, Driver, NODE, Res, fake_api::wait_for, pod, pod_cgroup_rel, put_defaults, uid,
 };
 use redirect_common::flags;
-use redirect_tests::{Fixture, Reached, Spawned, cgroup_id, helper_bin, probe, serve_identity};
+use redirect_tests::{
+    Fixture, Reached, Spawned, cgroup_id, probe, serve_identity, start_testproxy,
+};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(20);
@@ -32,16 +34,7 @@ fn world(name: &str) -> World {
     fx.add_addr("198.18.0.10/32").unwrap();
     let backend = serve_identity(&fx, "198.18.0.10:80".parse().unwrap(), "backend").unwrap();
     let proxy_cg = fx.cgroup("proxy").unwrap();
-    let proxy = fx
-        .spawn_logged(
-            &proxy_cg,
-            std::process::Command::new(helper_bin("redirect-testproxy").unwrap())
-                .args(["--listen", "127.0.0.1:15001"]),
-        )
-        .unwrap();
-    proxy
-        .wait_for_prefix("listening ", Duration::from_secs(10))
-        .expect("testproxy did not start");
+    let proxy = start_testproxy(&fx, &proxy_cg, &["127.0.0.1:15001"]).unwrap();
     World {
         fx,
         _backend: backend,
