@@ -2,7 +2,10 @@
 //! where `bpf::loader` embeds it with `include_bytes_aligned!`.
 mod ebpf_toolchain;
 
-use std::{env, fs, path::PathBuf};
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, anyhow};
 use aya_build::Toolchain;
@@ -47,13 +50,69 @@ fn main() -> anyhow::Result<()> {
     } else {
         &[]
     };
-    aya_build::build_ebpf(
-        [aya_build::Package {
-            name: "redirect-ebpf",
-            root_dir: &root_dir,
-            features,
-            ..Default::default()
-        }],
-        Toolchain::Custom(&toolchain),
+    build_shared(
+        &metadata.target_directory.into_std_path_buf(),
+        &out_dir,
+        features,
+        || {
+            aya_build::build_ebpf(
+                [aya_build::Package {
+                    name: "redirect-ebpf",
+                    root_dir: &root_dir,
+                    features,
+                    ..Default::default()
+                }],
+                Toolchain::Custom(&toolchain),
+            )
+        },
     )
+}
+
+/// Runs aya-build with one nested target directory for the whole workspace, then copies the
+/// object into this build script's OUT_DIR.
+///
+/// Why: aya-build puts its nested `--target-dir` under OUT_DIR, and cargo gives every
+/// build-script instance its own OUT_DIR (dev vs test profile, another feature set of a
+/// dependency, the layout-test feature). Each instance then rebuilt `core` and the eBPF crate
+/// from nothing, about 1.5 min each and four times in `cargo xtask test`. With one nested target
+/// directory, cargo's own fingerprints decide what the nested build redoes.
+///
+/// aya-build derives both its target directory and where it copies the object from OUT_DIR, so
+/// it gets a per-feature-set staging OUT_DIR under `target/ebpf/` whose `aya-build/target/
+/// redirect-ebpf` is a link to the one shared directory. A file lock serialises instances
+/// (cargo runs build scripts in parallel), so no copy reads a half-written object.
+fn build_shared(
+    target_dir: &Path,
+    out_dir: &Path,
+    features: &[&str],
+    build: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let root = target_dir.join("ebpf");
+    let key = if features.is_empty() {
+        "default".to_string()
+    } else {
+        features.join("+")
+    };
+    let staging = root.join(&key);
+    let nested = staging.join("aya-build").join("target");
+    fs::create_dir_all(&nested).with_context(|| format!("creating {}", nested.display()))?;
+    let shared = root.join("target");
+    fs::create_dir_all(&shared)?;
+    let link = nested.join("redirect-ebpf");
+    if fs::read_link(&link).ok().as_deref() != Some(shared.as_path()) {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&shared, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), shared.display()))?;
+    }
+    let lock = fs::File::create(root.join(".lock"))?;
+    lock.lock().context("locking target/ebpf")?;
+    // SAFETY: build scripts are single-threaded at this point; OUT_DIR is restored below.
+    unsafe { env::set_var("OUT_DIR", &staging) };
+    let built = build();
+    unsafe { env::set_var("OUT_DIR", out_dir) };
+    built?;
+    let object = staging.join("redirect");
+    fs::copy(&object, out_dir.join("redirect"))
+        .with_context(|| format!("copying {} to {}", object.display(), out_dir.display()))?;
+    Ok(())
 }

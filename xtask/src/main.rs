@@ -76,7 +76,7 @@ fn main() -> anyhow::Result<()> {
 fn test() -> anyhow::Result<()> {
     util::require_root("cargo xtask test")?;
     let env = setup::setup(setup::Needs { test_tools: true })?;
-    util::build(&env, false)?;
+    util::build_tests(&env)?;
     // The upgrade test's "new release" (tests/tests/upgrade.rs): the agent with another Policy
     // layout. Same packages as the build above, so it shares every dependency with it.
     util::cargo(
@@ -123,25 +123,26 @@ fn e2e_local(filter: Option<&str>) -> anyhow::Result<()> {
 fn bench(quick: bool, out: Option<std::path::PathBuf>) -> anyhow::Result<()> {
     util::require_root("cargo xtask bench")?;
     let env = setup::setup(setup::Needs { test_tools: true })?;
-    util::step(if quick {
-        "building the bench (debug: a smoke run)"
+    if quick {
+        // The smoke run takes the debug build `cargo xtask test` has just made (same command).
+        util::build_tests(&env)?;
     } else {
-        "building the agent and the bench processes (release)"
-    });
-    let mut args = vec![
-        "build",
-        "-p",
-        "redirect-agent",
-        "-p",
-        "redirect-tests",
-        "-p",
-        "redirect-bench",
-        "--bins",
-    ];
-    if !quick {
-        args.push("--release");
+        util::step("building the agent and the bench processes (release)");
+        util::cargo(
+            &env,
+            &[
+                "build",
+                "-p",
+                "redirect-agent",
+                "-p",
+                "redirect-tests",
+                "-p",
+                "redirect-bench",
+                "--bins",
+                "--release",
+            ],
+        )?;
     }
-    util::cargo(&env, &args)?;
     let mut cmd = std::process::Command::new(util::target_bin("redirect-bench", !quick));
     if quick {
         cmd.arg("--quick");

@@ -65,6 +65,15 @@ pub fn build(env: &Env, release: bool) -> anyhow::Result<()> {
     cargo(env, &args)
 }
 
+/// Builds every binary and every test target of the workspace's default members in one cargo
+/// run: what `cargo test` and the debug bench then find fresh. One run with the test targets
+/// resolves dependency features as `cargo test` does (dev-dependencies included), so nothing is
+/// compiled a second time with another feature set.
+pub fn build_tests(env: &Env) -> anyhow::Result<()> {
+    step("building the agent (with its eBPF object), the helpers, the bench and every test");
+    cargo(env, &["build", "--bins", "--tests"])
+}
+
 pub fn target_bin(name: &str, release: bool) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
