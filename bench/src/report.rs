@@ -357,15 +357,10 @@ fn pod_counter_cost(r: &Results, md: &mut String) {
     if let (Some(with), Some(without)) = (connect4(true), connect4(false)) {
         let _ = writeln!(
             md,
-            "\nPer-pod counters: a connect counts once, in its workload's `POD_STATS` entry (one per-CPU hash lookup) or, without an entry, in the node's `COUNTERS` array. connect4 runs {} ns with the entry and {} ns without it ({} ns, {}; both at N = 0, the last two passes above).",
+            "\nPer-pod counters (a connect counts once: in its workload's `POD_STATS` entry, or in `COUNTERS` without one), connect4 at N = 0, one pass each: {} ns with the entry, {} ns without it, difference {} ns. One pass each says nothing of the sign of a difference smaller than the spread between repeated passes of the table above.",
             num(with, 0),
             num(without, 0),
             num(with - without, 0),
-            if with > without {
-                "the per-pod counter's share of a run"
-            } else {
-                "within this machine's run-to-run noise"
-            }
         );
     }
 }
