@@ -404,6 +404,66 @@ mod tests {
         }
     }
 
+    /// Same sizes, one member renamed: only the BTF tells; without BTF on either side the sizes
+    /// decide, and readers ignore capacity.
+    #[test]
+    fn a_same_size_member_change_is_incompatible_where_both_sides_have_btf() {
+        use btf_layout::{Member, Shape};
+        let u32_ = Shape::Int {
+            size: 4,
+            bits: 32,
+            signed: false,
+        };
+        let record = |second: &str| Shape::Record {
+            union: false,
+            size: 8,
+            members: [("policy_id", 0), (second, 32)]
+                .map(|(name, offset)| Member {
+                    name: name.into(),
+                    offset,
+                    shape: u32_.clone(),
+                })
+                .into(),
+        };
+        let layout = MapLayout {
+            map_type: 1,
+            key_size: 8,
+            value_size: 8,
+            max_entries: 16,
+            flags: 0,
+        };
+        let shape = |second: &str, btf: bool| MapShape {
+            layout,
+            btf: btf.then(|| KeyValue {
+                key: u32_.clone(),
+                value: record(second),
+            }),
+        };
+        let (old, new) = (shape("_pad1", true), shape("base_id", true));
+        assert_eq!(old.incompatible(&old, true), None);
+        let why = old.incompatible(&new, true).unwrap();
+        assert!(
+            why.contains("value") && why.contains("_pad1") && why.contains("base_id"),
+            "{why}"
+        );
+        assert!(
+            old.incompatible(&new, false).is_some(),
+            "a reader must refuse it too"
+        );
+        assert_eq!(shape("_pad1", false).incompatible(&new, true), None);
+        assert_eq!(old.incompatible(&shape("base_id", false), true), None);
+        let mut bigger = new.clone();
+        bigger.layout.max_entries = 32;
+        assert!(new.incompatible(&bigger, true).is_some());
+        assert_eq!(new.incompatible(&bigger, false), None);
+        bigger.layout.value_size = 12;
+        assert!(
+            shape("base_id", false)
+                .incompatible(&bigger, false)
+                .is_some()
+        );
+    }
+
     #[test]
     fn the_expectation_comes_from_the_object() {
         let object = super::super::loader::OBJECT;
@@ -428,5 +488,16 @@ mod tests {
         for name in SHARED {
             assert!(e.contains_key(name), "{name} is not a map of the object");
         }
+        // The Policy record's members, from the object's BTF, in declaration order.
+        let Some(KeyValue {
+            value: btf_layout::Shape::Record { members, .. },
+            ..
+        }) = &e[map_names::POLICY].btf
+        else {
+            panic!("POLICY has no BTF record: {:?}", e[map_names::POLICY].btf);
+        };
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names.last(), Some(&"base_id"), "{names:?}");
+        assert_eq!(names.len(), 9, "{names:?}");
     }
 }
