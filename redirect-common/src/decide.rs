@@ -60,7 +60,9 @@ impl Dest {
     }
 }
 
-/// Which step of the outbound order decided (README "How it decides"), first match wins.
+/// Which step of the outbound order decided (README "How it decides", docs/architecture.md
+/// "Decision order"), first match wins. The kernel counts it ([`OutboundStep::decision`]) and
+/// `explain` prints it (`redirect_policy::Step` is this type), so both name the same steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OutboundStep {
     /// The workload's interception is off (checked before step 1).
@@ -90,6 +92,34 @@ impl OutboundStep {
         )
     }
 
+    /// Stable snake_case name (`explain`, and the serde name).
+    pub const fn name(self) -> &'static str {
+        match self {
+            OutboundStep::ProxyCaller => "proxy_caller",
+            OutboundStep::ExcludedPort => "excluded_port",
+            OutboundStep::Loopback => "loopback",
+            OutboundStep::ExcludedCidr => "excluded_cidr",
+            OutboundStep::IncludedPort => "included_port",
+            OutboundStep::IncludedCidr => "included_cidr",
+            OutboundStep::NotIncluded => "not_included",
+            OutboundStep::Disabled => "disabled",
+        }
+    }
+
+    /// The step number (1-7, docs/architecture.md); 0 for `Disabled`, checked before step 1.
+    pub const fn number(self) -> u8 {
+        match self {
+            OutboundStep::Disabled => 0,
+            OutboundStep::ProxyCaller => 1,
+            OutboundStep::ExcludedPort => 2,
+            OutboundStep::Loopback => 3,
+            OutboundStep::ExcludedCidr => 4,
+            OutboundStep::IncludedPort => 5,
+            OutboundStep::IncludedCidr => 6,
+            OutboundStep::NotIncluded => 7,
+        }
+    }
+
     /// The counter slot of this outcome.
     #[inline(always)]
     pub fn decision(self) -> Decision {
@@ -102,6 +132,14 @@ impl OutboundStep {
             OutboundStep::IncludedPort | OutboundStep::IncludedCidr => Decision::Redirected,
             OutboundStep::NotIncluded => Decision::BypassNotIncluded,
         }
+    }
+}
+
+/// As its [`OutboundStep::name`] (userspace only: `explain --output json`).
+#[cfg(feature = "serde")]
+impl serde::Serialize for OutboundStep {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
     }
 }
 

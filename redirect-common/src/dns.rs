@@ -20,10 +20,12 @@ pub mod map_names {
     }
 }
 
-/// `DnsOrig::flags` bits.
-pub mod dns_flags {
-    /// The original server is IPv4 (stored v4-mapped).
-    pub const V4: u16 = 1 << 0;
+flag_bits! {
+    /// `DnsOrig::flags` bits.
+    pub mod dns_flags: u16 {
+        /// The original server is IPv4 (stored v4-mapped).
+        V4,
+    }
 }
 
 /// The value of `DNS_ORIG`: where a captured socket meant to go, and where it went instead.
@@ -47,24 +49,24 @@ counter_enum! {
     /// Index into the per-CPU `DNS_STATS` array: one slot per DNS decision or event.
     pub enum DnsEvent (DNS_EVENT_COUNT) {
         /// A UDP datagram (sendmsg with an address) went to the DNS listener.
-        UdpCaptured = 0 => "udp_captured",
+        UdpCaptured => "udp_captured",
         /// A UDP connect went to the DNS listener.
-        UdpConnectCaptured = 1 => "udp_connect_captured",
+        UdpConnectCaptured => "udp_connect_captured",
         /// A TCP connect went to the DNS listener.
-        TcpCaptured = 2 => "tcp_captured",
+        TcpCaptured => "tcp_captured",
         /// Port 53 from the proxy itself (its cgroup or uid): left alone.
-        BypassProxy = 3 => "bypass_proxy",
+        BypassProxy => "bypass_proxy",
         /// Port 53 from a registered workload whose DNS capture is off: left alone.
-        Off = 4 => "off",
+        Off => "off",
         /// Port 53 from a cgroup with no registered workload: left alone.
-        NotInMesh = 5 => "not_in_mesh",
+        NotInMesh => "not_in_mesh",
         /// A reply's source was rewritten back to the original server (recvmsg).
-        Restored = 6 => "restored",
+        Restored => "restored",
         /// getpeername was shown the original server.
-        Peername = 7 => "peername",
+        Peername => "peername",
         /// The socket-local record could not be created: the query still goes to the listener, but
         /// its reply keeps the listener's source.
-        StoreFailed = 8 => "store_failed",
+        StoreFailed => "store_failed",
     }
 }
 

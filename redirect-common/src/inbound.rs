@@ -57,25 +57,25 @@ counter_enum! {
     /// Index into the per-CPU `IN_STATS` array.
     pub enum InboundCounter (INBOUND_COUNTER_COUNT) {
         /// Steered to the proxy's listener.
-        Steered = 0 => "steered",
+        Steered => "steered",
         /// Arrived on lo: the normal lookup (step 1).
-        Loopback = 1 => "loopback",
+        Loopback => "loopback",
         /// Excluded destination port (step 2).
-        ExcludedPort = 2 => "excluded_port",
+        ExcludedPort => "excluded_port",
         /// Excluded source (step 3).
-        ExcludedSource = 3 => "excluded_source",
+        ExcludedSource => "excluded_source",
         /// No included port matched (step 5).
-        NotIncluded = 4 => "not_included",
+        NotIncluded => "not_included",
         /// To be steered, but no listener on the proxy port: refused (SK_DROP).
-        NoListener = 5 => "no_listener",
+        NoListener => "no_listener",
         /// The listener refused the assignment (e.g. a v6-only listener for IPv4): refused.
-        AssignFailed = 6 => "assign_failed",
+        AssignFailed => "assign_failed",
         /// A lookup in a netns with no record (not meshed): the normal lookup.
-        NotInMesh = 7 => "not_in_mesh",
+        NotInMesh => "not_in_mesh",
         /// A listener was recorded in `IN_LISTEN`.
-        ListenerAdded = 8 => "listener_added",
+        ListenerAdded => "listener_added",
         /// Recording a listener failed (map full).
-        ListenerFailed = 9 => "listener_failed",
+        ListenerFailed => "listener_failed",
     }
 }
 

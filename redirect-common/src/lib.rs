@@ -47,19 +47,50 @@ pub mod map_names {
     pub const RETIRED: [&str; 1] = ["ORIG_COOKIE"];
 }
 
-/// `Policy::flags` bits.
-pub mod flags {
-    /// Interception is on for this workload. A registered workload without it is left alone
-    /// (Istio `interceptionMode: NONE`, an empty `includeOutboundIPRanges` and no included ports).
-    pub const ENABLED: u32 = 1 << 0;
-    /// Node mode: redirect to `proxy_addr4/6` instead of loopback.
-    pub const MODE_NODE: u32 = 1 << 1;
-    /// `proxy_uid` is meaningful (uid 0 is a valid uid, so it cannot double as "unset").
-    pub const HAS_PROXY_UID: u32 = 1 << 2;
-    /// `proxy_cgroup` is meaningful.
-    pub const HAS_PROXY_CGROUP: u32 = 1 << 3;
-    /// DNS capture is on: port-53 UDP and TCP go to `proxy_addr4/6:dns_port` (see `dns`).
-    pub const DNS_CAPTURE: u32 = 1 << 4;
+flag_bits! {
+    /// `Policy::flags` bits.
+    pub mod flags: u32 {
+        /// Interception is on for this workload. A registered workload without it is left alone
+        /// (Istio `interceptionMode: NONE`, an empty `includeOutboundIPRanges` and no included
+        /// ports).
+        ENABLED,
+        /// Node mode: redirect to `proxy_addr4/6` instead of loopback.
+        MODE_NODE,
+        /// `proxy_uid` is meaningful (uid 0 is a valid uid, so it cannot double as "unset").
+        HAS_PROXY_UID,
+        /// `proxy_cgroup` is meaningful.
+        HAS_PROXY_CGROUP,
+        /// DNS capture is on: port-53 UDP and TCP go to `proxy_addr4/6:dns_port` (see `dns`).
+        DNS_CAPTURE,
+    }
+}
+
+flag_bits! {
+    /// `OrigDst::flags` bits.
+    pub mod orig_flags: u16 {
+        /// The original destination is IPv4 (`OrigDst::addr` holds it v4-mapped), so the IPv4
+        /// option (SOL_IP, SO_ORIGINAL_DST) and getpeername4 can express it.
+        V4,
+        /// Redirected to a node proxy, which sees the connection from another netns: the 4-tuple
+        /// record is keyed with netns 0 (pod addresses are unique on a node, loopback tuples are
+        /// not).
+        NODE,
+    }
+}
+
+flag_bits! {
+    /// `SockState::flags` bits.
+    pub mod sock_state_flags: u32 {
+        /// `owner_uid` is set (earlier builds only; see `SockState::owner_uid`).
+        HAS_OWNER,
+        /// `peer_addr`/`peer_port` are set.
+        HAS_PEER,
+        /// `orig` is this redirected client socket's original destination (getpeername).
+        CLIENT_ORIG,
+        /// `orig` is the original destination of the connection this proxy socket accepted
+        /// (getsockopt SO_ORIGINAL_DST).
+        PROXY_ORIG,
+    }
 }
 
 /// Per-workload policy record, the value of the `POLICY` map keyed by the cgroup id (inode number)
@@ -70,8 +101,14 @@ pub struct Policy {
     /// Namespaces this workload's entries in `CIDR_V4`, `CIDR_V6` and `PORTS`. A policy change
     /// writes a fresh id and then swaps this record, so a connect sees the old or the new policy
     /// whole, never a mix.
+    #[cfg(not(feature = "test-policy-pad"))]
     pub policy_id: u32,
     pub flags: u32,
+    /// Test only (feature `test-policy-pad`): `policy_id` after `flags`, a layout change that
+    /// keeps every size and offset, for the upgrade test (tests/tests/upgrade.rs). Only the BTF
+    /// of the pinned map tells the two layouts apart (`bpf/btf_layout.rs` in the agent).
+    #[cfg(feature = "test-policy-pad")]
+    pub policy_id: u32,
     pub proxy_uid: u32,
     /// Proxy outbound port, host byte order.
     pub proxy_port: u16,
@@ -85,12 +122,9 @@ pub struct Policy {
     /// The shared base entry set this workload's entries overlay, or 0 (`decide::NO_BASE`): a
     /// rule lookup that finds nothing under `policy_id` asks `base_id`'s entries, unless the own
     /// entry says [`action::STOP`] (`decide::layered`). It took the place of 4 padding bytes, so
-    /// the record's size is unchanged; `bpf/generation.rs` versions the meaning.
+    /// the record's size is unchanged: the agent's layout check tells the two apart by the
+    /// pinned map's BTF (`bpf/generation.rs`).
     pub base_id: u32,
-    /// Test only (feature `test-policy-pad`): makes the record 8 bytes longer, a layout change
-    /// for the upgrade test (tests/tests/upgrade.rs).
-    #[cfg(feature = "test-policy-pad")]
-    pub _test_pad: [u8; 8],
 }
 
 /// What an entry of the CIDR or port tries says about a matching destination.
@@ -151,15 +185,15 @@ pub const POLICY_ID_BITS: u32 = 32;
 counter_enum! {
     /// Index into the per-CPU `COUNTERS` array: one slot per decision of the connect programs.
     pub enum Decision (DECISION_COUNT) {
-        Redirected = 0 => "redirected",
-        BypassProxy = 1 => "bypass_proxy",
-        BypassPort = 2 => "bypass_port",
-        BypassLoopback = 3 => "bypass_loopback",
-        BypassCidr = 4 => "bypass_cidr",
-        BypassNotIncluded = 5 => "bypass_not_included",
-        NotInMesh = 6 => "not_in_mesh",
-        Disabled = 7 => "disabled",
-        Error = 8 => "error",
+        Redirected => "redirected",
+        BypassProxy => "bypass_proxy",
+        BypassPort => "bypass_port",
+        BypassLoopback => "bypass_loopback",
+        BypassCidr => "bypass_cidr",
+        BypassNotIncluded => "bypass_not_included",
+        NotInMesh => "not_in_mesh",
+        Disabled => "disabled",
+        Error => "error",
     }
 }
 
@@ -172,16 +206,6 @@ pub const POD_STATS_ENTRIES: u32 = 65536;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct PodDecisions {
     pub counts: [u64; DECISION_COUNT as usize],
-}
-
-/// `OrigDst::flags` bits.
-pub mod orig_flags {
-    /// The original destination is IPv4 (`OrigDst::addr` holds it v4-mapped), so the IPv4 option
-    /// (SOL_IP, SO_ORIGINAL_DST) and getpeername4 can express it.
-    pub const V4: u16 = 1 << 0;
-    /// Redirected to a node proxy, which sees the connection from another netns: the 4-tuple record
-    /// is keyed with netns 0 (pod addresses are unique on a node, loopback tuples are not).
-    pub const NODE: u16 = 1 << 1;
 }
 
 /// getsockopt option name of both `SO_ORIGINAL_DST` (level SOL_IP) and `IP6T_SO_ORIGINAL_DST`
@@ -220,19 +244,6 @@ pub struct SockState {
     /// The original destination: the client's own (`CLIENT_ORIG`) or the proxy's accepted
     /// socket's copy (`PROXY_ORIG`).
     pub orig: OrigDst,
-}
-
-/// `SockState::flags` bits.
-pub mod sock_state_flags {
-    /// `owner_uid` is set (earlier builds only; see `SockState::owner_uid`).
-    pub const HAS_OWNER: u32 = 1 << 0;
-    /// `peer_addr`/`peer_port` are set.
-    pub const HAS_PEER: u32 = 1 << 1;
-    /// `orig` is this redirected client socket's original destination (getpeername).
-    pub const CLIENT_ORIG: u32 = 1 << 2;
-    /// `orig` is the original destination of the connection this proxy socket accepted
-    /// (getsockopt SO_ORIGINAL_DST).
-    pub const PROXY_ORIG: u32 = 1 << 3;
 }
 
 /// Capacity of `CGROUP_CACHE`: cgroups that create or connect TCP sockets under the attached
@@ -281,24 +292,24 @@ counter_enum! {
     /// storage, which the kernel frees with the socket, so there is nothing left to count there.
     pub enum OrigEvent (ORIG_EVENT_COUNT) {
         /// A redirect recorded its original destination in the client socket's storage.
-        Recorded = 0 => "recorded",
+        Recorded => "recorded",
         /// The client socket's storage could not be created (the connection still goes to the
         /// proxy, which will not learn the original destination).
-        RecordFailed = 1 => "record_failed",
+        RecordFailed => "record_failed",
         /// The client side was established and its record handed off under its 4-tuple.
-        Established = 2 => "established",
+        Established => "established",
         /// The proxy's accepted socket took the hand-off into its own storage (and deleted it).
-        Accepted = 3 => "accepted",
+        Accepted => "accepted",
         /// A getsockopt(SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST) was answered.
-        Answered = 4 => "answered",
+        Answered => "answered",
         /// A getpeername was shown the original destination.
-        Peername = 5 => "peername",
+        Peername => "peername",
         /// The proxy's accepted socket found its hand-off but could not store it: the hand-off
         /// stays in `ORIG_TUPLE`, getsockopt answers from there, and LRU bounds it.
-        AcceptFailed = 6 => "accept_failed",
+        AcceptFailed => "accept_failed",
         /// The hand-off could not be written (`ORIG_TUPLE` update failed): the proxy will not
         /// learn the original destination.
-        HandOffFailed = 7 => "handoff_failed",
+        HandOffFailed => "handoff_failed",
     }
 }
 

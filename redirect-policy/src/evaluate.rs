@@ -95,26 +95,34 @@ pub fn evaluate_compiled(
     dest: SocketAddr,
     caller_is_proxy: bool,
 ) -> (bool, Step) {
-    let (port, ip) = lookups(c);
-    evaluate_lookups(enabled, dest, caller_is_proxy, port, ip)
+    evaluate_lookups(enabled, dest, caller_is_proxy, lookups(c))
 }
 
-/// The kernel's decision order over two longest-prefix lookups, whoever answers them: the
-/// compiled tables here, or the pinned kernel maps (`explain --bpffs-dir`). The order itself is
-/// `redirect_common::decide::decide_outbound`, the function the eBPF programs run.
+/// The two longest-prefix lookups a decision asks, whoever answers them: compiled tables
+/// ([`lookups`]) or the pinned kernel maps (`explain --bpffs-dir`). Outbound and inbound
+/// ([`evaluate_lookups`], `evaluate_inbound_lookups`) take the same pair.
+pub struct Lookups<P, I> {
+    /// The port trie's entry for a port.
+    pub port: P,
+    /// The address trie's entry for an address (canonical), in the address's family.
+    pub ip: I,
+}
+
+/// The kernel's decision order over two longest-prefix lookups, whoever answers them. The order
+/// itself is `redirect_common::decide::decide_outbound`, the function the eBPF programs run.
 pub fn evaluate_lookups(
     enabled: bool,
     dest: SocketAddr,
     caller_is_proxy: bool,
-    port_lookup: impl FnOnce(u16) -> Option<Action>,
-    ip_lookup: impl FnOnce(IpAddr) -> Option<Action>,
+    l: Lookups<impl FnOnce(u16) -> Option<Action>, impl FnOnce(IpAddr) -> Option<Action>>,
 ) -> (bool, Step) {
+    let Lookups { port, ip } = l;
     evaluate_rules(
         enabled,
         dest,
         caller_is_proxy,
-        |port| rule(port_lookup(port)),
-        |ip| rule(ip_lookup(ip)),
+        |p| rule(port(p)),
+        |a| rule(ip(a)),
     )
 }
 
@@ -134,7 +142,7 @@ pub fn evaluate_rules(
         || port_rule(dest.port()),
         |d| ip_rule(ip_of(d)),
     );
-    (step.redirects(), Step::from(step))
+    (step.redirects(), step)
 }
 
 /// The decision from an overlay over its base, the way the kernel layers them: the overlay's
@@ -171,15 +179,14 @@ pub fn evaluate_layered(
     )
 }
 
-/// The port and the address lookup over compiled tables, as the `evaluate_*_lookups`
-/// functions take them.
+/// The port and the address lookup over compiled tables.
 pub fn lookups(
     c: &Compiled,
-) -> (
-    impl Fn(u16) -> Option<Action> + '_,
-    impl Fn(IpAddr) -> Option<Action> + '_,
-) {
-    (move |port| lookup_port(c, port), move |ip| lookup_ip(c, ip))
+) -> Lookups<impl Fn(u16) -> Option<Action> + '_, impl Fn(IpAddr) -> Option<Action> + '_> {
+    Lookups {
+        port: move |port| lookup_port(c, port),
+        ip: move |ip| lookup_ip(c, ip),
+    }
 }
 
 /// Longest-prefix match over the port entries.

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use redirect_common::decide::{InboundStep, decide_inbound};
 
 use crate::compile::{range_prefixes, table, trie};
-use crate::evaluate::{canonical_ip, dest_of, ip_of, lookups, rule};
+use crate::evaluate::{Lookups, canonical_ip, dest_of, ip_of, lookups, rule};
 use crate::types::{Annotations, Compiled, EffectivePolicy, PortPrefix, PortRange, Source};
 
 /// Istio's own ports, never captured inbound (istio-iptables excludes them): 15020 (merged
@@ -203,8 +203,7 @@ pub fn evaluate_inbound_compiled(
     port: u16,
     source: IpAddr,
 ) -> InboundStep {
-    let (port_lookup, ip_lookup) = lookups(c);
-    evaluate_inbound_lookups(from_loopback, port, source, port_lookup, ip_lookup)
+    evaluate_inbound_lookups(from_loopback, port, source, lookups(c))
 }
 
 /// `decide_inbound` with caller-supplied lookups (compiled tables or the pinned maps).
@@ -212,14 +211,20 @@ pub fn evaluate_inbound_lookups(
     from_loopback: bool,
     port: u16,
     source: IpAddr,
-    port_lookup: impl FnOnce(u16) -> Option<crate::Action>,
-    ip_lookup: impl FnOnce(IpAddr) -> Option<crate::Action>,
+    l: Lookups<
+        impl FnOnce(u16) -> Option<crate::Action>,
+        impl FnOnce(IpAddr) -> Option<crate::Action>,
+    >,
 ) -> InboundStep {
+    let Lookups {
+        port: port_lookup,
+        ip,
+    } = l;
     decide_inbound(
         from_loopback,
         &dest_of(source),
         || rule(port_lookup(port)),
-        |d| rule(ip_lookup(ip_of(d))),
+        |d| rule(ip(ip_of(d))),
     )
 }
 

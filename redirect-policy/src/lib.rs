@@ -44,8 +44,8 @@ pub use compile::{
 pub use dialect::keys;
 pub use dns::{DEFAULT_DNS_PORT, DnsDefault, DnsPolicy, keys as dns_keys};
 pub use evaluate::{
-    canonical_ip, evaluate, evaluate_compiled, evaluate_layered, evaluate_lookups, evaluate_rules,
-    is_loopback, lookup_ip, lookup_port,
+    Lookups, canonical_ip, evaluate, evaluate_compiled, evaluate_layered, evaluate_lookups,
+    evaluate_rules, is_loopback, lookup_ip, lookup_port,
 };
 pub use mesh::{MeshTraffic, keys as mesh_keys};
 pub use resolve::{MeshLayer, resolve, resolve_with};

@@ -50,12 +50,18 @@ where
 
 /// The field paths that sources and errors name.
 pub mod keys {
-    pub const KEY_EXCLUDE_CIDRS: &str = "spec.traffic.outboundIPRangeExclusionList";
-    pub const KEY_INCLUDE_CIDRS: &str = "spec.traffic.outboundIPRangeInclusionList";
-    pub const KEY_EXCLUDE_PORTS: &str = "spec.traffic.outboundPortExclusionList";
-    pub const KEY_INBOUND_EXCLUDE_PORTS: &str = "spec.traffic.inboundPortExclusionList";
-    pub const KEY_INTERFACES: &str = "spec.traffic.networkInterfaceExclusionList";
-    pub const KEY_MODE: &str = "spec.traffic.interceptionMode";
+    /// A field of the MeshConfig's `spec.traffic`.
+    macro_rules! traffic {
+        ($field:literal) => {
+            concat!("spec.traffic.", $field)
+        };
+    }
+    pub const KEY_EXCLUDE_CIDRS: &str = traffic!("outboundIPRangeExclusionList");
+    pub const KEY_INCLUDE_CIDRS: &str = traffic!("outboundIPRangeInclusionList");
+    pub const KEY_EXCLUDE_PORTS: &str = traffic!("outboundPortExclusionList");
+    pub const KEY_INBOUND_EXCLUDE_PORTS: &str = traffic!("inboundPortExclusionList");
+    pub const KEY_INTERFACES: &str = traffic!("networkInterfaceExclusionList");
+    pub const KEY_MODE: &str = traffic!("interceptionMode");
 }
 pub(crate) use keys::*;
 

@@ -252,65 +252,9 @@ pub struct Compiled {
     pub ports: Vec<(PortPrefix, Action)>,
 }
 
-/// Decision steps (docs/architecture.md, "Decision order"), in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Step {
-    ProxyCaller,
-    ExcludedPort,
-    Loopback,
-    ExcludedCidr,
-    IncludedPort,
-    IncludedCidr,
-    NotIncluded,
-    Disabled,
-}
-
-impl From<redirect_common::decide::OutboundStep> for Step {
-    fn from(s: redirect_common::decide::OutboundStep) -> Self {
-        use redirect_common::decide::OutboundStep as O;
-        match s {
-            O::Disabled => Step::Disabled,
-            O::ProxyCaller => Step::ProxyCaller,
-            O::ExcludedPort => Step::ExcludedPort,
-            O::Loopback => Step::Loopback,
-            O::ExcludedCidr => Step::ExcludedCidr,
-            O::IncludedPort => Step::IncludedPort,
-            O::IncludedCidr => Step::IncludedCidr,
-            O::NotIncluded => Step::NotIncluded,
-        }
-    }
-}
-
-impl Step {
-    /// Stable snake_case name (also the serde name).
-    pub fn name(&self) -> &'static str {
-        match self {
-            Step::ProxyCaller => "proxy_caller",
-            Step::ExcludedPort => "excluded_port",
-            Step::Loopback => "loopback",
-            Step::ExcludedCidr => "excluded_cidr",
-            Step::IncludedPort => "included_port",
-            Step::IncludedCidr => "included_cidr",
-            Step::NotIncluded => "not_included",
-            Step::Disabled => "disabled",
-        }
-    }
-
-    /// The step number (1-7, docs/architecture.md); 0 for `Disabled`, checked before step 1.
-    pub fn number(&self) -> u8 {
-        match self {
-            Step::Disabled => 0,
-            Step::ProxyCaller => 1,
-            Step::ExcludedPort => 2,
-            Step::Loopback => 3,
-            Step::ExcludedCidr => 4,
-            Step::IncludedPort => 5,
-            Step::IncludedCidr => 6,
-            Step::NotIncluded => 7,
-        }
-    }
-}
+/// Decision steps (docs/architecture.md, "Decision order"): the kernel's own
+/// [`redirect_common::decide::OutboundStep`], so that `explain` and the kernel name one set.
+pub use redirect_common::decide::OutboundStep as Step;
 
 /// The outcome of the reference evaluator.
 #[derive(Clone, Debug, PartialEq, Eq)]

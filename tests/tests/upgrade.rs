@@ -4,8 +4,11 @@
 //! destination.
 //!
 //! The "new release" is `redirect-agent-layout-test`: the same agent built with the test-only
-//! feature `test-policy-pad`, whose Policy record is 8 bytes longer (in the agent and in its eBPF
-//! object). `cargo xtask test` builds it; by hand:
+//! feature `test-policy-pad`, whose Policy record has two members swapped (`flags` before
+//! `policy_id`, in the agent and in its eBPF object). Every size the kernel reports stays the
+//! same, so only the pinned map's BTF tells the layouts apart; a build that adopted the other
+//! layout's records would read a workload's flags as its policy id. `cargo xtask test` builds it;
+//! by hand:
 //! `cargo build -p redirect-agent -p redirect-tests --bin redirect-agent-layout-test --features redirect-agent/test-policy-pad`.
 mod escapes_support;
 
@@ -76,6 +79,21 @@ fn policy_value_size(pin_dir: &Path) -> u64 {
         .unwrap()
 }
 
+/// The Policy record's members in order, from the BTF the kernel keeps with the pinned map.
+fn policy_members(pin_dir: &Path) -> Vec<String> {
+    let dump = bpftool(&["btf", "dump", "map", "pinned"], &pin_dir.join("POLICY"));
+    let value = dump["types"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "Policy"))
+        .unwrap_or_else(|| panic!("no Policy type in {dump}"));
+    value["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// Programs attached to the fixture's cgroup root (where the agent attaches).
 fn attached(w: &World) -> usize {
     bpftool(&["cgroup", "show"], w.fx.cgroup_root())
@@ -137,6 +155,8 @@ fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
     assert!(programs > 0, "nothing attached");
     assert_eq!(link_pins(&base), programs);
     let old_size = policy_value_size(&base);
+    let old_members = policy_members(&base);
+    assert_eq!(old_members[..2], ["policy_id", "flags"], "{old_members:?}");
     let looper = Looper::start(w, &w.app);
 
     let agent = roll(agent, w, cfg, NEW_LAYOUT);
@@ -150,11 +170,9 @@ fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
         "old pins left in {}",
         base.display()
     );
-    assert_eq!(
-        policy_value_size(&gen1),
-        old_size + 8,
-        "the layout did change"
-    );
+    // The layout did change, and only in what the BTF says: same size, members swapped.
+    assert_eq!(policy_value_size(&gen1), old_size);
+    assert_eq!(policy_members(&gen1)[..2], ["flags", "policy_id"]);
     assert_eq!(attached(w), programs, "old links still attached");
     assert_eq!(link_pins(&gen1), programs);
     assert_eq!(registered(&agent), both(w));
@@ -175,6 +193,7 @@ fn upgrade_across_layouts(w: &World, cfg: &str, what: &str) {
     looper.wait_redirected(20);
     assert_eq!(names(&base), ["gen2"]);
     assert_eq!(policy_value_size(&base.join("gen2")), old_size);
+    assert_eq!(policy_members(&base.join("gen2")), old_members);
     assert_eq!(attached(w), programs);
     assert_eq!(registered(&agent), both(w));
     assert_clean(

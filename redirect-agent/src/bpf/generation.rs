@@ -3,8 +3,11 @@
 //! aya reuses a pinned map by path with no check, so a build whose map layout differs from the
 //! pinned maps would misread them. Before anything is pinned, every pinned map is compared with
 //! the definition of the same map in this build's own eBPF object (type, key size, value size,
-//! max entries, flags). The expectation comes from the object, so a map changed, added or
-//! removed by a later release is covered with nothing to keep in sync by hand.
+//! max entries, flags), and its key and value types with the BTF of the same map in the object
+//! (member names, order, offsets and types: `btf_layout`), which catches a change that keeps the
+//! sizes, such as a padding word that became a field. The expectation comes from the object, so a
+//! map changed, added or removed by a later release is covered with nothing to keep in sync by
+//! hand.
 //!
 //! A *generation* is one complete set of maps, programs and links:
 //! - generation 0 is `--bpffs-dir` itself (the flat layout of every release so far, and of a
@@ -30,7 +33,10 @@ use aya::maps::{MapData, MapInfo};
 use redirect_common::{dns, inbound, map_names};
 use tracing::{info, warn};
 
-use super::BpfError;
+use super::{
+    BpfError,
+    btf_layout::{self, KeyValue},
+};
 
 /// Prefix of a generation sub-directory (bpffs refuses dots, and names stay short).
 const GEN_PREFIX: &str = "gen";
@@ -63,6 +69,31 @@ pub struct MapLayout {
     pub flags: u32,
 }
 
+/// A map's layout and, where both sides have BTF, its key and value types.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapShape {
+    pub layout: MapLayout,
+    /// None: no BTF (a pinned map created without it, or an object map without it). Then only
+    /// the sizes are compared, as before the BTF check existed.
+    pub btf: Option<KeyValue>,
+}
+
+impl MapShape {
+    /// Why a pinned map of shape `self` cannot be used as `want`, or None. `capacity`: whether
+    /// max entries and flags count too (they do for the agent, which writes; not for readers).
+    pub fn incompatible(&self, want: &MapShape, capacity: bool) -> Option<String> {
+        let (p, w) = (&self.layout, &want.layout);
+        let sizes = |l: &MapLayout| (l.map_type, l.key_size, l.value_size);
+        if sizes(p) != sizes(w) || (capacity && p != w) {
+            return Some(format!("pinned {p}; this build {w}"));
+        }
+        match (&self.btf, &want.btf) {
+            (Some(got), Some(want)) => got.difference(want),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for MapLayout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -73,29 +104,16 @@ impl fmt::Display for MapLayout {
     }
 }
 
-/// A pinned map that this build cannot adopt.
+/// A pinned map that this build cannot adopt, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mismatch {
     pub map: String,
-    /// None: the pin exists but could not be read as a map.
-    pub pinned: Option<MapLayout>,
-    pub expected: MapLayout,
+    pub why: String,
 }
 
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.pinned {
-            Some(p) => write!(
-                f,
-                "map {}: pinned {p}; this build {}",
-                self.map, self.expected
-            ),
-            None => write!(
-                f,
-                "map {}: pin unreadable; this build {}",
-                self.map, self.expected
-            ),
-        }
+        write!(f, "map {}: {}", self.map, self.why)
     }
 }
 
@@ -104,7 +122,7 @@ impl fmt::Display for Mismatch {
 pub fn expected(
     object: &[u8],
     max_rule_entries: Option<u32>,
-) -> Result<BTreeMap<&'static str, MapLayout>, BpfError> {
+) -> Result<BTreeMap<&'static str, MapShape>, BpfError> {
     let obj = aya_obj::Object::parse(object)
         .map_err(|e| BpfError::Probe(super::probe::ProbeError::Object(e)))?;
     let tries = [map_names::CIDR_V4, map_names::CIDR_V6, map_names::PORTS];
@@ -115,44 +133,52 @@ pub fn expected(
                 Some(n) if tries.contains(&name) => n,
                 _ => m.max_entries(),
             };
-            Some((
-                name,
-                MapLayout {
-                    map_type: m.map_type(),
-                    key_size: m.key_size(),
-                    value_size: m.value_size(),
-                    max_entries,
-                    flags: m.map_flags(),
-                },
-            ))
+            let layout = MapLayout {
+                map_type: m.map_type(),
+                key_size: m.key_size(),
+                value_size: m.value_size(),
+                max_entries,
+                flags: m.map_flags(),
+            };
+            let btf = btf_layout::expected(&obj, name);
+            Some((name, MapShape { layout, btf }))
         })
         .collect())
 }
 
-/// The layout of a pinned map, as the kernel reports it.
-pub fn pinned(path: &Path) -> Option<MapLayout> {
+/// The layout of a pinned map, as the kernel reports it, with the BTF it keeps for the map.
+pub fn pinned(path: &Path) -> Option<MapShape> {
     let info = MapInfo::from_pin(path).ok()?;
-    Some(MapLayout {
+    let layout = MapLayout {
         map_type: info.map_type().ok()? as u32,
         key_size: info.key_size(),
         value_size: info.value_size(),
         max_entries: info.max_entries(),
         flags: info.map_flags(),
-    })
+    };
+    let btf = btf_layout::pinned(&info);
+    Some(MapShape { layout, btf })
 }
 
-/// The maps pinned in `dir` whose layout differs from `expected`. A map this build has and the
-/// directory lacks is no mismatch: it is created next to the others.
-pub fn mismatches(dir: &Path, expected: &BTreeMap<&'static str, MapLayout>) -> Vec<Mismatch> {
+/// The maps pinned in `dir` that cannot be used as `expected` (with `capacity`: as the agent
+/// uses them, max entries and flags included). A map this build has and the directory lacks is
+/// no mismatch: it is created next to the others.
+pub fn mismatches(
+    dir: &Path,
+    expected: &BTreeMap<&'static str, MapShape>,
+    capacity: bool,
+) -> Vec<Mismatch> {
     expected
         .iter()
         .filter(|(name, _)| dir.join(name).exists())
         .filter_map(|(name, want)| {
-            let got = pinned(&dir.join(name));
-            (got != Some(*want)).then(|| Mismatch {
+            let why = match pinned(&dir.join(name)) {
+                None => Some(format!("pin unreadable; this build {}", want.layout)),
+                Some(got) => got.incompatible(want, capacity),
+            }?;
+            Some(Mismatch {
                 map: (*name).to_string(),
-                pinned: got,
-                expected: *want,
+                why,
             })
         })
         .collect()
@@ -164,18 +190,8 @@ pub fn check_readable(dir: &Path) -> Result<(), BpfError> {
     if super::loader::OBJECT.is_empty() {
         return Ok(());
     }
-    let bad: Vec<String> = mismatches(dir, &expected(super::loader::OBJECT, None)?)
+    let bad: Vec<String> = mismatches(dir, &expected(super::loader::OBJECT, None)?, false)
         .into_iter()
-        .filter(|m| {
-            m.pinned.is_none_or(|p| {
-                (p.map_type, p.key_size, p.value_size)
-                    != (
-                        m.expected.map_type,
-                        m.expected.key_size,
-                        m.expected.value_size,
-                    )
-            })
-        })
         .map(|m| m.to_string())
         .collect();
     if bad.is_empty() {
@@ -244,7 +260,7 @@ pub fn current(base: &Path) -> PathBuf {
 /// anything is pinned.
 pub fn prepare(
     base: &Path,
-    expected: &BTreeMap<&'static str, MapLayout>,
+    expected: &BTreeMap<&'static str, MapShape>,
 ) -> Result<Generation, BpfError> {
     let gens = list(base);
     let Some(newest) = gens.last().cloned() else {
@@ -255,7 +271,7 @@ pub fn prepare(
         });
     };
     for g in gens.iter().rev() {
-        let bad = mismatches(&g.dir, expected);
+        let bad = mismatches(&g.dir, expected, true);
         if bad.is_empty() {
             info!(generation = g.number, dir = %g.dir.display(), "pinned map layout matches this build; adopting");
             return Ok(g.clone());
@@ -274,7 +290,7 @@ pub fn prepare(
         let Some(want) = expected.get(name) else {
             continue;
         };
-        if to.exists() || pinned(&from) != Some(*want) {
+        if to.exists() || pinned(&from).is_none_or(|got| got.incompatible(want, true).is_some()) {
             continue;
         }
         // A second pin of the same map: the old generation's pin goes with it, the map stays.
@@ -388,6 +404,66 @@ mod tests {
         }
     }
 
+    /// Same sizes, one member renamed: only the BTF tells; without BTF on either side the sizes
+    /// decide, and readers ignore capacity.
+    #[test]
+    fn a_same_size_member_change_is_incompatible_where_both_sides_have_btf() {
+        use btf_layout::{Member, Shape};
+        let u32_ = Shape::Int {
+            size: 4,
+            bits: 32,
+            signed: false,
+        };
+        let record = |second: &str| Shape::Record {
+            union: false,
+            size: 8,
+            members: [("policy_id", 0), (second, 32)]
+                .map(|(name, offset)| Member {
+                    name: name.into(),
+                    offset,
+                    shape: u32_.clone(),
+                })
+                .into(),
+        };
+        let layout = MapLayout {
+            map_type: 1,
+            key_size: 8,
+            value_size: 8,
+            max_entries: 16,
+            flags: 0,
+        };
+        let shape = |second: &str, btf: bool| MapShape {
+            layout,
+            btf: btf.then(|| KeyValue {
+                key: u32_.clone(),
+                value: record(second),
+            }),
+        };
+        let (old, new) = (shape("_pad1", true), shape("base_id", true));
+        assert_eq!(old.incompatible(&old, true), None);
+        let why = old.incompatible(&new, true).unwrap();
+        assert!(
+            why.contains("value") && why.contains("_pad1") && why.contains("base_id"),
+            "{why}"
+        );
+        assert!(
+            old.incompatible(&new, false).is_some(),
+            "a reader must refuse it too"
+        );
+        assert_eq!(shape("_pad1", false).incompatible(&new, true), None);
+        assert_eq!(old.incompatible(&shape("base_id", false), true), None);
+        let mut bigger = new.clone();
+        bigger.layout.max_entries = 32;
+        assert!(new.incompatible(&bigger, true).is_some());
+        assert_eq!(new.incompatible(&bigger, false), None);
+        bigger.layout.value_size = 12;
+        assert!(
+            shape("base_id", false)
+                .incompatible(&bigger, false)
+                .is_some()
+        );
+    }
+
     #[test]
     fn the_expectation_comes_from_the_object() {
         let object = super::super::loader::OBJECT;
@@ -396,19 +472,32 @@ mod tests {
             return;
         }
         let e = expected(object, Some(8)).unwrap();
-        let policy = e[map_names::POLICY];
+        let policy = e[map_names::POLICY].layout;
         assert_eq!(policy.key_size, 8);
         assert_eq!(
             policy.value_size as usize,
             std::mem::size_of::<redirect_common::Policy>()
         );
-        assert_eq!(e[map_names::CIDR_V4].max_entries, 8);
+        assert_eq!(e[map_names::CIDR_V4].layout.max_entries, 8);
         assert_eq!(
-            e[map_names::ORIG_TUPLE].max_entries,
-            expected(object, None).unwrap()[map_names::ORIG_TUPLE].max_entries
+            e[map_names::ORIG_TUPLE].layout.max_entries,
+            expected(object, None).unwrap()[map_names::ORIG_TUPLE]
+                .layout
+                .max_entries
         );
         for name in SHARED {
             assert!(e.contains_key(name), "{name} is not a map of the object");
         }
+        // The Policy record's members, from the object's BTF, in declaration order.
+        let Some(KeyValue {
+            value: btf_layout::Shape::Record { members, .. },
+            ..
+        }) = &e[map_names::POLICY].btf
+        else {
+            panic!("POLICY has no BTF record: {:?}", e[map_names::POLICY].btf);
+        };
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names.last(), Some(&"base_id"), "{names:?}");
+        assert_eq!(names.len(), 9, "{names:?}");
     }
 }

@@ -7,7 +7,7 @@
 //! the access against the same BTF, so a wrong offset is a load error, never a wrong read.
 //!
 //! aya-obj parses BTF but keeps type lookups by id private, so this reads the format itself:
-//! only the type section, only as far as finding one struct member.
+//! only the type section ([`Types`], also walked by the pinned maps' layout check, `btf_layout`).
 use std::path::Path;
 
 use super::probe::{MissingFeature, ProbeError};
@@ -15,20 +15,21 @@ use super::probe::{MissingFeature, ProbeError};
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
 
-const KIND_INT: u32 = 1;
-const KIND_ARRAY: u32 = 3;
-const KIND_STRUCT: u32 = 4;
-const KIND_UNION: u32 = 5;
-const KIND_ENUM: u32 = 6;
-const KIND_TYPEDEF: u32 = 8;
+pub(super) const KIND_INT: u32 = 1;
+pub(super) const KIND_PTR: u32 = 2;
+pub(super) const KIND_ARRAY: u32 = 3;
+pub(super) const KIND_STRUCT: u32 = 4;
+pub(super) const KIND_UNION: u32 = 5;
+pub(super) const KIND_ENUM: u32 = 6;
+pub(super) const KIND_TYPEDEF: u32 = 8;
 // 9 and 10 (volatile, const) sit between these two: qualifiers, resolved like a typedef.
-const KIND_RESTRICT: u32 = 11;
+pub(super) const KIND_RESTRICT: u32 = 11;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
 const KIND_DECL_TAG: u32 = 17;
-const KIND_TYPE_TAG: u32 = 18;
-const KIND_ENUM64: u32 = 19;
+pub(super) const KIND_TYPE_TAG: u32 = 18;
+pub(super) const KIND_ENUM64: u32 = 19;
 
 /// The byte offset of `sk_uid` in the running kernel's `struct sock`, or the one-line refusal
 /// the feature probe gives (nothing is pinned yet when the loader asks).
@@ -68,12 +69,12 @@ pub enum BtfError {
 /// One type of the type section: its kind, name, size-or-type word and where its trailer
 /// (members, params, …) starts.
 #[derive(Clone, Copy)]
-struct Type {
-    kind: u32,
-    vlen: u32,
-    kind_flag: bool,
-    name_off: u32,
-    size_or_type: u32,
+pub(super) struct Type {
+    pub(super) kind: u32,
+    pub(super) vlen: u32,
+    pub(super) kind_flag: bool,
+    pub(super) name_off: u32,
+    pub(super) size_or_type: u32,
     trailer: usize,
 }
 
@@ -81,7 +82,7 @@ struct Reader<'a> {
     data: &'a [u8],
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn u32(&self, at: usize) -> Result<u32, BtfError> {
         let b = self.data.get(at..at + 4).ok_or(BtfError::Malformed)?;
         Ok(u32::from_le_bytes(
@@ -89,8 +90,9 @@ impl Reader<'_> {
         ))
     }
 
-    fn str(&self, at: usize) -> Result<&str, BtfError> {
-        let rest = self.data.get(at..).ok_or(BtfError::Malformed)?;
+    fn str(&self, at: usize) -> Result<&'a str, BtfError> {
+        let data: &'a [u8] = self.data;
+        let rest = data.get(at..).ok_or(BtfError::Malformed)?;
         let end = rest
             .iter()
             .position(|&b| b == 0)
@@ -99,46 +101,81 @@ impl Reader<'_> {
     }
 }
 
+/// The type section of a BTF blob, indexed by type id (id 0 is void), with its strings: what
+/// [`member_offset`] and the pinned maps' layout check (`btf_layout`) walk.
+pub(super) struct Types<'a> {
+    r: Reader<'a>,
+    types: Vec<Option<Type>>,
+    strings: usize,
+}
+
+impl<'a> Types<'a> {
+    /// Little-endian BTF only (the host's).
+    pub(super) fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
+        let r = Reader { data };
+        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
+            return Err(BtfError::Malformed);
+        }
+        let hdr_len = r.u32(4)? as usize;
+        let (type_off, type_len) = (r.u32(8)? as usize, r.u32(12)? as usize);
+        let str_off = r.u32(16)? as usize;
+        let types_start = hdr_len + type_off;
+        let types_end = types_start + type_len;
+        let strings = hdr_len + str_off;
+        if types_end > data.len() {
+            return Err(BtfError::Malformed);
+        }
+        // Type ids start at 1; id 0 is void.
+        let mut types = vec![None];
+        let mut at = types_start;
+        while at < types_end {
+            let info = r.u32(at + 4)?;
+            let t = Type {
+                kind: (info >> 24) & 0x1f,
+                vlen: info & 0xffff,
+                kind_flag: info >> 31 != 0,
+                name_off: r.u32(at)?,
+                size_or_type: r.u32(at + 8)?,
+                trailer: at + 12,
+            };
+            let trailer = match t.kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * t.vlen as usize,
+                KIND_ENUM | KIND_FUNC_PROTO => 8 * t.vlen as usize,
+                KIND_PTR | 7 | KIND_TYPEDEF..=KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
+                k => return Err(BtfError::UnknownKind(k)),
+            };
+            types.push(Some(t));
+            at = t.trailer + trailer;
+        }
+        Ok(Self { r, types, strings })
+    }
+
+    /// The type of `id`; void (0) and ids past the end are malformed here.
+    pub(super) fn get(&self, id: u32) -> Result<Type, BtfError> {
+        self.types
+            .get(id as usize)
+            .copied()
+            .flatten()
+            .ok_or(BtfError::Malformed)
+    }
+
+    pub(super) fn name(&self, name_off: u32) -> Result<&'a str, BtfError> {
+        self.r.str(self.strings + name_off as usize)
+    }
+
+    /// Word `i` (0-based) of `t`'s trailer (members: 3 words each, an array: 3 words).
+    pub(super) fn word(&self, t: &Type, i: usize) -> Result<u32, BtfError> {
+        self.r.u32(t.trailer + 4 * i)
+    }
+}
+
 /// The byte offset of `member` in the struct named `strukt`, which must be a whole field of
 /// `size` bytes (through typedefs and qualifiers). Little-endian BTF only (the host's).
 pub fn member_offset(data: &[u8], strukt: &str, member: &str, size: u32) -> Result<u32, BtfError> {
-    let r = Reader { data };
-    if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
-        return Err(BtfError::Malformed);
-    }
-    let hdr_len = r.u32(4)? as usize;
-    let (type_off, type_len) = (r.u32(8)? as usize, r.u32(12)? as usize);
-    let str_off = r.u32(16)? as usize;
-    let types_start = hdr_len + type_off;
-    let types_end = types_start + type_len;
-    let strings = hdr_len + str_off;
-    if types_end > data.len() {
-        return Err(BtfError::Malformed);
-    }
-    // Type ids start at 1; id 0 is void.
-    let mut types = vec![None];
-    let mut at = types_start;
-    while at < types_end {
-        let info = r.u32(at + 4)?;
-        let t = Type {
-            kind: (info >> 24) & 0x1f,
-            vlen: info & 0xffff,
-            kind_flag: info >> 31 != 0,
-            name_off: r.u32(at)?,
-            size_or_type: r.u32(at + 8)?,
-            trailer: at + 12,
-        };
-        let trailer = match t.kind {
-            KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
-            KIND_ARRAY => 12,
-            KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * t.vlen as usize,
-            KIND_ENUM | KIND_FUNC_PROTO => 8 * t.vlen as usize,
-            2 | 7 | KIND_TYPEDEF..=KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
-            k => return Err(BtfError::UnknownKind(k)),
-        };
-        types.push(Some(t));
-        at = t.trailer + trailer;
-    }
+    let table = Types::parse(data)?;
+    let (r, types, strings) = (&table.r, &table.types, table.strings);
     let name = |t: &Type| r.str(strings + t.name_off as usize);
     let found = types
         .iter()

@@ -1,4 +1,5 @@
 //! Everything that touches the kernel's BPF objects: loading, attaching, pinning, map access.
+pub mod btf_layout;
 pub mod dns;
 pub mod generation;
 pub mod inbound_maps;

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::{Output, explain::ExplainArgs};
 use crate::{
     bpf::{inbound_maps::InboundMaps, netns},
-    policy::{Action, EffectivePolicy, PolicyError, inbound},
+    policy::{Action, EffectivePolicy, Lookups, PolicyError, inbound},
     source::file::{FileConfig, WorkloadConfig},
 };
 
@@ -59,10 +59,12 @@ pub fn explain(
                 args.from_loopback,
                 port,
                 source,
-                |p| action(maps.lookup_port(id, p)),
-                |ip| match ip {
-                    IpAddr::V4(a) => action(maps.lookup_v4(id, a.octets())),
-                    IpAddr::V6(a) => action(maps.lookup_v6(id, a.octets())),
+                Lookups {
+                    port: |p| action(maps.lookup_port(id, p)),
+                    ip: |ip| match ip {
+                        IpAddr::V4(a) => action(maps.lookup_v4(id, a.octets())),
+                        IpAddr::V6(a) => action(maps.lookup_v6(id, a.octets())),
+                    },
                 },
             ))
         }
