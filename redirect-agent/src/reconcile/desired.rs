@@ -130,7 +130,9 @@ struct Entry {
 /// dropped at its end.
 #[derive(Debug, Default)]
 pub struct Memo {
-    mesh: MeshTraffic,
+    /// The mesh config of the memo's resolutions: a pass whose snapshot shares this `Arc` skips
+    /// comparing its (at node scale, 100,000-entry) content.
+    mesh: Arc<MeshTraffic>,
     /// `mesh` parsed, once per content (None until the first pass).
     mesh_layer: Option<Result<Arc<MeshLayer>, PolicyError>>,
     entries: HashMap<Key, Entry>,
@@ -141,8 +143,9 @@ pub struct Memo {
 }
 
 impl Memo {
-    fn begin(&mut self, mesh: &MeshTraffic) {
-        if self.mesh_layer.is_none() || &self.mesh != mesh {
+    fn begin(&mut self, mesh: &Arc<MeshTraffic>) {
+        let same = Arc::ptr_eq(&self.mesh, mesh) || *self.mesh == **mesh;
+        if self.mesh_layer.is_none() || !same {
             // A mesh change invalidates every resolution.
             self.mesh = mesh.clone();
             self.mesh_layer = Some(MeshLayer::parse(mesh).map(Arc::new));
@@ -201,14 +204,19 @@ impl Memo {
         }
         self.computed += 1;
         let resolved = match self.mesh_layer.clone().expect("begin parsed the mesh") {
-            Ok(mesh) => self.compute(
-                &mesh,
-                w,
-                namespace_annotations,
-                pod_annotations,
-                base,
-                same_namespace,
-            ),
+            Ok(layer) => {
+                // A handle of its own on the mesh config, so that the inputs (which borrow it)
+                // are built once and live beside `&mut self`.
+                let traffic = self.mesh.clone();
+                let inputs = WorkloadInputs {
+                    mesh: &traffic,
+                    namespace: &w.namespace,
+                    namespace_annotations,
+                    name: &w.name,
+                    pod_annotations,
+                };
+                self.compute(&layer, &inputs, base, same_namespace)
+            }
             Err(e) => Err(e),
         };
         let e = Entry { resolved };
@@ -220,28 +228,19 @@ impl Memo {
     fn compute(
         &mut self,
         mesh: &MeshLayer,
-        w: &WorkloadSpec,
-        namespace_annotations: &Annotations,
-        pod_annotations: &Annotations,
+        inputs: &WorkloadInputs,
         base: Option<&Resolution>,
         same_namespace: bool,
     ) -> Result<Resolution, PolicyError> {
-        if let Some(b) = base.filter(|_| same_namespace && !pod_annotations.is_empty()) {
-            let inputs = WorkloadInputs {
-                mesh: &self.mesh,
-                namespace: &w.namespace,
-                namespace_annotations,
-                name: &w.name,
-                pod_annotations,
-            };
+        if let Some(b) = base.filter(|_| same_namespace && !inputs.pod_annotations.is_empty()) {
             // `Err(())`: not additions, or their overlay would not pay: the whole table.
-            if let Some(a) = policy::additions(mesh, &inputs)?
+            if let Some(a) = policy::additions(mesh, inputs)?
                 && let Ok(r) = self.additions(a, b)
             {
                 return Ok(r);
             }
         }
-        self.whole(mesh, w, namespace_annotations, pod_annotations, base)
+        self.whole(mesh, inputs, base)
     }
 
     /// A pod that only adds exclusions to its mesh default `b`: the overlay of its additions,
@@ -280,21 +279,10 @@ impl Memo {
     fn whole(
         &mut self,
         mesh: &MeshLayer,
-        w: &WorkloadSpec,
-        namespace_annotations: &Annotations,
-        pod_annotations: &Annotations,
+        inputs: &WorkloadInputs,
         base: Option<&Resolution>,
     ) -> Result<Resolution, PolicyError> {
-        let r = policy::resolve_with(
-            mesh,
-            &WorkloadInputs {
-                mesh: &self.mesh,
-                namespace: &w.namespace,
-                namespace_annotations,
-                name: &w.name,
-                pod_annotations,
-            },
-        )?;
+        let r = policy::resolve_with(mesh, inputs)?;
         let base = base.and_then(|b| {
             let (table, lists) = b.compiled.as_deref()?;
             Some(Base {
@@ -309,7 +297,7 @@ impl Memo {
             None => {
                 let c = policy::compile(&r.policy);
                 let layered = layer(&c, base.as_ref());
-                if pod_annotations.is_empty() {
+                if inputs.pod_annotations.is_empty() {
                     compiled = Some(Arc::new((c, Lists::of(&r.policy))));
                 }
                 layered

@@ -41,7 +41,7 @@ fn snap(shared: usize, extras: &[&str], mesh_offset: u32) -> Snapshot {
         },
         ..Snapshot::default()
     };
-    s.mesh.outbound_ip_range_exclusion_list = (0..MESH_CIDRS)
+    Arc::make_mut(&mut s.mesh).outbound_ip_range_exclusion_list = (0..MESH_CIDRS)
         .map(|i| {
             format!(
                 "{}/32",
@@ -219,7 +219,9 @@ fn a_restart_adopts_overlays_and_their_base() {
 fn small_tables_are_written_whole() {
     let mut r = rec(Duration::ZERO);
     let mut s = snap(1, &["172.16.0.0/24"], 0);
-    s.mesh.outbound_ip_range_exclusion_list.truncate(3);
+    Arc::make_mut(&mut s.mesh)
+        .outbound_ip_range_exclusion_list
+        .truncate(3);
     r.reconcile(&s);
     let p = r.applier.maps().records[&101];
     assert_eq!(p.base_id, 0);

@@ -12,6 +12,7 @@ use std::{
     fmt,
     net::Ipv4Addr,
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -147,7 +148,7 @@ pub fn run_on<M: PolicyMaps>(maps: M, cfg: &ScaleConfig) -> Result<ScaleReport, 
     };
     report.edit_p50 = pct(50);
     report.edit_p99 = pct(99);
-    snap.mesh
+    Arc::make_mut(&mut snap.mesh)
         .outbound_ip_range_exclusion_list
         .push("192.0.2.0/24".into());
     let t = Instant::now();
@@ -167,7 +168,7 @@ pub fn snapshot(cfg: &ScaleConfig) -> Snapshot {
         ..Snapshot::default()
     };
     // 10.0.0.0 + 2i: /32s with a gap between each, so compilation cannot merge them.
-    s.mesh.outbound_ip_range_exclusion_list = (0..cfg.mesh_cidrs as u32)
+    Arc::make_mut(&mut s.mesh).outbound_ip_range_exclusion_list = (0..cfg.mesh_cidrs as u32)
         .map(|i| format!("{}/32", Ipv4Addr::from(0x0a00_0000 + 2 * i)))
         .collect();
     for i in 0..cfg.shared_workloads + cfg.own_workloads {

@@ -235,11 +235,11 @@ fn a_workload_without_a_good_policy_follows_the_current_mesh_default() {
     assert_eq!(first.issues[0].fallback, Fallback::MeshDefault);
     assert!(maps(&r).records[&100].flags & flags::ENABLED != 0);
     // A later MeshConfig edit reaches it, and the second report says the same thing.
-    s.mesh.outbound_ip_range_exclusion_list = vec!["10.9.0.0/16".into()];
+    Arc::make_mut(&mut s.mesh).outbound_ip_range_exclusion_list = vec!["10.9.0.0/16".into()];
     let second = r.reconcile(&s);
     assert_eq!(second.issues[0].fallback, Fallback::MeshDefault);
     assert!(entries_of(&r, 100).v4.contains_key(&(16, [10, 9, 0, 0])));
-    s.mesh.interception_mode = Some("none".into());
+    Arc::make_mut(&mut s.mesh).interception_mode = Some("none".into());
     r.reconcile(&s);
     assert_eq!(maps(&r).records[&100].flags & flags::ENABLED, 0);
 }
@@ -317,7 +317,7 @@ fn a_new_workload_that_does_not_fit_gets_the_mesh_default_else_redirects_everyth
         "c",
         &[(EXCLUDE, "10.2.0.0/16,10.4.0.0/16,10.6.0.0/16")],
     )]);
-    big.mesh.outbound_ip_range_exclusion_list = vec![
+    Arc::make_mut(&mut big.mesh).outbound_ip_range_exclusion_list = vec![
         "10.12.0.0/16".into(),
         "10.14.0.0/16".into(),
         "10.16.0.0/16".into(),

@@ -323,10 +323,10 @@ impl FileConfig {
     /// cgroup ids of those that exist now are looked up.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
         let mut snapshot = Snapshot {
-            mesh: MeshTraffic {
+            mesh: std::sync::Arc::new(MeshTraffic {
                 dns: self.dns.clone(),
                 ..self.mesh.clone()
-            },
+            }),
             proxy: self.proxy.clone(),
             namespaces: self
                 .namespaces

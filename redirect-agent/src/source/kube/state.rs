@@ -412,10 +412,10 @@ impl Aggregator {
             changed
         });
         let mut snapshot = Snapshot {
-            mesh: crate::policy::MeshTraffic {
+            mesh: std::sync::Arc::new(crate::policy::MeshTraffic {
                 dns: self.opts.dns.clone(),
                 ..mesh
-            },
+            }),
             proxy: self.opts.proxy.clone(),
             namespaces,
             workloads,
