@@ -7,7 +7,7 @@ pub mod watch;
 
 use std::{
     fs,
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -113,6 +113,11 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 /// another filesystem) has an inode number too, which could collide with a real cgroup's id, so
 /// it is refused: the path is opened once and both checks are made on that descriptor.
 pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    open_cgroup(path).map(|(_, id)| id)
+}
+
+/// The cgroup directory open, and its id.
+fn open_cgroup(path: &Path) -> Result<(fs::File, u64), CgroupError> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let io = |source| CgroupError::Io {
         path: path.into(),
@@ -127,7 +132,8 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     if st.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
         return Err(CgroupError::NotCgroup2(path.into()));
     }
-    dir.metadata().map(|m| m.ino()).map_err(io)
+    let id = dir.metadata().map(|m| m.ino()).map_err(io)?;
+    Ok((dir, id))
 }
 
 /// Why a configured workload cgroup path is refused.
@@ -153,44 +159,79 @@ pub enum PathError {
 ///
 /// The depth is counted from the cgroup2 mount: bpf_get_current_ancestor_cgroup_id numbers
 /// levels from the hierarchy's root (level 0), not from the attach root.
-pub fn check_workload_path(mount: &Path, root: &Path, path: &Path) -> Result<(), PathError> {
-    use std::path::Component;
-    if path
-        .components()
-        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-    {
-        return Err(PathError::NotNormal);
+pub fn check_workload_path(
+    mount: &Path,
+    root: &Path,
+    path: &Path,
+) -> Result<Option<u64>, PathError> {
+    PathCheck::new(mount, root).check(path)
+}
+
+/// [`check_workload_path`] for many paths: `--cgroup-root` is resolved once, and each path costs
+/// one open and three calls on its descriptor (the file source checks every workload of a config
+/// on every change, 1,000 of them at node scale).
+pub struct PathCheck<'a> {
+    mount: &'a Path,
+    root: &'a Path,
+    real_root: PathBuf,
+}
+
+impl<'a> PathCheck<'a> {
+    pub fn new(mount: &'a Path, root: &'a Path) -> Self {
+        Self {
+            mount,
+            root,
+            real_root: fs::canonicalize(root).unwrap_or_else(|_| root.into()),
+        }
     }
-    if !path.starts_with(root) {
-        return Err(PathError::OutsideRoot(root.into()));
-    }
-    let depth = path
-        .strip_prefix(mount)
-        .map(|rel| rel.components().count())
-        .map_err(|_| PathError::OutsideRoot(root.into()))?;
-    if depth > redirect_common::MAX_CGROUP_DEPTH as usize {
-        return Err(PathError::TooDeep {
-            depth,
-            max: redirect_common::MAX_CGROUP_DEPTH,
-        });
-    }
-    match fs::symlink_metadata(path) {
-        Err(_) => Ok(()),
-        Ok(_) => {
-            let real = fs::canonicalize(path).map_err(|_| PathError::NotCgroup2)?;
-            let real_root = fs::canonicalize(root).unwrap_or_else(|_| root.into());
-            if !real.starts_with(&real_root) {
-                return Err(PathError::OutsideRoot(root.into()));
-            }
-            match cgroup_id(path) {
-                Ok(_) => Ok(()),
-                Err(CgroupError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    Ok(())
+
+    /// The cgroup id of `path` if it exists now; `Ok(None)` if it does not (yet).
+    pub fn check(&self, path: &Path) -> Result<Option<u64>, PathError> {
+        use std::path::Component;
+        if path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        {
+            return Err(PathError::NotNormal);
+        }
+        if !path.starts_with(self.root) {
+            return Err(PathError::OutsideRoot(self.root.into()));
+        }
+        let depth = path
+            .strip_prefix(self.mount)
+            .map(|rel| rel.components().count())
+            .map_err(|_| PathError::OutsideRoot(self.root.into()))?;
+        if depth > redirect_common::MAX_CGROUP_DEPTH as usize {
+            return Err(PathError::TooDeep {
+                depth,
+                max: redirect_common::MAX_CGROUP_DEPTH,
+            });
+        }
+        match open_cgroup(path) {
+            Ok((dir, id)) => {
+                // Where the kernel resolved it, symlinks in its parents followed: the
+                // descriptor's own path, which is what a canonicalize would find.
+                let real = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+                    .or_else(|_| fs::canonicalize(path))
+                    .map_err(|_| PathError::NotCgroup2)?;
+                if !real.starts_with(&self.real_root) {
+                    return Err(PathError::OutsideRoot(self.root.into()));
                 }
-                Err(_) => Err(PathError::NotCgroup2),
+                Ok(Some(id))
             }
+            Err(CgroupError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                Ok(None)
+            }
+            Err(_) => match fs::canonicalize(path) {
+                // Not a cgroup2 directory (a file, a symlink, another filesystem); a path that
+                // leads out of the root says so first.
+                Ok(real) if !real.starts_with(&self.real_root) => {
+                    Err(PathError::OutsideRoot(self.root.into()))
+                }
+                _ => Err(PathError::NotCgroup2),
+            },
         }
     }
 }
@@ -240,11 +281,11 @@ mod tests {
     fn paths_outside_the_root_with_dots_or_too_deep_are_refused() {
         let (m, root) = (Path::new("/cg"), Path::new("/cg/kube"));
         let check = |p: &str| check_workload_path(m, root, Path::new(p));
-        assert_eq!(check("/cg/kube/a/b"), Ok(()));
+        assert_eq!(check("/cg/kube/a/b"), Ok(None));
         assert_eq!(check("/cg/kube/../../tmp/x"), Err(PathError::NotNormal));
         assert_eq!(check("/cg/other"), Err(PathError::OutsideRoot(root.into())));
         let deep = format!("/cg/kube{}", "/d".repeat(15));
-        assert_eq!(check(&deep), Ok(()));
+        assert_eq!(check(&deep), Ok(None));
         let deeper = format!("{deep}/d");
         assert_eq!(
             check(&deeper),

@@ -5,8 +5,11 @@ use std::{collections::HashMap, sync::Arc};
 
 use redirect_common::{Policy, flags};
 
+mod pass;
+pub use pass::build;
+
 use super::{
-    Built, Candidate, Desired, Rules, Snapshot, WorkloadSpec,
+    Rules, Snapshot, WorkloadSpec,
     layering::{Base, exclusions_overlay, layer, layer_exclusions},
 };
 use crate::{
@@ -79,7 +82,7 @@ impl Fallback {
 /// What resolves the same: the pod's name matters only when the pod has annotations of its own
 /// (it then appears in sources and messages).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Key {
+pub(super) struct Key {
     namespace: String,
     name: String,
     namespace_annotations: Annotations,
@@ -126,8 +129,15 @@ struct Entry {
     resolved: Result<Resolution, PolicyError>,
 }
 
-/// The memo of resolution and compilation, kept across passes; entries unused in a pass are
-/// dropped at its end.
+/// A memo entry and how many workloads' last results (slots.rs) came from it.
+#[derive(Debug)]
+struct Held {
+    entry: Entry,
+    refs: usize,
+}
+
+/// The memo of resolution and compilation, and the dirty set of workload results (slots.rs),
+/// kept across passes. An entry lives while a workload's result refers to it.
 #[derive(Debug, Default)]
 pub struct Memo {
     /// The mesh config of the memo's resolutions: a pass whose snapshot shares this `Arc` skips
@@ -135,37 +145,96 @@ pub struct Memo {
     mesh: Arc<MeshTraffic>,
     /// `mesh` parsed, once per content (None until the first pass).
     mesh_layer: Option<Result<Arc<MeshLayer>, PolicyError>>,
-    entries: HashMap<Key, Entry>,
-    used: HashMap<Key, Entry>,
+    entries: HashMap<Key, Held>,
     rules: HashMap<u64, Arc<Rules>>,
+    slots: super::slots::Slots,
+    /// Some entry was dropped in this pass: the interned sets are pruned at its end.
+    prune: bool,
     /// Resolutions computed (not memo hits) in the last pass.
     pub computed: usize,
+    /// Workloads recomputed (their last result not reused) in the last pass.
+    pub recomputed: usize,
 }
 
 impl Memo {
-    fn begin(&mut self, mesh: &Arc<MeshTraffic>) {
+    /// Starts a pass; true if the mesh config changed (every resolution is recomputed).
+    fn begin(&mut self, snapshot: &Snapshot) -> bool {
+        let mesh = &snapshot.mesh;
         let same = Arc::ptr_eq(&self.mesh, mesh) || *self.mesh == **mesh;
-        if self.mesh_layer.is_none() || !same {
-            // A mesh change invalidates every resolution.
+        let reset = self.mesh_layer.is_none() || !same;
+        if reset {
             self.mesh = mesh.clone();
             self.mesh_layer = Some(MeshLayer::parse(mesh).map(Arc::new));
+        }
+        let released = self.slots.begin(reset, snapshot);
+        self.release(released);
+        if reset {
+            // The interned sets stay until the pass ends: a recomputed policy that compiles to
+            // the same entries gets the very set the applier holds (compared by pointer).
             self.entries.clear();
-            self.used.clear();
+            self.prune = true;
         }
         self.computed = 0;
+        self.recomputed = 0;
+        reset
     }
 
     fn end(&mut self) {
-        self.entries = std::mem::take(&mut self.used);
-        let live: std::collections::HashSet<u64> = self
-            .entries
-            .values()
-            .filter_map(|e| e.resolved.as_ref().ok())
-            .flat_map(|r| {
-                std::iter::once(r.rules.digest()).chain(r.base.as_ref().map(|b| b.digest()))
-            })
-            .collect();
-        self.rules.retain(|d, _| live.contains(d));
+        let released = self.slots.end();
+        self.prune |= !released.is_empty();
+        self.release(released);
+        // Entries computed in this pass that no result kept (none today; cheap to make sure).
+        let before = self.entries.len();
+        self.entries.retain(|_, h| h.refs > 0);
+        if std::mem::take(&mut self.prune) || self.entries.len() != before {
+            let live: std::collections::HashSet<u64> = self
+                .entries
+                .values()
+                .filter_map(|h| h.entry.resolved.as_ref().ok())
+                .flat_map(|r| {
+                    std::iter::once(r.rules.digest()).chain(r.base.as_ref().map(|b| b.digest()))
+                })
+                .collect();
+            self.rules.retain(|d, _| live.contains(d));
+        }
+    }
+
+    fn hold(&mut self, keys: &[Key]) {
+        for k in keys {
+            if let Some(h) = self.entries.get_mut(k) {
+                h.refs += 1;
+            }
+        }
+    }
+
+    fn release(&mut self, keys: Vec<Key>) {
+        for k in keys {
+            if let Some(h) = self.entries.get_mut(&k) {
+                h.refs = h.refs.saturating_sub(1);
+                if h.refs == 0 {
+                    self.entries.remove(&k);
+                    self.prune = true;
+                }
+            }
+        }
+    }
+
+    /// Workloads with a kept result (tests).
+    #[cfg(test)]
+    pub(super) fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Turns the dirty set off: every pass recomputes every workload (tests).
+    #[cfg(test)]
+    pub(super) fn never_reuse(&mut self) {
+        self.slots.never = true;
+    }
+
+    /// Memo entries (tests).
+    #[cfg(test)]
+    pub(super) fn entries(&self) -> usize {
+        self.entries.len()
     }
 
     /// The shared copy of `e`'s set.
@@ -177,6 +246,7 @@ impl Memo {
     /// `base`: the workload's mesh default, which a policy with pod annotations may overlay;
     /// `same_namespace`: it was resolved with `namespace_annotations` (not without them, as a
     /// fallback), so a pod that only adds exclusions is resolved as its additions to it.
+    /// Also returns the entry's key: the caller's result holds it ([`Memo::hold`]).
     fn resolve(
         &mut self,
         w: &WorkloadSpec,
@@ -184,7 +254,7 @@ impl Memo {
         pod_annotations: &Annotations,
         base: Option<&Resolution>,
         same_namespace: bool,
-    ) -> Entry {
+    ) -> (Key, Entry) {
         let key = Key {
             namespace: w.namespace.clone(),
             name: if pod_annotations.is_empty() {
@@ -195,12 +265,8 @@ impl Memo {
             namespace_annotations: namespace_annotations.clone(),
             pod_annotations: pod_annotations.clone(),
         };
-        if let Some(e) = self.used.get(&key) {
-            return e.clone();
-        }
-        if let Some(e) = self.entries.remove(&key) {
-            self.used.insert(key, e.clone());
-            return e;
+        if let Some(h) = self.entries.get(&key) {
+            return (key, h.entry.clone());
         }
         self.computed += 1;
         let resolved = match self.mesh_layer.clone().expect("begin parsed the mesh") {
@@ -220,8 +286,14 @@ impl Memo {
             Err(e) => Err(e),
         };
         let e = Entry { resolved };
-        self.used.insert(key, e.clone());
-        e
+        self.entries.insert(
+            key.clone(),
+            Held {
+                entry: e.clone(),
+                refs: 0,
+            },
+        );
+        (key, e)
     }
 
     /// One workload's resolution: as its additions to `base` where it can be, else whole.
@@ -312,135 +384,6 @@ impl Memo {
             inbound_error: r.inbound_error,
         })
     }
-}
-
-/// A namespace's mesh default (and whether it was resolved with the namespace's annotations, not
-/// as the fallback without them), and the resolution of its pods without annotations of their own.
-type NamespaceDefault = (Option<(bool, Resolution)>, Entry);
-
-pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> bool) -> Built {
-    let mut out = Built::default();
-    let empty = Annotations::new();
-    memo.begin(&snapshot.mesh);
-    let mut defaults: HashMap<&str, NamespaceDefault> = HashMap::new();
-    for w in &snapshot.workloads {
-        let Some(&cgroup_id) = snapshot.cgroups.get(&w.cgroup) else {
-            out.pending.push(w.id());
-            continue;
-        };
-        let proxy_cgroup = match &w.proxy_cgroup {
-            None => None,
-            Some(p) => match snapshot.cgroups.get(p) {
-                Some(&id) => Some(id),
-                // Without its exemption the proxy's own connects would loop back to itself, so
-                // nothing new is installed; what is applied stays (not removed).
-                None => {
-                    if is_applied(cgroup_id) {
-                        out.keep.insert(cgroup_id);
-                    }
-                    out.pending.push(w.id());
-                    continue;
-                }
-            },
-        };
-        if let Some(other) = out.desired.get(&cgroup_id) {
-            out.issues.push(WorkloadIssue {
-                namespace: w.namespace.clone(),
-                name: w.name.clone(),
-                error: format!(
-                    "workload {}: cgroup {} is already used by {}",
-                    w.id(),
-                    w.cgroup.display(),
-                    other.workload
-                ),
-                key: String::new(),
-                value: String::new(),
-                fallback: Fallback::Nothing,
-                cgroup_id: None,
-            });
-            continue;
-        }
-        let ns_annotations = snapshot.namespaces.get(&w.namespace).unwrap_or(&empty);
-        let candidate = |r: &Resolution| Candidate {
-            record: record(&snapshot.proxy, &r.inputs, proxy_cgroup, w.proxy_uid),
-            rules: r.rules.clone(),
-            base: r.base.clone(),
-        };
-        let issue = |e: &PolicyError, fallback, cgroup_id| WorkloadIssue {
-            namespace: w.namespace.clone(),
-            name: w.name.clone(),
-            error: e.to_string(),
-            key: e.key.clone(),
-            value: e.value.clone(),
-            fallback,
-            cgroup_id,
-        };
-        // Mesh default: drop the pod's annotations, then the namespace's too. Resolved first:
-        // it is the base the workload's own table may overlay.
-        // Once per namespace and pass: a pod without annotations of its own resolves as its
-        // mesh default, so most workloads cost no memo lookup at all.
-        let (mesh_default, bare) = defaults
-            .entry(w.namespace.as_str())
-            .or_insert_with(|| {
-                let bare = memo.resolve(w, ns_annotations, &empty, None, false);
-                let mesh_default = match &bare.resolved {
-                    Ok(r) => Some((true, r.clone())),
-                    Err(_) => memo
-                        .resolve(w, &empty, &empty, None, false)
-                        .resolved
-                        .ok()
-                        .map(|r| (false, r)),
-                };
-                (mesh_default, bare)
-            })
-            .clone();
-        let (same_namespace, mesh_default) = mesh_default.unzip();
-        let own = if w.annotations.is_empty() {
-            bare
-        } else {
-            memo.resolve(
-                w,
-                ns_annotations,
-                &w.annotations,
-                mesh_default.as_ref(),
-                same_namespace == Some(true),
-            )
-        };
-        let own = match own.resolved {
-            Ok(r) => {
-                out.warnings.extend(r.warnings.iter().cloned());
-                if let Some(e) = &r.inbound_error {
-                    // Not the outbound fallback's: the outbound policy itself is applied.
-                    out.issues.push(issue(e, Fallback::InboundLastGood, None));
-                }
-                Some(candidate(&r))
-            }
-            Err(e) => {
-                out.issues
-                    .push(issue(&e, Fallback::Nothing, Some(cgroup_id)));
-                None
-            }
-        };
-        let mesh_default = mesh_default.as_ref().map(candidate);
-        let mut redirect_all = record(
-            &snapshot.proxy,
-            &RecordInputs::of(&EffectivePolicy::default()),
-            proxy_cgroup,
-            w.proxy_uid,
-        );
-        redirect_all.flags |= flags::ENABLED;
-        out.desired.insert(
-            cgroup_id,
-            Desired {
-                workload: w.id(),
-                own,
-                mesh_default,
-                redirect_all,
-            },
-        );
-    }
-    memo.end();
-    out
 }
 
 /// The kernel record: who the proxy is and where redirected connects go.

@@ -12,6 +12,9 @@ pub mod owner;
 mod pending;
 pub mod scale;
 mod sets;
+mod slots;
+#[cfg(test)]
+mod slots_tests;
 #[cfg(test)]
 mod tests;
 

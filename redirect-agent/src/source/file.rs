@@ -247,34 +247,44 @@ impl FileConfig {
     }
 
     /// Checks every workload's `cgroup` and `proxyCgroup` against the cgroup2 mount and
-    /// `--cgroup-root` ([`cgroup::check_workload_path`]). One bad path refuses the whole file,
-    /// like a syntax error: dropping just that workload would remove its policy.
+    /// `--cgroup-root` ([`cgroup::PathCheck`]). One bad path refuses the whole file, like a
+    /// syntax error: dropping just that workload would remove its policy. Returns the cgroup id
+    /// of every path that exists now (what [`Self::snapshot_with`] takes), so that each path is
+    /// opened once per change.
     pub fn check_paths(
         &self,
         path: &Path,
         mount: &Path,
         cgroup_root: &Path,
-    ) -> Result<(), ConfigError> {
+    ) -> Result<BTreeMap<PathBuf, u64>, ConfigError> {
+        let check = cgroup::PathCheck::new(mount, cgroup_root);
+        let mut ids = BTreeMap::new();
         for (i, w) in self.workloads.iter().enumerate() {
             let paths = std::iter::once(("cgroup", &w.cgroup))
                 .chain(w.proxy_cgroup.iter().map(|p| ("proxyCgroup", p)));
             for (key, configured) in paths {
                 let resolved = cgroup::resolve_path(mount, configured);
-                if let Err(e) = cgroup::check_workload_path(mount, cgroup_root, &resolved) {
-                    return Err(ConfigError::Invalid {
-                        path: path.into(),
-                        message: format!(
-                            "workload {}/{}: workloads[{i}].{key}: bad value {} (resolved to {}): {e}",
-                            w.namespace,
-                            w.name,
-                            shown(&configured.display().to_string()),
-                            resolved.display()
-                        ),
-                    });
+                match check.check(&resolved) {
+                    Ok(Some(id)) => {
+                        ids.insert(resolved, id);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        return Err(ConfigError::Invalid {
+                            path: path.into(),
+                            message: format!(
+                                "workload {}/{}: workloads[{i}].{key}: bad value {} (resolved to {}): {e}",
+                                w.namespace,
+                                w.name,
+                                shown(&configured.display().to_string()),
+                                resolved.display()
+                            ),
+                        });
+                    }
                 }
             }
         }
-        Ok(())
+        Ok(ids)
     }
 
     /// Checks what serde cannot: a mode that needs an address has one, and workload names are
@@ -322,7 +332,14 @@ impl FileConfig {
     /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`, and the
     /// cgroup ids of those that exist now are looked up.
     pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
-        let mut snapshot = Snapshot {
+        let mut snapshot = self.snapshot_with(cgroup_mount, BTreeMap::new());
+        snapshot.resolve_cgroups();
+        snapshot
+    }
+
+    /// [`Self::snapshot`] with the cgroup ids already looked up ([`Self::check_paths`]).
+    pub fn snapshot_with(&self, cgroup_mount: &Path, cgroups: BTreeMap<PathBuf, u64>) -> Snapshot {
+        Snapshot {
             mesh: std::sync::Arc::new(MeshTraffic {
                 dns: self.dns.clone(),
                 ..self.mesh.clone()
@@ -350,11 +367,9 @@ impl FileConfig {
                     annotations: w.annotations.clone(),
                 })
                 .collect(),
-            cgroups: Default::default(),
+            cgroups,
             netns: Default::default(),
-        };
-        snapshot.resolve_cgroups();
-        snapshot
+        }
     }
 }
 

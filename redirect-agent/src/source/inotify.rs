@@ -56,8 +56,9 @@ impl Watcher {
     }
 
     /// Replaces the watched set: each directory with the entry names of interest (no names:
-    /// any entry). Directories that cannot be watched (gone) are skipped.
-    pub fn set(&mut self, wanted: HashMap<PathBuf, HashSet<OsString>>) {
+    /// any entry). Directories that cannot be watched (gone) are skipped. True if a directory is
+    /// watched now that was not before (what changed in it before now was not seen).
+    pub fn set(&mut self, wanted: HashMap<PathBuf, HashSet<OsString>>) -> bool {
         let ino = self.fd.get_ref();
         let mut next = HashMap::new();
         for (dir, names) in wanted {
@@ -71,7 +72,9 @@ impl Watcher {
                 let _ = ino.0.rm_watch(*wd);
             }
         }
+        let added = next.keys().any(|wd| !self.dirs.contains_key(wd));
         self.dirs = next;
+        added
     }
 
     /// Waits for the next batch of events and returns those of interest (maybe none).

@@ -270,23 +270,30 @@ impl FileSource {
         let text = String::from_utf8_lossy(&bytes).into_owned();
         let parsed = tokio::task::spawn_blocking(move || {
             let config = FileConfig::parse(&path, &text)?;
-            config.check_paths(&path, &mount, &root)?;
-            Ok::<_, super::file::ConfigError>(config)
+            let ids = config.check_paths(&path, &mount, &root)?;
+            Ok::<_, super::file::ConfigError>(config.snapshot_with(&mount, ids))
         })
         .await
         .expect("parsing the config does not panic");
         st.last_bytes = Some(bytes);
         match parsed {
-            Ok(config) => {
-                info!(path = %self.path.display(), workloads = config.workloads.len(), "config loaded");
-                let mut snapshot = config.snapshot(&self.cgroup_mount);
+            Ok(mut snapshot) => {
+                info!(path = %self.path.display(), workloads = snapshot.workloads.len(), "config loaded");
                 if !self.inbound {
                     for w in super::file::without_inbound(&mut snapshot) {
                         warn!("{w}");
                     }
                 }
-                st.last_good = Some(snapshot);
-                self.resend(st, cgroups)
+                // An unchanged mesh config keeps its `Arc`: the reconcile then sees it unchanged
+                // by pointer, without comparing it (reconcile/desired.rs, `Memo::begin`).
+                if let Some(last) = &st.last_good
+                    && last.mesh == snapshot.mesh
+                {
+                    snapshot.mesh = last.mesh.clone();
+                }
+                // The ids were looked up just now (check_paths): sent as they are, unless a
+                // directory was not watched before (`send`).
+                self.send(st, cgroups, snapshot)
             }
             Err(e) => {
                 error!("{e}; keeping the applied state");
@@ -295,19 +302,28 @@ impl FileSource {
         }
     }
 
-    /// Sends the last good snapshot again and re-arms the cgroup watches on its paths.
+    /// Sends the last good snapshot again, its cgroup ids looked up again: a cgroup may have
+    /// appeared, or been recreated with a new inode, since.
     fn resend(&self, st: &mut State, cgroups: Option<&mut Watcher>) -> bool {
         let Some(snap) = &st.last_good else {
             return true;
         };
-        if let Some(w) = cgroups {
-            w.set(cgroup_dirs(snap));
-        }
-        // A cgroup may have appeared, or been recreated with a new inode, since: look the ids
-        // up again.
         let mut snap = snap.clone();
         snap.resolve_cgroups();
+        self.send(st, cgroups, snap)
+    }
+
+    /// Sends `snap` (its cgroup ids resolved) as the last good snapshot, and re-arms the cgroup
+    /// watches on its paths. A parent directory watched only from now on may have seen a cgroup
+    /// recreated after the ids were read, with no event: its ids are read again, after the watch.
+    fn send(&self, st: &mut State, cgroups: Option<&mut Watcher>, mut snap: Snapshot) -> bool {
+        if let Some(w) = cgroups
+            && w.set(cgroup_dirs(&snap))
+        {
+            snap.resolve_cgroups();
+        }
         snap.resolve_netns(&mut st.netns_ids);
+        st.last_good = Some(snap.clone());
         self.tx.send(snap).is_ok()
     }
 }

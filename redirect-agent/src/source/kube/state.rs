@@ -42,6 +42,10 @@ use crate::{
 #[derive(Debug, Default)]
 struct MeshInForce {
     traffic: MeshTraffic,
+    /// `traffic` with the DNS default, as snapshots carry it: one `Arc` per content, so that a
+    /// pass sees an unchanged mesh by pointer (reconcile/desired.rs, `Memo::begin`) and a
+    /// snapshot does not copy a 100,000-entry list.
+    shared: Option<std::sync::Arc<MeshTraffic>>,
     /// resourceVersion of the object in force (None: the built-in default).
     version: Option<String>,
     /// The object in the API that was last looked at (spec.traffic as it is there), and whether
@@ -171,6 +175,7 @@ impl Aggregator {
                     info!(meshconfig = %format!("{ns}/{name}"), "MeshConfig valid again; it is in force");
                 }
                 self.mesh.traffic = candidate;
+                self.mesh.shared = None;
                 self.mesh.version = object.and_then(|m| m.metadata.resource_version.clone());
                 self.metrics.meshconfig_rejected.set(0);
             }
@@ -271,7 +276,17 @@ impl Aggregator {
     /// The whole desired state, from the stores and the cgroup map.
     pub fn snapshot(&mut self, cgroups: &mut CgroupWatcher, netns: &mut NetnsWatcher) -> Snapshot {
         self.update_mesh();
-        let mesh = self.mesh.traffic.clone();
+        let (traffic, dns) = (&self.mesh.traffic, &self.opts.dns);
+        let mesh = self
+            .mesh
+            .shared
+            .get_or_insert_with(|| {
+                std::sync::Arc::new(MeshTraffic {
+                    dns: dns.clone(),
+                    ..traffic.clone()
+                })
+            })
+            .clone();
         let namespaces: std::collections::BTreeMap<String, Annotations> = self
             .stores
             .namespaces
@@ -412,10 +427,7 @@ impl Aggregator {
             changed
         });
         let mut snapshot = Snapshot {
-            mesh: std::sync::Arc::new(crate::policy::MeshTraffic {
-                dns: self.opts.dns.clone(),
-                ..mesh
-            }),
+            mesh,
             proxy: self.opts.proxy.clone(),
             namespaces,
             workloads,
