@@ -86,8 +86,12 @@ pub(super) struct Key {
     namespace: String,
     name: String,
     namespace_annotations: Annotations,
-    pod_annotations: Annotations,
+    pub pod_annotations: Annotations,
 }
+
+/// Keys are shared by the memo and the kept results that hold them: at node scale a pod's
+/// annotations (100 CIDRs each, say) are kept once, not once per holder.
+pub(super) type SharedKey = Arc<Key>;
 
 /// What a workload's record needs from its resolved policy. The policy itself is not kept: at
 /// node scale its sourced lists (100,000 CIDRs, each with its source) were most of the agent's
@@ -145,7 +149,7 @@ pub struct Memo {
     mesh: Arc<MeshTraffic>,
     /// `mesh` parsed, once per content (None until the first pass).
     mesh_layer: Option<Result<Arc<MeshLayer>, PolicyError>>,
-    entries: HashMap<Key, Held>,
+    entries: HashMap<SharedKey, Held>,
     rules: HashMap<u64, Arc<Rules>>,
     slots: super::slots::Slots,
     /// Some entry was dropped in this pass: the interned sets are pruned at its end.
@@ -199,7 +203,7 @@ impl Memo {
         }
     }
 
-    fn hold(&mut self, keys: &[Key]) {
+    fn hold(&mut self, keys: &[SharedKey]) {
         for k in keys {
             if let Some(h) = self.entries.get_mut(k) {
                 h.refs += 1;
@@ -207,7 +211,7 @@ impl Memo {
         }
     }
 
-    fn release(&mut self, keys: Vec<Key>) {
+    fn release(&mut self, keys: Vec<SharedKey>) {
         for k in keys {
             if let Some(h) = self.entries.get_mut(&k) {
                 h.refs = h.refs.saturating_sub(1);
@@ -254,7 +258,7 @@ impl Memo {
         pod_annotations: &Annotations,
         base: Option<&Resolution>,
         same_namespace: bool,
-    ) -> (Key, Entry) {
+    ) -> (SharedKey, Entry) {
         let key = Key {
             namespace: w.namespace.clone(),
             name: if pod_annotations.is_empty() {
@@ -265,8 +269,8 @@ impl Memo {
             namespace_annotations: namespace_annotations.clone(),
             pod_annotations: pod_annotations.clone(),
         };
-        if let Some(h) = self.entries.get(&key) {
-            return (key, h.entry.clone());
+        if let Some((k, h)) = self.entries.get_key_value(&key) {
+            return (k.clone(), h.entry.clone());
         }
         self.computed += 1;
         let resolved = match self.mesh_layer.clone().expect("begin parsed the mesh") {
@@ -286,6 +290,7 @@ impl Memo {
             Err(e) => Err(e),
         };
         let e = Entry { resolved };
+        let key = Arc::new(key);
         self.entries.insert(
             key.clone(),
             Held {

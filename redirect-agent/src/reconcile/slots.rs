@@ -11,41 +11,80 @@
 //! exactly as before.
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Desired, Snapshot, WorkloadIssue, WorkloadSpec, desired::Key};
+use super::{Desired, Snapshot, WorkloadIssue, WorkloadSpec, desired::SharedKey};
 use crate::{policy::Annotations, proxy::ProxyConfig};
 
 /// One workload's last result and what it was computed from.
 #[derive(Debug)]
 pub(super) struct Slot {
-    pub spec: WorkloadSpec,
-    pub cgroup_id: u64,
-    pub proxy_cgroup: Option<u64>,
+    /// The spec, without its annotations: those are the `pod_annotations` of the last key,
+    /// which the memo shares (they can be most of a node's config).
+    spec: WorkloadSpec,
+    annotated: bool,
+    cgroup_id: u64,
+    proxy_cgroup: Option<u64>,
     pub desired: Desired,
     pub issues: Vec<WorkloadIssue>,
     pub warnings: Vec<String>,
-    /// The memo entries the result came from: held (reference-counted) while the slot lives.
-    pub keys: Vec<Key>,
+    /// The memo entries the result came from, the workload's own last: held (reference-counted)
+    /// while the slot lives.
+    keys: Vec<SharedKey>,
     /// The pass that last produced or reused it.
     seen: u64,
 }
 
 impl Slot {
+    /// `keys`: the memo entries `desired` came from; the pod's own resolution last when the pod
+    /// has annotations (its key then holds them).
     pub fn new(
         spec: &WorkloadSpec,
         cgroup_id: u64,
         proxy_cgroup: Option<u64>,
         desired: Desired,
+        keys: Vec<SharedKey>,
     ) -> Self {
+        debug_assert!(
+            spec.annotations.is_empty()
+                || keys
+                    .last()
+                    .is_some_and(|k| k.pod_annotations == spec.annotations)
+        );
         Self {
-            spec: spec.clone(),
+            spec: WorkloadSpec {
+                namespace: spec.namespace.clone(),
+                name: spec.name.clone(),
+                cgroup: spec.cgroup.clone(),
+                proxy_cgroup: spec.proxy_cgroup.clone(),
+                proxy_uid: spec.proxy_uid,
+                netns: spec.netns.clone(),
+                inbound_port: spec.inbound_port,
+                annotations: Annotations::new(),
+            },
+            annotated: !spec.annotations.is_empty(),
             cgroup_id,
             proxy_cgroup,
             desired,
             issues: Vec::new(),
             warnings: Vec::new(),
-            keys: Vec::new(),
+            keys,
             seen: 0,
         }
+    }
+
+    /// Whether `w` is the spec this result was computed from.
+    fn is_for(&self, w: &WorkloadSpec) -> bool {
+        let annotations = match self.keys.last() {
+            Some(k) if self.annotated => &k.pod_annotations,
+            _ => &self.spec.annotations,
+        };
+        *annotations == w.annotations
+            && self.spec.namespace == w.namespace
+            && self.spec.name == w.name
+            && self.spec.cgroup == w.cgroup
+            && self.spec.proxy_cgroup == w.proxy_cgroup
+            && self.spec.proxy_uid == w.proxy_uid
+            && self.spec.netns == w.netns
+            && self.spec.inbound_port == w.inbound_port
     }
 }
 
@@ -68,7 +107,7 @@ pub(super) struct Slots {
 impl Slots {
     /// Starts a pass. `reset`: the mesh config changed (every resolution is stale). Returns the
     /// memo keys of the slots dropped.
-    pub fn begin(&mut self, reset: bool, snapshot: &Snapshot) -> Vec<Key> {
+    pub fn begin(&mut self, reset: bool, snapshot: &Snapshot) -> Vec<SharedKey> {
         self.pass += 1;
         let mut released = Vec::new();
         if reset {
@@ -108,7 +147,7 @@ impl Slots {
             return None;
         }
         let slot = self.slots.get_mut(&(w.namespace.clone(), w.name.clone()))?;
-        if slot.cgroup_id != cgroup_id || slot.proxy_cgroup != proxy_cgroup || slot.spec != *w {
+        if slot.cgroup_id != cgroup_id || slot.proxy_cgroup != proxy_cgroup || !slot.is_for(w) {
             return None;
         }
         slot.seen = self.pass;
@@ -116,7 +155,7 @@ impl Slots {
     }
 
     /// Stores a workload's new result; returns the memo keys of the one it replaces.
-    pub fn store(&mut self, mut slot: Slot) -> Vec<Key> {
+    pub fn store(&mut self, mut slot: Slot) -> Vec<SharedKey> {
         slot.seen = self.pass;
         let id = (slot.spec.namespace.clone(), slot.spec.name.clone());
         self.slots
@@ -127,7 +166,7 @@ impl Slots {
 
     /// Ends a pass: drops the slots of workloads not in it (removed, pending, or refused), and
     /// returns their memo keys.
-    pub fn end(&mut self) -> Vec<Key> {
+    pub fn end(&mut self) -> Vec<SharedKey> {
         let pass = self.pass;
         let mut released = Vec::new();
         self.slots.retain(|_, s| {

@@ -271,14 +271,18 @@ impl FileSource {
         let parsed = tokio::task::spawn_blocking(move || {
             let config = FileConfig::parse(&path, &text)?;
             let ids = config.check_paths(&path, &mount, &root)?;
-            Ok::<_, super::file::ConfigError>(config.snapshot_with(&mount, ids))
+            Ok::<_, super::file::ConfigError>((config, ids))
         })
         .await
         .expect("parsing the config does not panic");
         st.last_bytes = Some(bytes);
         match parsed {
-            Ok(mut snapshot) => {
-                info!(path = %self.path.display(), workloads = snapshot.workloads.len(), "config loaded");
+            Ok((config, ids)) => {
+                info!(path = %self.path.display(), workloads = config.workloads.len(), "config loaded");
+                // Built here, not on the blocking thread that parsed: what is kept is then not
+                // allocated among the parse's garbage (which pinned that thread's heap pages).
+                let mut snapshot = config.snapshot_with(&self.cgroup_mount, ids);
+                drop(config);
                 if !self.inbound {
                     for w in super::file::without_inbound(&mut snapshot) {
                         warn!("{w}");

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use redirect_common::flags;
 
-use super::{Entry, Fallback, Key, Memo, RecordInputs, Resolution, WorkloadIssue, record};
+use super::{Entry, Fallback, Memo, RecordInputs, Resolution, SharedKey, WorkloadIssue, record};
 use crate::{
     policy::{Annotations, EffectivePolicy, PolicyError},
     reconcile::{Built, Candidate, Desired, Snapshot, slots::Slot},
@@ -13,7 +13,7 @@ use crate::{
 /// A namespace's mesh default (and whether it was resolved with the namespace's annotations, not
 /// as the fallback without them), the resolution of its pods without annotations of their own,
 /// and the memo keys of both.
-type NamespaceDefault = (Option<(bool, Resolution)>, Entry, Vec<Key>);
+type NamespaceDefault = (Option<(bool, Resolution)>, Entry, Vec<SharedKey>);
 
 pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> bool) -> Built {
     let mut out = Built::default();
@@ -148,8 +148,8 @@ pub fn build(snapshot: &Snapshot, memo: &mut Memo, is_applied: impl Fn(u64) -> b
         // The new result holds its entries before the old one lets go of its own: an entry
         // both use is never dropped in between.
         memo.hold(&keys);
-        let mut slot = Slot::new(w, cgroup_id, proxy_cgroup, desired);
-        (slot.issues, slot.warnings, slot.keys) = (issues, warnings, keys);
+        let mut slot = Slot::new(w, cgroup_id, proxy_cgroup, desired, keys);
+        (slot.issues, slot.warnings) = (issues, warnings);
         let old = memo.slots.store(slot);
         memo.release(old);
     }
