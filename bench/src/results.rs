@@ -161,6 +161,9 @@ pub struct Harness {
     pub peak_rss_kib: u64,
     pub edit_p50_us: u64,
     pub edit_p99_us: u64,
+    /// Workloads recomputed by an edit pass, at most (the others reused their last result).
+    #[serde(default)]
+    pub edit_recomputed: usize,
     pub unchanged_pass_us: u64,
     pub mesh_edit_us: u64,
     pub mesh_edit_on_fallback: usize,

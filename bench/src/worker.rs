@@ -150,6 +150,7 @@ pub fn main(args: Vec<String>) -> Result<()> {
                     "peak_rss_kib": r.peak_rss_bytes / 1024,
                     "edit_p50_us": us(r.edit_p50),
                     "edit_p99_us": us(r.edit_p99),
+                    "edit_recomputed": r.edit_recomputed,
                     "unchanged_pass_us": us(r.unchanged_pass),
                     "mesh_edit_us": us(r.mesh_edit),
                     "mesh_edit_on_fallback": r.mesh_edit_on_fallback,

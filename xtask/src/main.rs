@@ -4,6 +4,7 @@ mod demo;
 mod fuzz;
 mod kernels;
 mod setup;
+mod testrun;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -94,11 +95,10 @@ fn test() -> anyhow::Result<()> {
         ],
     )?;
     util::step("running the test suite (unit, property and real-kernel tests)");
-    // Two test threads per binary, one per core here; the binaries run one after another. Each
-    // kernel test owns its fixture, so tests of one binary never share kernel state.
-    // This includes the e2e scenarios (tests/tests/e2e_local.rs) and the offline check of
-    // deploy/ (tests/tests/deploy_validate.rs).
-    util::cargo(&env, &["test", "--", "--test-threads=2"])?;
+    // Every test binary `cargo test` would run, two at a time with two test threads each
+    // (testrun.rs), then the doc tests. This includes the e2e scenarios (tests/tests/e2e_local.rs)
+    // and the offline check of deploy/ (tests/tests/deploy_validate.rs).
+    testrun::run_all(&env, 2)?;
     util::step("test-kernels: the datapath on Debian's and Ubuntu's kernels under qemu");
     kernels::test_kernels()?;
     util::step("bench --quick: the benchmark still works (figures not meaningful)");

@@ -68,6 +68,8 @@ pub struct ScaleReport {
     /// A pass after one workload's annotation changed.
     pub edit_p50: Duration,
     pub edit_p99: Duration,
+    /// The most workloads one of those passes recomputed (the rest reused their last result).
+    pub edit_recomputed: usize,
     /// A pass after nothing changed.
     pub unchanged_pass: Duration,
     /// A pass after the mesh list changed (one CIDR added).
@@ -83,7 +85,7 @@ impl fmt::Display for ScaleReport {
             f,
             "workloads {} registered {} on_fallback {} v4_entries {} policy_sets {} \
              first_reconcile_ms {:.1} rss_mib {:.1} peak_rss_mib {:.1} edit_p50_ms {:.2} \
-             edit_p99_ms {:.2} unchanged_pass_ms {:.2} mesh_edit_ms {:.1} \
+             edit_p99_ms {:.2} edit_recomputed {} unchanged_pass_ms {:.2} mesh_edit_ms {:.1} \
              mesh_edit_on_fallback {}",
             self.workloads,
             self.registered,
@@ -95,6 +97,7 @@ impl fmt::Display for ScaleReport {
             self.peak_rss_bytes as f64 / 1048576.0,
             ms(self.edit_p50),
             ms(self.edit_p99),
+            self.edit_recomputed,
             ms(self.unchanged_pass),
             ms(self.mesh_edit),
             self.mesh_edit_on_fallback,
@@ -138,6 +141,7 @@ pub fn run_on<M: PolicyMaps>(maps: M, cfg: &ScaleConfig) -> Result<ScaleReport, 
         let t = Instant::now();
         rec.reconcile(&snap);
         times.push(t.elapsed());
+        report.edit_recomputed = report.edit_recomputed.max(rec.memo.recomputed);
     }
     times.sort();
     let pct = |p: usize| {
@@ -232,5 +236,6 @@ mod tests {
         // extras each), plus the reserved last-resort set.
         assert_eq!(r.v4_entries, 1_001 + 5 * 3 + 1, "{r}");
         assert_eq!(r.policy_sets, 7, "{r}");
+        assert_eq!(r.edit_recomputed, 1, "{r}");
     }
 }
