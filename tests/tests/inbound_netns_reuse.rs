@@ -78,6 +78,17 @@ fn a_replaced_netns_is_steered_even_with_the_old_ones_inode() {
             !link.exists(),
             "round {round}: the released netns's link pin stayed"
         );
+        // The kernel frees a netns in a work item of its own, later, and the veth peer in the
+        // node's netns goes with it; under load (other test binaries running) that can outlast
+        // the pin, and the next round's `vnode3` would then exist already. Wait for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while w.node.ip(&["link", "show", "vnode3"]).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the freed netns's veth peer vnode3 stayed in the node's netns for 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let reused = (1..inodes.len())
         .filter(|&i| inodes[..i].contains(&inodes[i]))

@@ -205,7 +205,10 @@ impl FileConfig {
         // serde_yaml 0.9 bounds alias jumps (100 per event) but not what each jump expands, so
         // a small file can expand to gigabytes. Walk the document once, counting nodes as the
         // aliases expand them, and stop at the bound: that walk allocates nothing.
-        if text.contains('*') {
+        // An alias (`*name`) needs an anchor (`&name`) in the same document, so a file without
+        // both cannot expand anything: most files (Istio's `"*"` include-all among them) are
+        // then parsed once, not twice.
+        if text.contains('*') && text.contains('&') {
             let limit = text.len() + 4096;
             let budget = alias::Budget::new(limit);
             if let Err(e) = budget.walk(serde_yaml::Deserializer::from_str(text)) {
@@ -512,6 +515,14 @@ workloads:
         // Ordinary anchors still work.
         let ok = "namespaces:\n  a: &n {annotations: {x: \"1\"}}\n  b: *n\nworkloads: []\n";
         FileConfig::parse(Path::new("x"), ok).unwrap();
+        // Without an anchor an alias expands nothing (the walk is skipped): it is a parse error.
+        let e = parse_err("workloads: *nowhere\n");
+        assert!(
+            e.contains("/etc/r.yaml") && e.contains("unknown anchor"),
+            "{e}"
+        );
+        let star = "workloads:\n - {name: a, cgroup: x, annotations: {k: \"*\"}}\n";
+        FileConfig::parse(Path::new("x"), star).unwrap();
     }
 
     #[test]
