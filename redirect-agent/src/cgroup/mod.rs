@@ -152,24 +152,17 @@ pub enum PathError {
     NotCgroup2,
 }
 
-/// Checks a resolved workload cgroup path before it is ever registered: under `cgroup_root`
+/// Checks resolved workload cgroup paths before they are ever registered: under `cgroup_root`
 /// (lexically and, once it exists, after resolving symlinks), within the datapath's ancestor
 /// walk, and, if it exists, a cgroup2 directory. A path that does not exist yet passes: the
 /// workload waits for it.
 ///
 /// The depth is counted from the cgroup2 mount: bpf_get_current_ancestor_cgroup_id numbers
 /// levels from the hierarchy's root (level 0), not from the attach root.
-pub fn check_workload_path(
-    mount: &Path,
-    root: &Path,
-    path: &Path,
-) -> Result<Option<u64>, PathError> {
-    PathCheck::new(mount, root).check(path)
-}
-
-/// [`check_workload_path`] for many paths: `--cgroup-root` is resolved once, and each path costs
-/// one open and three calls on its descriptor (the file source checks every workload of a config
-/// on every change, 1,000 of them at node scale).
+///
+/// `--cgroup-root` is resolved once, and each path costs one open and three calls on its
+/// descriptor (the file source checks every workload of a config on every change, 1,000 of them
+/// at node scale).
 pub struct PathCheck<'a> {
     mount: &'a Path,
     root: &'a Path,
@@ -280,7 +273,8 @@ mod tests {
     #[test]
     fn paths_outside_the_root_with_dots_or_too_deep_are_refused() {
         let (m, root) = (Path::new("/cg"), Path::new("/cg/kube"));
-        let check = |p: &str| check_workload_path(m, root, Path::new(p));
+        let paths = PathCheck::new(m, root);
+        let check = |p: &str| paths.check(Path::new(p));
         assert_eq!(check("/cg/kube/a/b"), Ok(None));
         assert_eq!(check("/cg/kube/../../tmp/x"), Err(PathError::NotNormal));
         assert_eq!(check("/cg/other"), Err(PathError::OutsideRoot(root.into())));

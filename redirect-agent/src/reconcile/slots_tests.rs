@@ -1,51 +1,14 @@
 //! The dirty set (slots.rs): a pass recomputes only the workloads whose inputs changed, and
-//! what it applies is exactly what a reconcile from nothing would apply.
-use std::{path::PathBuf, time::Duration};
+//! what it applies is what a reconciler with the dirty set off applies after the same passes.
+use std::time::Duration;
 
-use super::*;
-use crate::proxy::ProxyConfig;
-
-const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-const PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
-
-fn spec(ns: &str, name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
-    WorkloadSpec {
-        namespace: ns.into(),
-        name: name.into(),
-        cgroup: PathBuf::from(format!("/cg/{ns}/{name}")),
-        proxy_cgroup: None,
-        proxy_uid: None,
-        netns: None,
-        inbound_port: None,
-        annotations: annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
-}
-
-/// Cgroup ids: the workload's position + 100.
-fn snap(workloads: Vec<WorkloadSpec>) -> Snapshot {
-    let mut s = Snapshot {
-        proxy: ProxyConfig {
-            uid: Some(1337),
-            ..ProxyConfig::default()
-        },
-        ..Snapshot::default()
-    };
-    for (i, w) in workloads.iter().enumerate() {
-        s.cgroups.insert(w.cgroup.clone(), 100 + i as u64);
-    }
-    s.workloads = workloads;
-    s
-}
+use super::{
+    tests::{EXCLUDE, PORTS, snap, spec_in as spec},
+    *,
+};
 
 fn rec() -> Reconciler<MemMaps> {
-    Reconciler::new(
-        Applier::adopt(MemMaps::new(10_000))
-            .unwrap()
-            .with_grace(Duration::ZERO),
-    )
+    super::tests::rec(10_000, Duration::ZERO)
 }
 
 fn six() -> Snapshot {

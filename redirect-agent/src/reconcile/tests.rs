@@ -11,12 +11,17 @@ use redirect_common::{flags, map_names};
 use super::*;
 use crate::{metrics::Metrics, proxy::ProxyConfig};
 
-const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
-const PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub(super) const EXCLUDE: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub(super) const PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 
 fn spec(name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
+    spec_in("demo", name, annotations)
+}
+
+/// A workload of namespace `ns`, in cgroup /cg/NAME.
+pub(super) fn spec_in(ns: &str, name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
     WorkloadSpec {
-        namespace: "demo".into(),
+        namespace: ns.into(),
         name: name.into(),
         cgroup: PathBuf::from(format!("/cg/{name}")),
         proxy_cgroup: None,
@@ -31,7 +36,7 @@ fn spec(name: &str, annotations: &[(&str, &str)]) -> WorkloadSpec {
 }
 
 /// Cgroup ids: the workload's position + 100.
-fn snap(workloads: Vec<WorkloadSpec>) -> Snapshot {
+pub(super) fn snap(workloads: Vec<WorkloadSpec>) -> Snapshot {
     let mut s = Snapshot {
         proxy: ProxyConfig {
             uid: Some(1337),
@@ -46,7 +51,7 @@ fn snap(workloads: Vec<WorkloadSpec>) -> Snapshot {
     s
 }
 
-fn rec(capacity: usize, grace: Duration) -> Reconciler<MemMaps> {
+pub(super) fn rec(capacity: usize, grace: Duration) -> Reconciler<MemMaps> {
     Reconciler::new(
         Applier::adopt(MemMaps::new(capacity))
             .unwrap()

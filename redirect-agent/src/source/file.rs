@@ -333,14 +333,7 @@ impl FileConfig {
     }
 
     /// The reconcile input; relative cgroup paths are resolved against `cgroup_mount`, and the
-    /// cgroup ids of those that exist now are looked up.
-    pub fn snapshot(&self, cgroup_mount: &Path) -> Snapshot {
-        let mut snapshot = self.snapshot_with(cgroup_mount, BTreeMap::new());
-        snapshot.resolve_cgroups();
-        snapshot
-    }
-
-    /// [`Self::snapshot`] with the cgroup ids already looked up ([`Self::check_paths`]).
+    /// cgroup ids are those [`Self::check_paths`] found.
     pub fn snapshot_with(&self, cgroup_mount: &Path, cgroups: BTreeMap<PathBuf, u64>) -> Snapshot {
         Snapshot {
             mesh: std::sync::Arc::new(MeshTraffic {
@@ -437,7 +430,7 @@ workloads:
     fn inbound_off_drops_each_netns_and_names_the_workload() {
         let text = "workloads:\n - {name: web, namespace: demo, cgroup: x, netns: /run/netns/web}\n - {name: app, namespace: demo, cgroup: y}\n";
         let c = FileConfig::parse(Path::new("x.yaml"), text).unwrap();
-        let mut snap = c.snapshot(Path::new("/sys/fs/cgroup"));
+        let mut snap = c.snapshot_with(Path::new("/sys/fs/cgroup"), BTreeMap::new());
         let warnings = without_inbound(&mut snap);
         assert!(snap.workloads.iter().all(|w| w.netns.is_none()));
         assert_eq!(warnings.len(), 1, "{warnings:?}");
