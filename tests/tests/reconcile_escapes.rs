@@ -128,6 +128,35 @@ fn edits_under_load_never_let_a_connect_escape() {
     assert_no_escapes(&w, "policy edits");
 }
 
+/// Issue #13's dirty set under load: pod1's spec never changes while its neighbour pod2 is edited
+/// again and again, so every pass reuses pod1's last result (reconcile/slots.rs) and recomputes
+/// pod2's. Both loop connects that must be redirected: a reused result that lost its record or
+/// its entries, or an edit that left pod2 without one, would let them escape.
+#[test]
+fn a_neighbours_edits_leave_a_reused_workload_intercepted() {
+    let w = world("rc-neighbour", 2);
+    let cfg = |annotations: String| {
+        config(
+            &[],
+            &[
+                (&w.pods[0], Some(&w.proxy), String::new()),
+                (&w.pods[1], None, annotations),
+            ],
+        )
+    };
+    let mut agent = Agent::start(&w.fx, &cfg(String::new())).unwrap();
+    let steady = looping_client(&w.fx, &w.pods[0].join("app"));
+    let edited = looping_client(&w.fx, &w.pods[1].join("app"));
+    wait_proxied(&steady, 5);
+    wait_proxied(&edited, 5);
+    for i in 0..20u8 {
+        agent.reconfigure(&cfg(excludes(&cidrs(1 + i, 8)))).unwrap();
+        wait_proxied(&steady, 3);
+        wait_proxied(&edited, 3);
+    }
+    assert_no_escapes(&w, "a neighbour's edits");
+}
+
 /// Issue #12 item 13: a new workload whose entries do not fit gets the mesh default.
 #[test]
 fn a_new_workload_that_does_not_fit_runs_the_mesh_default() {
